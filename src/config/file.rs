@@ -1,0 +1,92 @@
+//! The raw config: structs that mirror the TOML file one to one.
+//!
+//! Owns nothing but the shape of the file. Every table denies unknown keys; values that need a
+//! semantic check later carry their span so `resolve` can point at the exact place.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub runtime: FileRuntime,
+    pub admin: Option<FileAdmin>,
+    #[serde(default)]
+    pub tuning: FileTuning,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<Spanned<FileListener>>,
+    #[serde(default, rename = "pool")]
+    pub pools: Vec<Spanned<FilePool>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileRuntime {
+    pub shards: Option<Spanned<FileShards>>,
+    pub drain_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum FileShards {
+    Count(i64),
+    Word(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdmin {
+    pub bind: Spanned<String>,
+}
+
+/// Runtime knobs a tuning profile may overlay (`--profile`).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileTuning {
+    pub ring_entries: Option<Spanned<i64>>,
+    pub buffer_size: Option<Spanned<i64>>,
+    pub buffer_count: Option<Spanned<i64>>,
+    pub queued_buffers: Option<Spanned<i64>>,
+}
+
+/// A tuning profile file: only the `[tuning]` table.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileProfile {
+    #[serde(default)]
+    pub tuning: FileTuning,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListener {
+    pub name: Spanned<String>,
+    pub bind: Spanned<String>,
+    pub pool: Spanned<String>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub backlog: Option<Spanned<i64>>,
+    pub idle_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePool {
+    pub name: Spanned<String>,
+    pub balance: Option<Spanned<String>>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub retries: Option<Spanned<i64>>,
+    pub max_fails: Option<Spanned<i64>>,
+    pub fail_timeout: Option<Spanned<String>>,
+    pub servers: Spanned<Vec<Spanned<FileServer>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileServer {
+    pub addr: Spanned<String>,
+    pub weight: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub backup: bool,
+    pub max_connections: Option<Spanned<i64>>,
+}

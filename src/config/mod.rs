@@ -1,0 +1,771 @@
+//! Configuration: TOML file -> raw `File*` structs -> resolved, validated, immutable `Config`.
+//!
+//! Owns parsing, defaults, validation and the printed form of the resolved config. It does no
+//! I/O besides reading the files it is pointed at, and it never panics on input: every mistake
+//! becomes a `ConfigError` carrying `file:line:col`.
+//!
+//! Invariants of a resolved `Config`: names are unique per kind, every listener's pool exists,
+//! every pool has at least one non-backup server, weights and limits are non-zero.
+
+mod duration;
+mod file;
+
+use std::collections::HashSet;
+use std::fmt::{self, Write as _};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+pub use duration::{format_duration, parse_duration};
+use file::{FileConfig, FileProfile, FileShards, FileTuning};
+use toml::Spanned;
+
+use crate::balance::Algorithm;
+
+/// The embedded default config, used by `ringproxy run` without `--config`.
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+/// The name under which errors in the embedded default are reported.
+pub const DEFAULT_CONFIG_NAME: &str = "<default config>";
+
+/// Index of a pool in `Config::pools`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PoolId(pub u16);
+
+/// How many shards to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shards {
+    /// One per core this process may run on.
+    Auto,
+    Count(NonZeroU32),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeSettings {
+    pub shards: Shards,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    pub bind: SocketAddr,
+}
+
+/// Knobs of the per-shard io_uring loop; overlaid by a tuning profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tuning {
+    /// Submission queue entries per shard ring (power of two).
+    pub ring_entries: u32,
+    /// Bytes per provided receive buffer.
+    pub buffer_size: u32,
+    /// Provided receive buffers per shard (power of two, at most 32768).
+    pub buffer_count: u32,
+    /// Buffers a direction may hold unsent before the proxy stops reading its source.
+    pub queued_buffers: u32,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            ring_entries: 4096,
+            buffer_size: 16 * 1024,
+            buffer_count: 4096,
+            queued_buffers: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub pool: PoolId,
+    pub max_connections: NonZeroU32,
+    pub backlog: u32,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    pub name: String,
+    pub balance: Algorithm,
+    pub connect_timeout: Duration,
+    pub retries: u32,
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    pub servers: Vec<ServerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub addr: SocketAddr,
+    pub weight: NonZeroU32,
+    pub backup: bool,
+    /// Per shard; `None` is unlimited.
+    pub max_connections: Option<NonZeroU32>,
+}
+
+/// A resolved, validated configuration. Immutable once built; shards share it through an `Arc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub runtime: RuntimeSettings,
+    pub admin: Option<AdminSettings>,
+    pub tuning: Tuning,
+    pub listeners: Vec<ListenerConfig>,
+    pub pools: Vec<PoolConfig>,
+}
+
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 100_000;
+pub const DEFAULT_BACKLOG: u32 = 4096;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_RETRIES: u32 = 2;
+pub const DEFAULT_MAX_FAILS: u32 = 1;
+pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Retries are bounded so a session's tried-server set fits in a `u64` and a dead pool cannot
+/// hold a client for long.
+pub const MAX_RETRIES: u32 = 16;
+pub const MAX_SERVERS_PER_POOL: usize = 4096;
+pub const MAX_WEIGHT: i64 = 10_000;
+
+/// A config mistake, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Collects the file name and text so spans can become line:column.
+struct Source<'a> {
+    name: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let start = span.start.min(self.text.len());
+        let before = &self.text[..start];
+        let line = before.matches('\n').count() + 1;
+        let column = before
+            .rfind('\n')
+            .map_or(before.chars().count(), |newline| {
+                before[newline + 1..].chars().count()
+            })
+            + 1;
+        ConfigError {
+            file: self.name.to_string(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+
+    fn at<T>(&self, value: &Spanned<T>, message: impl Into<String>) -> ConfigError {
+        self.error(value.span(), message)
+    }
+
+    fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        toml::from_str(self.text).map_err(|error| {
+            self.error(
+                error.span().unwrap_or(0..0),
+                error.message().trim_end().to_string(),
+            )
+        })
+    }
+}
+
+impl Config {
+    /// Reads and resolves a config file, then overlays an optional tuning profile.
+    pub fn load(path: &Path, profile: Option<&Path>) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = read_file(path)?;
+        let mut config = Config::parse(&name, &text)?;
+        if let Some(profile) = profile {
+            config.apply_profile(profile)?;
+        }
+        Ok(config)
+    }
+
+    /// The embedded default config, resolved.
+    pub fn default_config() -> Result<Config, ConfigError> {
+        Config::parse(DEFAULT_CONFIG_NAME, DEFAULT_CONFIG)
+    }
+
+    /// Resolves config text; `name` is used in error locations.
+    pub fn parse(name: &str, text: &str) -> Result<Config, ConfigError> {
+        let source = Source { name, text };
+        let file: FileConfig = source.parse()?;
+        resolve(&source, file)
+    }
+
+    /// Overlays the `[tuning]` table of a profile file on this config.
+    pub fn apply_profile(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let name = path.display().to_string();
+        let text = read_file(path)?;
+        self.apply_profile_text(&name, &text)
+    }
+
+    pub fn apply_profile_text(&mut self, name: &str, text: &str) -> Result<(), ConfigError> {
+        let source = Source { name, text };
+        let profile: FileProfile = source.parse()?;
+        self.tuning = resolve_tuning(&source, &profile.tuning, self.tuning.clone())?;
+        Ok(())
+    }
+
+    pub fn pool(&self, id: PoolId) -> &PoolConfig {
+        &self.pools[usize::from(id.0)]
+    }
+
+    /// The resolved config as TOML, every default spelled out (what `ringproxy check` prints).
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = self.write_toml(&mut out);
+        out
+    }
+
+    fn write_toml(&self, out: &mut String) -> fmt::Result {
+        writeln!(out, "[runtime]")?;
+        match self.runtime.shards {
+            Shards::Auto => writeln!(out, "shards = \"auto\"")?,
+            Shards::Count(count) => writeln!(out, "shards = {count}")?,
+        }
+        writeln!(
+            out,
+            "drain_timeout = \"{}\"",
+            format_duration(self.runtime.drain_timeout)
+        )?;
+        if let Some(admin) = &self.admin {
+            writeln!(out, "\n[admin]\nbind = \"{}\"", admin.bind)?;
+        }
+        let tuning = &self.tuning;
+        writeln!(out, "\n[tuning]")?;
+        writeln!(out, "ring_entries = {}", tuning.ring_entries)?;
+        writeln!(out, "buffer_size = {}", tuning.buffer_size)?;
+        writeln!(out, "buffer_count = {}", tuning.buffer_count)?;
+        writeln!(out, "queued_buffers = {}", tuning.queued_buffers)?;
+        for listener in &self.listeners {
+            writeln!(out, "\n[[listener]]")?;
+            writeln!(out, "name = {:?}", listener.name)?;
+            writeln!(out, "bind = \"{}\"", listener.bind)?;
+            writeln!(out, "pool = {:?}", self.pool(listener.pool).name)?;
+            writeln!(out, "max_connections = {}", listener.max_connections)?;
+            writeln!(out, "backlog = {}", listener.backlog)?;
+            writeln!(
+                out,
+                "idle_timeout = \"{}\"",
+                format_duration(listener.idle_timeout)
+            )?;
+        }
+        for pool in &self.pools {
+            writeln!(out, "\n[[pool]]")?;
+            writeln!(out, "name = {:?}", pool.name)?;
+            writeln!(out, "balance = \"{}\"", pool.balance.name())?;
+            writeln!(
+                out,
+                "connect_timeout = \"{}\"",
+                format_duration(pool.connect_timeout)
+            )?;
+            writeln!(out, "retries = {}", pool.retries)?;
+            writeln!(out, "max_fails = {}", pool.max_fails)?;
+            writeln!(
+                out,
+                "fail_timeout = \"{}\"",
+                format_duration(pool.fail_timeout)
+            )?;
+            writeln!(out, "servers = [")?;
+            for server in &pool.servers {
+                write!(
+                    out,
+                    "  {{ addr = \"{}\", weight = {}, backup = {}",
+                    server.addr, server.weight, server.backup
+                )?;
+                if let Some(limit) = server.max_connections {
+                    write!(out, ", max_connections = {limit}")?;
+                }
+                writeln!(out, " }},")?;
+            }
+            writeln!(out, "]")?;
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|error| ConfigError {
+        file: path.display().to_string(),
+        line: 1,
+        column: 1,
+        message: format!("cannot read file: {error}"),
+    })
+}
+
+fn resolve(source: &Source, file: FileConfig) -> Result<Config, ConfigError> {
+    let runtime = resolve_runtime(source, &file.runtime)?;
+    let admin = match &file.admin {
+        Some(admin) => Some(AdminSettings {
+            bind: parse_addr(source, &admin.bind)?,
+        }),
+        None => None,
+    };
+    let tuning = resolve_tuning(source, &file.tuning, Tuning::default())?;
+
+    let mut pools = Vec::with_capacity(file.pools.len());
+    let mut pool_names = HashSet::new();
+    for pool in &file.pools {
+        let name = check_name(source, &pool.get_ref().name, "pool")?;
+        if !pool_names.insert(name.clone()) {
+            return Err(source.at(
+                &pool.get_ref().name,
+                format!("duplicate pool name {name:?}"),
+            ));
+        }
+        pools.push(resolve_pool(source, pool)?);
+    }
+    if pools.len() > usize::from(u16::MAX) {
+        return Err(source.error(0..0, "too many pools (at most 65535)"));
+    }
+
+    if file.listeners.is_empty() {
+        return Err(source.error(0..0, "no [[listener]]: at least one listener is required"));
+    }
+    let mut listeners = Vec::with_capacity(file.listeners.len());
+    let mut listener_names = HashSet::new();
+    let mut binds = HashSet::new();
+    for spanned in &file.listeners {
+        let listener = spanned.get_ref();
+        let name = check_name(source, &listener.name, "listener")?;
+        if !listener_names.insert(name.clone()) {
+            return Err(source.at(&listener.name, format!("duplicate listener name {name:?}")));
+        }
+        let bind = parse_addr(source, &listener.bind)?;
+        if bind.port() != 0 && !binds.insert(bind) {
+            return Err(source.at(
+                &listener.bind,
+                format!("listener {name:?} binds {bind}, which another listener binds already"),
+            ));
+        }
+        let pool_name = listener.pool.get_ref();
+        let pool = pools
+            .iter()
+            .position(|pool| &pool.name == pool_name)
+            .ok_or_else(|| {
+                source.at(
+                    &listener.pool,
+                    format!("listener {name:?} refers to pool {pool_name:?}, which is not defined"),
+                )
+            })?;
+        listeners.push(ListenerConfig {
+            name,
+            bind,
+            pool: PoolId(pool as u16),
+            max_connections: positive(
+                source,
+                listener.max_connections.as_ref(),
+                "max_connections",
+                DEFAULT_MAX_CONNECTIONS,
+                u32::MAX as i64,
+            )?,
+            backlog: positive(
+                source,
+                listener.backlog.as_ref(),
+                "backlog",
+                DEFAULT_BACKLOG,
+                65_535,
+            )?
+            .get(),
+            idle_timeout: nonzero_duration(
+                source,
+                listener.idle_timeout.as_ref(),
+                "idle_timeout",
+                DEFAULT_IDLE_TIMEOUT,
+            )?,
+        });
+    }
+
+    Ok(Config {
+        runtime,
+        admin,
+        tuning,
+        listeners,
+        pools,
+    })
+}
+
+fn resolve_runtime(
+    source: &Source,
+    runtime: &file::FileRuntime,
+) -> Result<RuntimeSettings, ConfigError> {
+    let shards = match &runtime.shards {
+        None => Shards::Auto,
+        Some(spanned) => match spanned.get_ref() {
+            FileShards::Word(word) if word == "auto" => Shards::Auto,
+            FileShards::Word(word) => {
+                return Err(source.at(
+                    spanned,
+                    format!("shards must be \"auto\" or a number from 1 to 1024, not {word:?}"),
+                ));
+            }
+            FileShards::Count(count) => match u32::try_from(*count) {
+                Ok(count @ 1..=1024) => Shards::Count(NonZeroU32::MIN.saturating_add(count - 1)),
+                _ => {
+                    return Err(source.at(
+                        spanned,
+                        format!("shards must be \"auto\" or a number from 1 to 1024, not {count}"),
+                    ));
+                }
+            },
+        },
+    };
+    let drain_timeout = match &runtime.drain_timeout {
+        None => DEFAULT_DRAIN_TIMEOUT,
+        Some(text) => duration_at(source, text, "drain_timeout")?,
+    };
+    Ok(RuntimeSettings {
+        shards,
+        drain_timeout,
+    })
+}
+
+fn resolve_tuning(source: &Source, file: &FileTuning, base: Tuning) -> Result<Tuning, ConfigError> {
+    let power_of_two = |value: Option<&Spanned<i64>>,
+                        key: &str,
+                        default: u32,
+                        min: i64,
+                        max: i64|
+     -> Result<u32, ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        let number = *value.get_ref();
+        if number < min || number > max || (number as u64).count_ones() != 1 {
+            return Err(source.at(
+                value,
+                format!("{key} must be a power of two from {min} to {max}, not {number}"),
+            ));
+        }
+        Ok(number as u32)
+    };
+    let ring_entries = power_of_two(
+        file.ring_entries.as_ref(),
+        "ring_entries",
+        base.ring_entries,
+        64,
+        32_768,
+    )?;
+    let buffer_count = power_of_two(
+        file.buffer_count.as_ref(),
+        "buffer_count",
+        base.buffer_count,
+        64,
+        32_768,
+    )?;
+    let buffer_size = match &file.buffer_size {
+        None => base.buffer_size,
+        Some(value) => {
+            let number = *value.get_ref();
+            if !(1024..=1 << 20).contains(&number) {
+                return Err(source.at(
+                    value,
+                    format!("buffer_size must be from 1024 to 1048576 bytes, not {number}"),
+                ));
+            }
+            number as u32
+        }
+    };
+    let queued_buffers = match &file.queued_buffers {
+        None => base.queued_buffers,
+        Some(value) => {
+            let number = *value.get_ref();
+            if !(1..=64).contains(&number) {
+                return Err(source.at(
+                    value,
+                    format!("queued_buffers must be from 1 to 64, not {number}"),
+                ));
+            }
+            number as u32
+        }
+    };
+    Ok(Tuning {
+        ring_entries,
+        buffer_size,
+        buffer_count,
+        queued_buffers,
+    })
+}
+
+fn resolve_pool(
+    source: &Source,
+    spanned: &Spanned<file::FilePool>,
+) -> Result<PoolConfig, ConfigError> {
+    let pool = spanned.get_ref();
+    let name = pool.name.get_ref().clone();
+    let balance = match &pool.balance {
+        None => Algorithm::RoundRobin,
+        Some(text) => Algorithm::from_name(text.get_ref()).ok_or_else(|| {
+            source.at(
+                text,
+                format!(
+                    "unknown balance {:?}: use round_robin, weighted, least_conn, source_hash or two_choices",
+                    text.get_ref()
+                ),
+            )
+        })?,
+    };
+    let connect_timeout = nonzero_duration(
+        source,
+        pool.connect_timeout.as_ref(),
+        "connect_timeout",
+        DEFAULT_CONNECT_TIMEOUT,
+    )?;
+    let retries = match &pool.retries {
+        None => DEFAULT_RETRIES,
+        Some(value) => match u32::try_from(*value.get_ref()) {
+            Ok(count) if count <= MAX_RETRIES => count,
+            _ => {
+                return Err(source.at(
+                    value,
+                    format!(
+                        "retries must be from 0 to {MAX_RETRIES}, not {}",
+                        value.get_ref()
+                    ),
+                ));
+            }
+        },
+    };
+    let max_fails = match &pool.max_fails {
+        None => DEFAULT_MAX_FAILS,
+        Some(value) => match u32::try_from(*value.get_ref()) {
+            Ok(count) if count <= 1000 => count,
+            _ => {
+                return Err(source.at(
+                    value,
+                    format!(
+                        "max_fails must be from 0 (never mark down) to 1000, not {}",
+                        value.get_ref()
+                    ),
+                ));
+            }
+        },
+    };
+    let fail_timeout = match &pool.fail_timeout {
+        None => DEFAULT_FAIL_TIMEOUT,
+        Some(text) => duration_at(source, text, "fail_timeout")?,
+    };
+
+    let server_list = pool.servers.get_ref();
+    if server_list.is_empty() {
+        return Err(source.at(&pool.servers, format!("pool {name:?} has no servers")));
+    }
+    if server_list.len() > MAX_SERVERS_PER_POOL {
+        return Err(source.at(
+            &pool.servers,
+            format!("pool {name:?} has more than {MAX_SERVERS_PER_POOL} servers"),
+        ));
+    }
+    let mut servers = Vec::with_capacity(server_list.len());
+    let mut addrs = HashSet::new();
+    for server in server_list {
+        let server = server.get_ref();
+        let addr = parse_addr(source, &server.addr)?;
+        if addr.port() == 0 {
+            return Err(source.at(&server.addr, format!("server {addr} has port 0")));
+        }
+        if !addrs.insert(addr) {
+            return Err(source.at(
+                &server.addr,
+                format!("server {addr} appears twice in pool {name:?}"),
+            ));
+        }
+        let weight = match &server.weight {
+            None => NonZeroU32::MIN,
+            Some(value) => match *value.get_ref() {
+                weight @ 1..=MAX_WEIGHT => NonZeroU32::MIN.saturating_add(weight as u32 - 1),
+                weight => {
+                    return Err(source.at(
+                        value,
+                        format!("weight must be from 1 to {MAX_WEIGHT}, not {weight}"),
+                    ));
+                }
+            },
+        };
+        let max_connections = match &server.max_connections {
+            None => None,
+            Some(value) => Some(positive(
+                source,
+                Some(value),
+                "max_connections",
+                1,
+                u32::MAX as i64,
+            )?),
+        };
+        servers.push(ServerConfig {
+            addr,
+            weight,
+            backup: server.backup,
+            max_connections,
+        });
+    }
+    if servers.iter().all(|server| server.backup) {
+        return Err(source.at(
+            &pool.servers,
+            format!("pool {name:?} has only backup servers: at least one must be a primary"),
+        ));
+    }
+    Ok(PoolConfig {
+        name,
+        balance,
+        connect_timeout,
+        retries,
+        max_fails,
+        fail_timeout,
+        servers,
+    })
+}
+
+fn check_name(source: &Source, name: &Spanned<String>, kind: &str) -> Result<String, ConfigError> {
+    let text = name.get_ref();
+    let valid = !text.is_empty()
+        && text.len() <= 64
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !valid {
+        return Err(source.at(
+            name,
+            format!("{kind} name {text:?} must be 1 to 64 characters of A-Z a-z 0-9 _ - ."),
+        ));
+    }
+    Ok(text.clone())
+}
+
+fn parse_addr(source: &Source, text: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+    text.get_ref().parse().map_err(|_| {
+        source.at(
+            text,
+            format!(
+                "invalid address {:?}: expected IP:PORT such as \"127.0.0.1:8080\" or \"[::1]:8080\" (host names are not resolved)",
+                text.get_ref()
+            ),
+        )
+    })
+}
+
+fn duration_at(
+    source: &Source,
+    text: &Spanned<String>,
+    key: &str,
+) -> Result<Duration, ConfigError> {
+    parse_duration(text.get_ref()).map_err(|message| source.at(text, format!("{key}: {message}")))
+}
+
+fn nonzero_duration(
+    source: &Source,
+    text: Option<&Spanned<String>>,
+    key: &str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    let duration = duration_at(source, text, key)?;
+    if duration.is_zero() {
+        return Err(source.at(text, format!("{key} must be greater than zero")));
+    }
+    Ok(duration)
+}
+
+fn positive(
+    source: &Source,
+    value: Option<&Spanned<i64>>,
+    key: &str,
+    default: u32,
+    max: i64,
+) -> Result<NonZeroU32, ConfigError> {
+    let number = value.map_or(i64::from(default), |value| *value.get_ref());
+    match u32::try_from(number) {
+        Ok(n) if n >= 1 && i64::from(n) <= max => Ok(NonZeroU32::MIN.saturating_add(n - 1)),
+        _ => {
+            let message = format!("{key} must be from 1 to {max}, not {number}");
+            Err(match value {
+                Some(value) => source.at(value, message),
+                None => source.error(0..0, message),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[listener]]
+name = "front"
+bind = "127.0.0.1:8080"
+pool = "app"
+
+[[pool]]
+name = "app"
+servers = [ { addr = "127.0.0.1:9001" } ]
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = Config::parse("t.toml", MINIMAL).expect("valid");
+        assert_eq!(config.runtime.shards, Shards::Auto);
+        assert_eq!(config.runtime.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+        let listener = &config.listeners[0];
+        assert_eq!(listener.max_connections.get(), DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(listener.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        let pool = &config.pools[0];
+        assert_eq!(pool.balance, Algorithm::RoundRobin);
+        assert_eq!(pool.retries, DEFAULT_RETRIES);
+        assert_eq!(pool.servers[0].weight.get(), 1);
+    }
+
+    #[test]
+    fn embedded_default_resolves() {
+        let config = Config::default_config().expect("embedded default is valid");
+        assert!(!config.listeners.is_empty());
+    }
+
+    #[test]
+    fn printed_config_parses_back_to_the_same() {
+        let config = Config::default_config().expect("valid");
+        let printed = config.to_toml();
+        let again = Config::parse("printed", &printed).expect("printed config parses");
+        assert_eq!(config, again);
+    }
+
+    #[test]
+    fn error_points_at_line_and_column() {
+        let text = MINIMAL.replace("127.0.0.1:9001", "nonsense");
+        let error = Config::parse("t.toml", &text).expect_err("bad addr");
+        assert_eq!((error.line, error.column), (9, 22), "{error}");
+        assert!(
+            error
+                .to_string()
+                .starts_with("t.toml:9:22: invalid address")
+        );
+    }
+
+    #[test]
+    fn profile_overlays_only_tuning() {
+        let mut config = Config::parse("t.toml", MINIMAL).expect("valid");
+        config
+            .apply_profile_text("p.toml", "[tuning]\nbuffer_size = 65536\n")
+            .expect("valid profile");
+        assert_eq!(config.tuning.buffer_size, 65536);
+        assert_eq!(config.tuning.ring_entries, Tuning::default().ring_entries);
+        let error = config
+            .apply_profile_text("p.toml", "[runtime]\nshards = 2\n")
+            .expect_err("profiles carry only [tuning]");
+        assert_eq!(error.line, 1);
+    }
+}

@@ -1,0 +1,15 @@
+//! ringproxy: a thread-per-core io_uring L4 proxy.
+//!
+//! The modules follow the path of a connection: `listener` (bind) -> `admission` (limits) ->
+//! `balance` (pick a server) -> `relay` (the session) -> close; `runtime` starts the shards whose
+//! loop drives all of it, `uring` holds the io_uring plumbing and every `unsafe` of the data
+//! plane, and `config` turns a TOML file into the immutable settings the shards share.
+
+pub mod admission;
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod listener;
+pub mod relay;
+pub mod runtime;
+pub mod uring;

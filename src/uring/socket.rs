@@ -1,0 +1,89 @@
+//! Socket helpers for the loop: the few synchronous socket calls it makes on raw descriptors
+//! that io_uring handed it (options, peer address, creation of server-side sockets).
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+
+fn with_socket<T>(fd: RawFd, action: impl FnOnce(SockRef<'_>) -> io::Result<T>) -> io::Result<T> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: the caller (the shard) owns `fd` and keeps it open for this call; it closes its
+    // descriptors only through the ring after every operation on them completed.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    action(SockRef::from(&borrowed))
+}
+
+/// A new TCP socket for connecting to `addr`, with TCP_NODELAY set. Returned as a raw fd the
+/// caller owns (it is closed through the ring).
+pub fn tcp_socket_for(addr: &SocketAddr) -> io::Result<RawFd> {
+    let socket = Socket::new(
+        Domain::for_address(*addr),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    Ok(socket.into_raw_fd())
+}
+
+pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
+    with_socket(fd, |socket| socket.set_tcp_nodelay(true))
+}
+
+/// Makes the next close of `fd` send a RST instead of a FIN (used to pass a reset through).
+pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
+    with_socket(fd, |socket| {
+        socket.set_linger(Some(std::time::Duration::ZERO))
+    })
+}
+
+pub fn peer_ip(fd: RawFd) -> io::Result<IpAddr> {
+    with_socket(fd, |socket| {
+        socket
+            .peer_addr()?
+            .as_socket()
+            .map(|addr| addr.ip())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an IP socket"))
+    })
+}
+
+/// Closes a descriptor no io_uring operation has ever referenced (a just-accepted socket that
+/// admission turned away).
+pub fn close_unused(fd: RawFd) {
+    if fd >= 0 {
+        // SAFETY: the caller owns fd and no operation refers to it; taking ownership closes it.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+}
+
+/// A non-blocking eventfd, to wake a shard's ring from another thread.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd has no memory arguments; the result is checked before use.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds 1 to an eventfd (wakes the ring that reads it).
+pub fn eventfd_signal(fd: &OwnedFd) -> io::Result<()> {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live stack buffer to a descriptor we borrow.
+    let written = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    if written == 8 {
+        Ok(())
+    } else {
+        let error = io::Error::last_os_error();
+        // A full counter (EAGAIN) means the shard has a wake-up pending anyway.
+        if error.kind() == io::ErrorKind::WouldBlock {
+            Ok(())
+        } else {
+            Err(error)
+        }
+    }
+}
