@@ -1,0 +1,196 @@
+//! Start, drain, stop and resource exhaustion of the real binary.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn sigterm_drains_live_transfer_refuses_new_connects_and_exits_zero() {
+    let counter = TestServer::start(Behaviour::CountUntilFin);
+    let mut proxy = Proxy::start(&config(2, "", &[server(counter.addr)]));
+    let addr = proxy.addr();
+    let mut live = connect(addr);
+    live.write_all(&[1u8; 100_000]).expect("first part");
+    assert!(wait_for(Duration::from_secs(5), || counter.accepted() == 1));
+
+    let signalled = Instant::now();
+    proxy.signal(libc::SIGTERM);
+    assert!(
+        wait_for(Duration::from_secs(5), || TcpStream::connect(addr).is_err()),
+        "new connections are still accepted after SIGTERM"
+    );
+    // The live session keeps relaying both ways during the drain.
+    for _ in 0..10 {
+        live.write_all(&[2u8; 100_000]).expect("write during drain");
+        thread::sleep(Duration::from_millis(20));
+    }
+    live.shutdown(Shutdown::Write).expect("half-close");
+    let mut answer = String::new();
+    live.read_to_string(&mut answer)
+        .expect("answer during drain");
+    assert_eq!(answer, "1100000\n");
+    let status = proxy.wait_exit(Duration::from_secs(5)).expect("exited");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "drain_timeout is 5s"
+    );
+}
+
+#[test]
+fn drain_timeout_cuts_sessions_that_do_not_finish() {
+    let silent = TestServer::start(Behaviour::Silent);
+    let text = config(1, "", &[server(silent.addr)])
+        .replace("drain_timeout = \"5s\"", "drain_timeout = \"500ms\"");
+    let mut proxy = Proxy::start(&text);
+    let mut stuck = connect(proxy.addr());
+    assert!(wait_for(Duration::from_secs(5), || silent.accepted() == 1));
+    let signalled = Instant::now();
+    proxy.signal(libc::SIGTERM);
+    let status = proxy.wait_exit(Duration::from_secs(5)).expect("exited");
+    let elapsed = signalled.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        elapsed >= Duration::from_millis(450),
+        "exited before the drain timeout: {elapsed:?}"
+    );
+    assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
+    let mut buffer = [0u8; 1];
+    assert!(
+        matches!(stuck.read(&mut buffer), Ok(0) | Err(_)),
+        "the session was cut"
+    );
+}
+
+#[test]
+fn second_signal_exits_at_once() {
+    let silent = TestServer::start(Behaviour::Silent);
+    let text = config(1, "", &[server(silent.addr)])
+        .replace("drain_timeout = \"5s\"", "drain_timeout = \"60s\"");
+    let mut proxy = Proxy::start(&text);
+    let _stuck = connect(proxy.addr());
+    assert!(wait_for(Duration::from_secs(5), || silent.accepted() == 1));
+    proxy.signal(libc::SIGTERM);
+    thread::sleep(Duration::from_millis(200));
+    assert!(!proxy.has_exited(), "still draining");
+    let started = Instant::now();
+    proxy.signal(libc::SIGINT);
+    let status = proxy.wait_exit(Duration::from_secs(5)).expect("exited");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(status.code(), Some(1));
+}
+
+#[test]
+fn bind_conflict_fails_the_start_with_a_clear_message() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.toml");
+    let text = config(1, "", &[server(addr)]).replace("127.0.0.1:0", &addr.to_string());
+    std::fs::write(&path, text).expect("write");
+    let output = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("listener \"front\": cannot bind {addr}")),
+        "{stderr}"
+    );
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after_name = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+#[test]
+fn out_of_descriptors_backs_off_without_spinning_and_recovers() {
+    let echo = TestServer::start(Behaviour::Echo);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, config(1, "", &[server(echo.addr)])).expect("write");
+    let mut command = Command::new(BIN);
+    command
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe; lowering our own child's limit is always allowed.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 40,
+                rlim_max: 40,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
+                && value["fields"]["message"] == "listener ready"
+                && let Some(addr) = value["fields"]["addr"].as_str()
+            {
+                let _ = addr_tx.send(addr.to_string());
+            }
+        }
+    });
+    let addr: std::net::SocketAddr = addr_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("ready")
+        .parse()
+        .expect("addr");
+    let pid = child.id() as i32;
+    // Far more connections than 40 descriptors allow: the kernel queues them in the backlog.
+    let flood: Vec<TcpStream> = (0..60)
+        .filter_map(|_| TcpStream::connect(addr).ok())
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    let cpu_before = cpu_seconds(pid);
+    thread::sleep(Duration::from_secs(1));
+    let cpu_used = cpu_seconds(pid) - cpu_before;
+    drop(flood);
+    assert!(cpu_used < 0.3, "spun on EMFILE: {cpu_used} s of CPU in 1 s");
+    // Once descriptors are free again, new sessions work.
+    let recovered = wait_for(Duration::from_secs(10), || {
+        let Ok(mut stream) = TcpStream::connect(addr) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut echoed = [0u8; 2];
+        stream.write_all(b"ok").is_ok()
+            && stream.read_exact(&mut echoed).is_ok()
+            && &echoed == b"ok"
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        recovered,
+        "the proxy did not recover after descriptors were freed"
+    );
+}

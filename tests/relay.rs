@@ -1,0 +1,181 @@
+//! Relay behaviour over real loopback sockets through the real binary.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ringproxy::demo::Payload;
+
+/// Payload sizes from 1 B to 8 MiB, spread evenly on a log scale.
+fn payload_size(index: u64, random: &mut Payload) -> usize {
+    match index {
+        0 => 1,
+        1 => 8 << 20,
+        _ => {
+            let exponent = (random.next_u64() % 2301) as f64 / 100.0; // 2^0 .. 2^23
+            (2f64.powf(exponent) as usize).clamp(1, 8 << 20)
+        }
+    }
+}
+
+#[test]
+fn random_payloads_relay_byte_exact_both_ways_over_1000_connections() {
+    let echo = TestServer::start(Behaviour::Echo);
+    let mut proxy = Proxy::start(&config(2, "", &[server(echo.addr)]));
+    let addr = proxy.addr();
+    let started = Instant::now();
+    let clients: Vec<_> = (0..1000u64)
+        .map(|index| {
+            thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    let mut random = Payload::new(index + 77);
+                    let size = payload_size(index, &mut random);
+                    let mut payload = vec![0u8; size];
+                    random.fill(&mut payload);
+                    let mut stream = connect(addr);
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(60)))
+                        .expect("timeout");
+                    let mut writer = stream.try_clone().expect("clone");
+                    let sent = payload.clone();
+                    let write = thread::Builder::new()
+                        .stack_size(128 * 1024)
+                        .spawn(move || {
+                            writer.write_all(&sent).expect("write");
+                            writer.shutdown(Shutdown::Write).expect("shutdown");
+                        })
+                        .expect("spawn writer");
+                    let mut received = Vec::with_capacity(size);
+                    stream.read_to_end(&mut received).expect("read echo");
+                    write.join().expect("writer");
+                    assert_eq!(received.len(), size, "connection {index}: length");
+                    assert!(received == payload, "connection {index}: bytes differ");
+                    size as u64
+                })
+                .expect("spawn client")
+        })
+        .collect();
+    let mut total = 0;
+    for client in clients {
+        total += client.join().expect("client thread");
+    }
+    eprintln!("{total} bytes each way in {:?}", started.elapsed());
+    assert!(total > 8 << 20, "total {total}");
+    assert_eq!(echo.accepted(), 1000);
+    let accepted = proxy.stop_and_count_accepts();
+    assert_eq!(accepted.iter().sum::<u64>(), 1000);
+}
+
+#[test]
+fn half_close_from_client_keeps_reverse_direction() {
+    let counter = TestServer::start(Behaviour::CountUntilFin);
+    let proxy = Proxy::start(&config(1, "", &[server(counter.addr)]));
+    let mut stream = connect(proxy.addr());
+    let payload = vec![7u8; 300_000];
+    stream.write_all(&payload).expect("write");
+    stream.shutdown(Shutdown::Write).expect("half-close");
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .expect("answer after our FIN");
+    assert_eq!(answer, "300000\n");
+}
+
+#[test]
+fn half_close_from_server_keeps_forward_direction() {
+    let greeter = TestServer::start(Behaviour::GreetThenCount);
+    let proxy = Proxy::start(&config(1, "", &[server(greeter.addr)]));
+    let mut stream = connect(proxy.addr());
+    let mut greeting = Vec::new();
+    // The server's FIN arrives as end of stream while our direction stays open.
+    stream
+        .read_to_end(&mut greeting)
+        .expect("greeting then FIN");
+    assert_eq!(greeting, b"hello\n");
+    let payload = vec![3u8; 1_000_000];
+    stream.write_all(&payload).expect("write after server FIN");
+    stream.shutdown(Shutdown::Write).expect("half-close");
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            greeter.counted.lock().expect("lock").first() == Some(&1_000_000)
+        }),
+        "server counted {:?}",
+        greeter.counted.lock().expect("lock")
+    );
+}
+
+#[test]
+fn server_reset_reaches_client_promptly() {
+    let resetter = TestServer::start(Behaviour::ResetAfterRead);
+    let proxy = Proxy::start(&config(1, "", &[server(resetter.addr)]));
+    let mut stream = connect(proxy.addr());
+    stream.write_all(b"x").expect("write");
+    let started = Instant::now();
+    let mut buffer = [0u8; 16];
+    let result = stream.read(&mut buffer);
+    let elapsed = started.elapsed();
+    match result {
+        Err(error) => assert_eq!(error.kind(), ErrorKind::ConnectionReset, "{error}"),
+        Ok(n) => panic!("expected a reset, read {n} bytes"),
+    }
+    assert!(elapsed < Duration::from_secs(1), "reset took {elapsed:?}");
+}
+
+#[test]
+fn client_reset_reaches_server() {
+    let counter = TestServer::start(Behaviour::CountUntilFin);
+    let proxy = Proxy::start(&config(1, "", &[server(counter.addr)]));
+    let mut stream = connect(proxy.addr());
+    stream.write_all(b"abc").expect("write");
+    assert!(wait_for(Duration::from_secs(5), || counter.accepted() == 1));
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    drop(stream);
+    // The server's read loop ends (by the reset) and records what it had.
+    assert!(
+        wait_for(Duration::from_secs(5), || counter
+            .counted
+            .lock()
+            .expect("lock")
+            .len()
+            == 1),
+        "the server never saw the client go away"
+    );
+}
+
+#[test]
+fn idle_timeout_closes_quiet_sessions_only() {
+    let echo = TestServer::start(Behaviour::Echo);
+    let mut text = config(1, "", &[server(echo.addr)]);
+    text = text.replace(
+        "pool = \"app\"\n\n[[pool]]",
+        "pool = \"app\"\nidle_timeout = \"400ms\"\n\n[[pool]]",
+    );
+    let proxy = Proxy::start(&text);
+    let mut idle = connect(proxy.addr());
+    let mut busy = connect(proxy.addr());
+    let started = Instant::now();
+    // Keep one session busy past the idle timeout.
+    while started.elapsed() < Duration::from_millis(900) {
+        busy.write_all(b"ping").expect("busy write");
+        let mut echo = [0u8; 4];
+        busy.read_exact(&mut echo).expect("busy echo");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let mut buffer = [0u8; 1];
+    assert_eq!(
+        idle.read(&mut buffer).expect("idle session ends with FIN"),
+        0
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    busy.write_all(b"pong").expect("busy still open");
+    let mut echo = [0u8; 4];
+    busy.read_exact(&mut echo).expect("busy session survived");
+    assert_eq!(&echo, b"pong");
+}
