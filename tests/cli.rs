@@ -310,3 +310,36 @@ fn every_example_config_and_tuning_profile_checks() {
         }
     }
 }
+
+#[test]
+fn demo_relays_and_verifies_every_byte() {
+    let output = Command::new(BIN)
+        .args([
+            "demo",
+            "--connections",
+            "16",
+            "--requests",
+            "50",
+            "--max-size",
+            "100000",
+        ])
+        .output()
+        .expect("run demo");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("requests           800 "), "{stdout}");
+    assert!(stdout.contains("failed clients     0"), "{stdout}");
+    assert!(
+        stdout.contains("OK: every byte came back as sent"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.matches(" connections\n").count(),
+        2,
+        "both servers listed: {stdout}"
+    );
+}

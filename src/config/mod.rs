@@ -71,7 +71,7 @@ impl Default for Tuning {
             ring_entries: 4096,
             buffer_size: 16 * 1024,
             buffer_count: 4096,
-            queued_buffers: 4,
+            queued_buffers: 8,
         }
     }
 }

@@ -94,6 +94,9 @@ pub struct ShardStats {
     pub idle_timeouts: u64,
     pub buffer_starvation: u64,
     pub closed: u64,
+    /// Loop turns (one io_uring_enter each) and completions handled: their ratio is the batching.
+    pub loop_turns: u64,
+    pub completions: u64,
     pub bytes_to_server: u64,
     pub bytes_to_client: u64,
 }

@@ -210,6 +210,8 @@ impl Shard {
             self.now = Instant::now();
             let mut completions = std::mem::take(&mut self.completions);
             self.ring.drain_completions(&mut completions);
+            self.stats.loop_turns += 1;
+            self.stats.completions += completions.len() as u64;
             for completion in completions.drain(..) {
                 self.handle(completion)?;
             }
@@ -230,6 +232,8 @@ impl Shard {
             no_server = stats.no_server,
             bytes_to_server = stats.bytes_to_server,
             bytes_to_client = stats.bytes_to_client,
+            loop_turns = stats.loop_turns,
+            completions = stats.completions,
             "shard stopped"
         );
         Ok(ShardReport {
