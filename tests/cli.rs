@@ -288,9 +288,9 @@ fn files_in(dir: &Path, extension: &str) -> Vec<std::path::PathBuf> {
 }
 
 #[test]
-fn every_example_config_and_tuning_profile_checks() {
+fn every_shipped_config_and_tuning_profile_checks() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let examples = files_in(&root.join("examples"), "toml");
+    let examples = files_in(&root.join("systemd"), "toml");
     let profiles = files_in(&root.join("tuning"), "toml");
     assert!(!examples.is_empty() && !profiles.is_empty());
     for example in &examples {

@@ -70,7 +70,7 @@ impl Default for Tuning {
         Tuning {
             ring_entries: 4096,
             buffer_size: 16 * 1024,
-            buffer_count: 4096,
+            buffer_count: 1024,
             queued_buffers: 8,
         }
     }

@@ -88,6 +88,17 @@ impl Flow {
         self.queue.is_empty() && !self.sending
     }
 
+    /// Lifts a backpressure pause once the old receive has ended and the queue is down to half
+    /// of `limit`. Both the send completions (queue shrinks) and the receive's final completion
+    /// (cancel done) must check this: whichever comes last resumes.
+    pub fn resume_if_drained(&mut self, limit: usize) -> bool {
+        let resume = self.paused && !self.receiving && self.queue.len() < limit.div_ceil(2).max(1);
+        if resume {
+            self.paused = false;
+        }
+        resume
+    }
+
     /// Whether the source's reads should be (re)armed now.
     pub fn wants_receive(&self) -> bool {
         !self.receiving && !self.paused && !self.starved && !self.eof
@@ -163,5 +174,39 @@ impl Session {
     /// Both directions have delivered everything and passed their FIN on.
     pub fn is_complete(&self) -> bool {
         self.upstream.finished() && self.downstream.finished()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pause_lifts_only_after_the_cancelled_receive_has_ended() {
+        let mut flow = Flow {
+            paused: true,
+            receiving: true,
+            ..Flow::default()
+        };
+        // Queue drained while the cancel is still on its way: not yet.
+        assert!(!flow.resume_if_drained(8));
+        assert!(!flow.wants_receive());
+        // The receive's final completion arrives last: that is when reads resume.
+        flow.receiving = false;
+        assert!(flow.resume_if_drained(8));
+        assert!(flow.wants_receive());
+        // Not paused: nothing to lift.
+        assert!(!flow.resume_if_drained(8));
+    }
+
+    #[test]
+    fn a_flow_finishes_after_eof_and_fin_passed_on() {
+        let mut flow = Flow::default();
+        assert!(!flow.finished());
+        flow.eof = true;
+        assert!(flow.is_flushed() && !flow.finished());
+        flow.shut = true;
+        assert!(flow.finished());
+        assert!(!flow.wants_receive(), "no reads after EOF");
     }
 }

@@ -6,6 +6,7 @@
 //! timers and re-arm what needs re-arming. The only cross-thread input is the control command,
 //! read when the shard's eventfd fires.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
@@ -116,7 +117,7 @@ pub struct Shard {
     expired: Vec<TimerEntry>,
     completions: Vec<Completion>,
     /// Sessions (index, serial, source side) waiting for receive buffers.
-    starved: Vec<(usize, u32, Side)>,
+    starved: VecDeque<(usize, u32, Side)>,
     control: Arc<ShardControl>,
     started: Instant,
     now: Instant,
@@ -170,7 +171,7 @@ impl Shard {
             timers: TimerWheel::new(1024),
             expired: Vec::new(),
             completions: Vec::with_capacity(1024),
-            starved: Vec::new(),
+            starved: VecDeque::new(),
             control: setup.control,
             started: now,
             now,
@@ -223,6 +224,8 @@ impl Shard {
                 break;
             }
         }
+        // The last turn may have queued closes (sessions, listeners); hand them to the kernel.
+        self.ring.flush()?;
         let stats = self.stats.clone();
         info!(
             shard = self.index,
@@ -244,7 +247,20 @@ impl Shard {
 
     fn handle(&mut self, completion: Completion) -> io::Result<()> {
         let index = (completion.user_data >> 8) as usize;
-        match Op::from_tag(completion.user_data as u8) {
+        let op = Op::from_tag(completion.user_data as u8);
+        let session_op = !matches!(op, Op::Ignored | Op::Wake | Op::Accept);
+        if session_op && !self.sessions.contains(index) {
+            // Cannot happen while `inflight` is kept right; never let it take the shard down.
+            warn!(
+                shard = self.index,
+                ?op,
+                index,
+                "completion for a session that no longer exists"
+            );
+            debug_assert!(false, "stray completion {op:?} for slot {index}");
+            return Ok(());
+        }
+        match op {
             Op::Ignored => Ok(()),
             Op::Wake => self.on_wake(completion),
             Op::Accept => self.on_accept(index, completion),
@@ -426,7 +442,7 @@ impl Shard {
         let listener_config = &self.config.listeners[self.listeners[listener_index].config_index];
         let pool = listener_config.pool;
         let idle_ticks = ticks(listener_config.idle_timeout);
-        let _ = socket::set_nodelay(client_fd);
+        // TCP_NODELAY is inherited from the listening socket (set in `listener::bind`).
         let key = if self.config.pool(pool).balance.needs_client_address() {
             socket::peer_ip(client_fd).map(client_key).unwrap_or(0)
         } else {
@@ -561,10 +577,12 @@ impl Shard {
         let session = &mut self.sessions[index];
         let serial = session.serial;
         let closing = session.state == SessionState::Closing;
-        let flow = session.flow_from(source);
         if !completion.more() {
-            flow.receiving = false;
             session.inflight -= 1;
+            let flow = session.flow_from(source);
+            flow.receiving = false;
+            // The cancel of a paused receive may land after the queue already drained.
+            flow.resume_if_drained(queue_limit);
         }
         if closing {
             if let Some(token) = token {
@@ -584,12 +602,15 @@ impl Shard {
                 };
                 flow.bytes += u64::from(token.len());
                 flow.queue.push_back(Pending { token, sent: 0 });
-                let pause = flow.queue.len() >= queue_limit && flow.receiving && !flow.paused;
+                // Backpressure: stop reading this source until the queue drains. Only an armed
+                // receive needs cancelling; an ended one is simply not re-armed.
+                let pause = flow.queue.len() >= queue_limit && !flow.paused;
                 if pause {
                     flow.paused = true;
                 }
+                let cancel = pause && flow.receiving;
                 session.last_active = tick;
-                if pause {
+                if cancel {
                     self.ring
                         .cancel(user_data(Op::recv_from(source), index), IGNORED)?;
                 }
@@ -603,7 +624,7 @@ impl Shard {
                 if !flow.starved {
                     flow.starved = true;
                     self.stats.buffer_starvation += 1;
-                    self.starved.push((index, serial, source));
+                    self.starved.push_back((index, serial, source));
                 }
             }
             error if error == -libc::ECANCELED => {}
@@ -681,11 +702,7 @@ impl Shard {
             Side::Server => self.stats.bytes_to_server += result as u64,
             Side::Client => self.stats.bytes_to_client += result as u64,
         }
-        let resume =
-            flow.paused && !flow.receiving && flow.queue.len() < queue_limit.div_ceil(2).max(1);
-        if resume {
-            flow.paused = false;
-        }
+        let resume = flow.resume_if_drained(queue_limit);
         self.send_next(index, destination)?;
         if resume {
             self.arm_receive(index, destination.other())?;
@@ -798,7 +815,7 @@ impl Shard {
 
     fn rearm_starved(&mut self) -> io::Result<()> {
         while self.buffers.available() > 0 {
-            let Some((index, serial, side)) = self.starved.pop() else {
+            let Some((index, serial, side)) = self.starved.pop_front() else {
                 break;
             };
             let Some(session) = self.sessions.get_mut(index) else {

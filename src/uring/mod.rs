@@ -214,6 +214,11 @@ impl Ring {
         self.push(entry)
     }
 
+    /// Submits what is queued without waiting.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.ring.submit().map(drop)
+    }
+
     /// Submits what is queued and waits for at least one completion or `timeout`.
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         let result = match timeout {
@@ -255,17 +260,20 @@ impl Drop for Ring {
     }
 }
 
+/// The (major, minor) of a kernel release string such as "6.18.44-fc-v782"; (0, 0) if unreadable.
+pub fn kernel_version(release: &str) -> (u32, u32) {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|part| part.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
 /// Fails with a plain message when the running kernel is older than `major.minor`.
 pub fn check_kernel(major: u32, minor: u32) -> Result<(), String> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_err(|error| format!("cannot read the kernel version: {error}"))?;
     let release = release.trim();
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|part| !part.is_empty())
-        .map(|part| part.parse::<u32>().unwrap_or(0));
-    let running = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if running < (major, minor) {
+    if kernel_version(release) < (major, minor) {
         return Err(format!(
             "ringproxy needs Linux {major}.{minor} or newer (io_uring multishot receive and provided buffer rings); this kernel is {release}"
         ));
@@ -278,4 +286,20 @@ pub fn check_kernel(major: u32, minor: u32) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_version;
+
+    #[test]
+    fn kernel_versions_parse() {
+        assert_eq!(kernel_version("6.18.44-fc-v782"), (6, 18));
+        assert_eq!(kernel_version("6.1.0-13-amd64"), (6, 1));
+        assert_eq!(kernel_version("5.15.0"), (5, 15));
+        assert!(kernel_version("5.19.17") < (6, 1));
+        assert!(kernel_version("6.0") < (6, 1));
+        assert_eq!(kernel_version("garbage"), (0, 0));
+        assert_eq!(kernel_version(""), (0, 0));
+    }
 }

@@ -29,10 +29,6 @@ pub fn tcp_socket_for(addr: &SocketAddr) -> io::Result<RawFd> {
     Ok(socket.into_raw_fd())
 }
 
-pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
-    with_socket(fd, |socket| socket.set_tcp_nodelay(true))
-}
-
 /// Makes the next close of `fd` send a RST instead of a FIN (used to pass a reset through).
 pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
     with_socket(fd, |socket| {

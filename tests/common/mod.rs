@@ -188,7 +188,7 @@ pub enum Behaviour {
     GreetThenCount,
     /// Read a little, then reset the connection.
     ResetAfterRead,
-    /// Accept and never read nor write.
+    /// Accept and never read nor write, until the server is dropped.
     Silent,
 }
 
@@ -222,9 +222,10 @@ impl TestServer {
                 let Ok(stream) = stream else { continue };
                 accepts.fetch_add(1, Ordering::SeqCst);
                 let counts = Arc::clone(&counts);
+                let stopping = Arc::clone(&stopping);
                 thread::Builder::new()
                     .stack_size(128 * 1024)
-                    .spawn(move || serve(stream, behaviour, &counts))
+                    .spawn(move || serve(stream, behaviour, &counts, &stopping))
                     .expect("spawn connection thread");
             }
         });
@@ -252,7 +253,12 @@ impl Drop for TestServer {
     }
 }
 
-fn serve(mut stream: TcpStream, behaviour: Behaviour, counts: &Mutex<Vec<u64>>) {
+fn serve(
+    mut stream: TcpStream,
+    behaviour: Behaviour,
+    counts: &Mutex<Vec<u64>>,
+    stopping: &AtomicBool,
+) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
     let mut buffer = vec![0u8; 64 * 1024];
     let mut count_until_fin = |stream: &mut TcpStream| {
@@ -304,7 +310,12 @@ fn serve(mut stream: TcpStream, behaviour: Behaviour, counts: &Mutex<Vec<u64>>) 
             drop(stream);
         }
         Behaviour::Silent => {
-            let _ = stream.read(&mut buffer);
+            // Hold the connection, never reading, until the server is dropped (30 s at most).
+            let started = Instant::now();
+            while !stopping.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(30) {
+                thread::sleep(Duration::from_millis(20));
+            }
+            drop(stream);
         }
     }
 }
