@@ -95,7 +95,9 @@ impl Drop for EchoServer {
     }
 }
 
-fn echo(mut stream: TcpStream) {
+/// Echoes every byte back until the peer's FIN (or an error, or 30 s of silence), then sends
+/// FIN. The echo server of the demo and of the integration tests.
+pub fn echo(mut stream: TcpStream) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let mut buffer = vec![0u8; 64 * 1024];
     loop {

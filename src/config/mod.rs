@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::path::Path;
 use std::time::Duration;
 
@@ -128,7 +128,7 @@ pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 /// hold a client for long.
 pub const MAX_RETRIES: u32 = 16;
 pub const MAX_SERVERS_PER_POOL: usize = 4096;
-pub const MAX_WEIGHT: i64 = 10_000;
+pub const MAX_WEIGHT: u32 = 10_000;
 
 /// A config mistake, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -369,7 +369,7 @@ fn resolve(source: &Source, file: FileConfig) -> Result<Config, ConfigError> {
                 listener.max_connections.as_ref(),
                 "max_connections",
                 DEFAULT_MAX_CONNECTIONS,
-                u32::MAX as i64,
+                u32::MAX,
             )?,
             backlog: positive(
                 source,
@@ -465,32 +465,20 @@ fn resolve_tuning(source: &Source, file: &FileTuning, base: Tuning) -> Result<Tu
         64,
         32_768,
     )?;
-    let buffer_size = match &file.buffer_size {
-        None => base.buffer_size,
-        Some(value) => {
-            let number = *value.get_ref();
-            if !(1024..=1 << 20).contains(&number) {
-                return Err(source.at(
-                    value,
-                    format!("buffer_size must be from 1024 to 1048576 bytes, not {number}"),
-                ));
-            }
-            number as u32
-        }
-    };
-    let queued_buffers = match &file.queued_buffers {
-        None => base.queued_buffers,
-        Some(value) => {
-            let number = *value.get_ref();
-            if !(1..=64).contains(&number) {
-                return Err(source.at(
-                    value,
-                    format!("queued_buffers must be from 1 to 64, not {number}"),
-                ));
-            }
-            number as u32
-        }
-    };
+    let buffer_size = integer(
+        source,
+        file.buffer_size.as_ref(),
+        "buffer_size",
+        base.buffer_size,
+        1024..=1 << 20,
+    )?;
+    let queued_buffers = integer(
+        source,
+        file.queued_buffers.as_ref(),
+        "queued_buffers",
+        base.queued_buffers,
+        1..=64,
+    )?;
     Ok(Tuning {
         ring_entries,
         buffer_size,
@@ -523,36 +511,20 @@ fn resolve_pool(
         "connect_timeout",
         DEFAULT_CONNECT_TIMEOUT,
     )?;
-    let retries = match &pool.retries {
-        None => DEFAULT_RETRIES,
-        Some(value) => match u32::try_from(*value.get_ref()) {
-            Ok(count) if count <= MAX_RETRIES => count,
-            _ => {
-                return Err(source.at(
-                    value,
-                    format!(
-                        "retries must be from 0 to {MAX_RETRIES}, not {}",
-                        value.get_ref()
-                    ),
-                ));
-            }
-        },
-    };
-    let max_fails = match &pool.max_fails {
-        None => DEFAULT_MAX_FAILS,
-        Some(value) => match u32::try_from(*value.get_ref()) {
-            Ok(count) if count <= 1000 => count,
-            _ => {
-                return Err(source.at(
-                    value,
-                    format!(
-                        "max_fails must be from 0 (never mark down) to 1000, not {}",
-                        value.get_ref()
-                    ),
-                ));
-            }
-        },
-    };
+    let retries = integer(
+        source,
+        pool.retries.as_ref(),
+        "retries",
+        DEFAULT_RETRIES,
+        0..=MAX_RETRIES,
+    )?;
+    let max_fails = integer(
+        source,
+        pool.max_fails.as_ref(),
+        "max_fails",
+        DEFAULT_MAX_FAILS,
+        0..=1000,
+    )?;
     let fail_timeout = match &pool.fail_timeout {
         None => DEFAULT_FAIL_TIMEOUT,
         Some(text) => duration_at(source, text, "fail_timeout")?,
@@ -582,18 +554,7 @@ fn resolve_pool(
                 format!("server {addr} appears twice in pool {name:?}"),
             ));
         }
-        let weight = match &server.weight {
-            None => NonZeroU32::MIN,
-            Some(value) => match *value.get_ref() {
-                weight @ 1..=MAX_WEIGHT => NonZeroU32::MIN.saturating_add(weight as u32 - 1),
-                weight => {
-                    return Err(source.at(
-                        value,
-                        format!("weight must be from 1 to {MAX_WEIGHT}, not {weight}"),
-                    ));
-                }
-            },
-        };
+        let weight = positive(source, server.weight.as_ref(), "weight", 1, MAX_WEIGHT)?;
         let max_connections = match &server.max_connections {
             None => None,
             Some(value) => Some(positive(
@@ -601,7 +562,7 @@ fn resolve_pool(
                 Some(value),
                 "max_connections",
                 1,
-                u32::MAX as i64,
+                u32::MAX,
             )?),
         };
         servers.push(ServerConfig {
@@ -680,24 +641,41 @@ fn nonzero_duration(
     Ok(duration)
 }
 
+/// An integer key within `range`, or `default` when absent.
+fn integer(
+    source: &Source,
+    value: Option<&Spanned<i64>>,
+    key: &str,
+    default: u32,
+    range: RangeInclusive<u32>,
+) -> Result<u32, ConfigError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    let number = *value.get_ref();
+    match u32::try_from(number) {
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => Err(source.at(
+            value,
+            format!(
+                "{key} must be from {} to {}, not {number}",
+                range.start(),
+                range.end()
+            ),
+        )),
+    }
+}
+
+/// An integer key from 1 to `max`, or `default` when absent.
 fn positive(
     source: &Source,
     value: Option<&Spanned<i64>>,
     key: &str,
     default: u32,
-    max: i64,
+    max: u32,
 ) -> Result<NonZeroU32, ConfigError> {
-    let number = value.map_or(i64::from(default), |value| *value.get_ref());
-    match u32::try_from(number) {
-        Ok(n) if n >= 1 && i64::from(n) <= max => Ok(NonZeroU32::MIN.saturating_add(n - 1)),
-        _ => {
-            let message = format!("{key} must be from 1 to {max}, not {number}");
-            Err(match value {
-                Some(value) => source.at(value, message),
-                None => source.error(0..0, message),
-            })
-        }
-    }
+    let number = integer(source, value, key, default, 1..=max)?;
+    Ok(NonZeroU32::MIN.saturating_add(number.saturating_sub(1)))
 }
 
 #[cfg(test)]

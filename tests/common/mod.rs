@@ -279,18 +279,7 @@ fn serve(
             {
                 return;
             }
-            let mut buffer = vec![0u8; 64 * 1024];
-            loop {
-                match stream.read(&mut buffer) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if stream.write_all(&buffer[..n]).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-            let _ = stream.shutdown(Shutdown::Write);
+            ringproxy::demo::echo(stream);
         }
         Behaviour::CountUntilFin => {
             let total = count_until_fin(&mut stream);
