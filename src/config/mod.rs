@@ -733,6 +733,53 @@ servers = [ { addr = "127.0.0.1:9001" } ]
         );
     }
 
+    /// Mutated configs (bytes dropped, inserted, replaced) resolve or fail with a location
+    /// inside the text; none panics.
+    #[test]
+    fn mutated_configs_never_panic() {
+        let seed_text = include_str!("../../systemd/ringproxy.toml");
+        let alphabet = b"[]{}=\",.:0123456789abcdefghijklmnopqrstuvwxyz_ \n#-";
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut accepted, mut rejected) = (0, 0);
+        for _ in 0..3000 {
+            let mut bytes = seed_text.as_bytes().to_vec();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() % bytes.len() as u64) as usize;
+                let byte = alphabet[(next() % alphabet.len() as u64) as usize];
+                match next() % 3 {
+                    0 => {
+                        bytes.remove(at);
+                    }
+                    1 => bytes.insert(at, byte),
+                    _ => bytes[at] = byte,
+                }
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            match Config::parse("fuzz.toml", &text) {
+                Ok(_) => accepted += 1,
+                Err(error) => {
+                    rejected += 1;
+                    let lines = text.lines().count().max(1);
+                    assert!(
+                        error.line >= 1 && error.line <= lines + 1,
+                        "{error} in\n{text}"
+                    );
+                    assert!(!error.message.is_empty());
+                }
+            }
+        }
+        assert!(
+            accepted > 0 && rejected > 0,
+            "{accepted} accepted, {rejected} rejected"
+        );
+    }
+
     #[test]
     fn profile_overlays_only_tuning() {
         let mut config = Config::parse("t.toml", MINIMAL).expect("valid");
