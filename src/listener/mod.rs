@@ -41,23 +41,35 @@ fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Binds `addr` `count` times with SO_REUSEPORT (port 0: the first socket's port for all).
+/// On failure, returns the address that failed with the error.
+pub fn bind_reuseport(
+    addr: SocketAddr,
+    backlog: u32,
+    count: usize,
+) -> Result<BoundListener, (SocketAddr, io::Error)> {
+    let first = bind_one(addr, backlog).map_err(|error| (addr, error))?;
+    let bound = first
+        .local_addr()
+        .ok()
+        .and_then(|local| local.as_socket())
+        .unwrap_or(addr);
+    let mut sockets = vec![OwnedFd::from(first)];
+    for _ in 1..count {
+        let socket = bind_one(bound, backlog).map_err(|error| (bound, error))?;
+        sockets.push(OwnedFd::from(socket));
+    }
+    Ok(BoundListener {
+        addr: bound,
+        sockets,
+    })
+}
+
 /// Binds `listener` once per shard.
 pub fn bind(listener: &ListenerConfig, shards: usize) -> Result<BoundListener, BindError> {
-    let error = |addr, source| BindError {
+    bind_reuseport(listener.bind, listener.backlog, shards).map_err(|(addr, source)| BindError {
         name: listener.name.clone(),
         addr,
         source,
-    };
-    let first = bind_one(listener.bind, listener.backlog).map_err(|e| error(listener.bind, e))?;
-    let addr = first
-        .local_addr()
-        .ok()
-        .and_then(|addr| addr.as_socket())
-        .unwrap_or(listener.bind);
-    let mut sockets = vec![OwnedFd::from(first)];
-    for _ in 1..shards {
-        let socket = bind_one(addr, listener.backlog).map_err(|e| error(addr, e))?;
-        sockets.push(OwnedFd::from(socket));
-    }
-    Ok(BoundListener { addr, sockets })
+    })
 }

@@ -140,6 +140,21 @@ impl Ring {
         self.push(entry)
     }
 
+    /// Sends bytes that live for the whole program (fixed responses, greetings).
+    pub fn send_static(
+        &mut self,
+        fd: RawFd,
+        bytes: &'static [u8],
+        user_data: u64,
+    ) -> io::Result<()> {
+        let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        let entry = opcode::Send::new(types::Fd(fd), bytes.as_ptr(), len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(user_data);
+        self.push(entry)
+    }
+
     /// Connects `fd` to `addr`, failing with -ECANCELED if it takes longer than `timeout`
     /// (a linked timeout whose own completion carries `timeout_user_data`).
     pub fn connect(

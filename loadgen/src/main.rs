@@ -1,0 +1,48 @@
+//! ringload: the project's io_uring load generator and test servers.
+//!
+//! This first part provides the test servers (`ringload serve`); the client modes (rr, hold,
+//! bulk) come next. Everything targets loopback unless `--allow-remote` is given, and every run
+//! is bounded in time.
+
+mod serve;
+mod target;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "ringload",
+    version,
+    about = "io_uring load generator and test servers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Test servers, one pinned io_uring thread per core on SO_REUSEPORT listeners.
+    Serve(serve::ServeArgs),
+}
+
+fn main() -> ExitCode {
+    // clap prints usage errors and exits 2 by itself.
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ringload: {error:#}");
+            ExitCode::from(if error.is::<target::UsageError>() {
+                2
+            } else {
+                1
+            })
+        }
+    }
+}
