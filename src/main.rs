@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing::{error, info, warn};
 
@@ -144,7 +144,9 @@ fn run(config_path: Option<PathBuf>, profile: Option<PathBuf>) -> ExitCode {
         Err(code) => return code,
     };
     // Registered before the shards start, so no signal is ever handled by the default action.
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+    // SIGHUP is caught too: operators send it to reload, and its default action would kill the
+    // proxy without draining.
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(signals) => signals,
         Err(error) => {
             error!(%error, "cannot install signal handlers");
@@ -166,6 +168,10 @@ fn run(config_path: Option<PathBuf>, profile: Option<PathBuf>) -> ExitCode {
         .spawn(move || {
             let mut received = 0;
             for signal in signals.forever() {
+                if signal == SIGHUP {
+                    warn!("SIGHUP: reloading is not supported yet; the running config stays");
+                    continue;
+                }
                 received += 1;
                 if received == 1 {
                     info!(

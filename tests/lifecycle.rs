@@ -194,3 +194,23 @@ fn out_of_descriptors_backs_off_without_spinning_and_recovers() {
         "the proxy did not recover after descriptors were freed"
     );
 }
+
+#[test]
+fn sighup_is_ignored_not_fatal() {
+    let echo = TestServer::start(Behaviour::Echo);
+    let mut proxy = Proxy::start(&config(1, "", &[server(echo.addr)]));
+    proxy.signal(libc::SIGHUP);
+    assert!(wait_for(Duration::from_secs(5), || {
+        proxy.logs().iter().any(|line| {
+            line["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("SIGHUP"))
+        })
+    }));
+    assert!(!proxy.has_exited(), "SIGHUP killed the proxy");
+    let mut stream = connect(proxy.addr());
+    stream.write_all(b"still here").expect("write");
+    let mut echoed = [0u8; 10];
+    stream.read_exact(&mut echoed).expect("echo after SIGHUP");
+    assert_eq!(&echoed, b"still here");
+}
