@@ -1,9 +1,10 @@
 //! ringload: the project's io_uring load generator and test servers.
 //!
-//! This first part provides the test servers (`ringload serve`); the client modes (rr, hold,
-//! bulk) come next. Everything targets loopback unless `--allow-remote` is given, and every run
+//! It provides the test servers (`serve`) and request/response load (`rr`); `hold` and `bulk`
+//! come next. Everything targets loopback unless `--allow-remote` is given, and every run
 //! is bounded in time.
 
+mod rr;
 mod serve;
 mod target;
 
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Test servers, one pinned io_uring thread per core on SO_REUSEPORT listeners.
     Serve(serve::ServeArgs),
+    /// Request/response load (echo or HTTP), closed loop or open loop with --rate.
+    Rr(rr::RrArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Rr(args) => rr::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
