@@ -1,9 +1,10 @@
 //! ringload: the project's io_uring load generator and test servers.
 //!
-//! It provides the test servers (`serve`) and request/response load (`rr`); `hold` and `bulk`
-//! come next. Everything targets loopback unless `--allow-remote` is given, and every run
+//! It provides the test servers (`serve`), request/response load (`rr`) and throughput
+//! (`bulk`); `hold` (500,000 idle connections) comes next. Everything targets loopback unless `--allow-remote` is given, and every run
 //! is bounded in time.
 
+mod bulk;
 mod rr;
 mod serve;
 mod target;
@@ -29,6 +30,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Request/response load (echo or HTTP), closed loop or open loop with --rate.
     Rr(rr::RrArgs),
+    /// Throughput: streams that send as fast as the target takes it.
+    Bulk(bulk::BulkArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Rr(args) => rr::run(args),
+        Command::Bulk(args) => bulk::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -81,11 +81,11 @@ pub struct Errors {
 }
 
 impl Errors {
-    fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         self.refused + self.reset + self.timeout + self.mismatch + self.status + self.other
     }
 
-    fn add(&mut self, other: &Errors) {
+    pub(crate) fn add(&mut self, other: &Errors) {
         self.refused += other.refused;
         self.reset += other.reset;
         self.timeout += other.timeout;

@@ -312,3 +312,76 @@ fn bad_flags_exit_2() {
         assert_eq!(output.status.code(), Some(2), "{args:?}: {output:?}");
     }
 }
+
+#[test]
+fn bulk_sends_to_discard_and_reports() {
+    let mut server = Serve::start("discard");
+    let target = server.1.to_string();
+    let dir = std::env::temp_dir().join(format!("ringload-bulk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let json = dir.join("bulk.json");
+    let output = Command::new(BIN)
+        .args([
+            "bulk",
+            "--target",
+            &target,
+            "--streams",
+            "3",
+            "--duration",
+            "1s",
+            "--threads",
+            "1",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .expect("run bulk");
+    assert!(output.status.success(), "{output:?}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parses");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(summary["streams_connected"], 3, "{summary}");
+    let sent = summary["bytes_sent"].as_u64().expect("bytes_sent");
+    assert!(sent > 10 << 20, "{summary}");
+    assert!(summary["gbit_per_s"].as_f64().is_some_and(|g| g > 0.0));
+    // SAFETY: kill(2) on our own child's PID.
+    assert_eq!(
+        unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let mut rest = String::new();
+    server
+        .0
+        .stdout
+        .as_mut()
+        .expect("stdout")
+        .read_to_string(&mut rest)
+        .expect("summary");
+    let received: u64 = rest
+        .split("received ")
+        .nth(1)
+        .and_then(|tail| tail.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("received count");
+    assert!(
+        received >= sent,
+        "server received {received}, client counted {sent}"
+    );
+
+    for args in [
+        vec!["bulk", "--target", &target],
+        vec![
+            "bulk",
+            "--target",
+            &target,
+            "--duration",
+            "1s",
+            "--streams",
+            "0",
+        ],
+        vec!["bulk", "--target", "10.9.9.9:5201", "--duration", "1s"],
+    ] {
+        let output = Command::new(BIN).args(&args).output().expect("run");
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+    }
+}
