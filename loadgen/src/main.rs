@@ -1,10 +1,11 @@
 //! ringload: the project's io_uring load generator and test servers.
 //!
-//! It provides the test servers (`serve`), request/response load (`rr`) and throughput
-//! (`bulk`); `hold` (500,000 idle connections) comes next. Everything targets loopback unless `--allow-remote` is given, and every run
+//! It provides the test servers (`serve`), request/response load (`rr`), throughput (`bulk`)
+//! and many held connections (`hold`). Everything targets loopback unless `--allow-remote` is given, and every run
 //! is bounded in time.
 
 mod bulk;
+mod hold;
 mod rr;
 mod serve;
 mod target;
@@ -32,6 +33,11 @@ enum Command {
     Rr(rr::RrArgs),
     /// Throughput: streams that send as fast as the target takes it.
     Bulk(bulk::BulkArgs),
+    /// Open many connections at a capped rate, hold them, report, close.
+    Hold(hold::HoldArgs),
+    /// One worker process of `hold` (started by it).
+    #[command(hide = true)]
+    HoldWorker(hold::WorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +47,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Rr(args) => rr::run(args),
         Command::Bulk(args) => bulk::run(args),
+        Command::Hold(args) => hold::run(args),
+        Command::HoldWorker(args) => hold::run_worker(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -41,6 +41,17 @@ pub enum Mode {
     Discard,
 }
 
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Echo => "echo",
+            Mode::Http => "http",
+            Mode::Sink => "sink",
+            Mode::Discard => "discard",
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct ServeArgs {
     #[arg(long, value_enum)]
@@ -60,9 +71,16 @@ pub struct ServeArgs {
     duration: Duration,
     #[arg(long, default_value_t = 4096)]
     backlog: u32,
+    /// Processes sharing the listeners (SO_REUSEPORT), for more connections than one process's
+    /// RLIMIT_NOFILE allows; the summary adds them up.
+    #[arg(long, default_value_t = 1)]
+    processes: usize,
     /// Allow listening on addresses outside loopback.
     #[arg(long)]
     allow_remote: bool,
+    /// Set on the extra processes `--processes` starts: stop when stdin closes.
+    #[arg(long, hide = true)]
+    child: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -118,6 +136,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.body_size > 16 << 20 {
         return Err(UsageError("--body-size must be at most 16777216".into()).into());
     }
+    if args.processes == 0 || args.processes > 1024 {
+        return Err(UsageError("--processes must be from 1 to 1024".into()).into());
+    }
     ringproxy::uring::check_kernel(6, 1).map_err(anyhow::Error::msg)?;
     let threads = args
         .threads
@@ -125,9 +146,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .clamp(1, 256);
     let mut per_thread: Vec<Vec<OwnedFd>> = (0..threads).map(|_| Vec::new()).collect();
     let mut stdout = io::stdout().lock();
+    let mut bound_addrs = Vec::with_capacity(args.listen.len());
     for addr in &args.listen {
         let bound = bind_reuseport(*addr, args.backlog, threads)
             .map_err(|(addr, error)| anyhow::anyhow!("cannot listen on {addr}: {error}"))?;
+        bound_addrs.push(bound.addr.to_string());
         writeln!(stdout, "listening {}", bound.addr)?;
         for (thread, socket) in bound.sockets.into_iter().enumerate() {
             per_thread[thread].push(socket);
@@ -139,6 +162,34 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("signal handler")?;
+    }
+    if args.child {
+        let stdin_closed = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut sink = [0u8; 64];
+            let mut stdin = io::stdin();
+            while matches!(io::Read::read(&mut stdin, &mut sink), Ok(n) if n > 0) {}
+            stdin_closed.store(true, Ordering::Relaxed);
+        });
+    }
+    let mut children = Vec::new();
+    for _ in 1..args.processes {
+        let exe = std::env::current_exe().context("cannot find the ringload executable")?;
+        let mut command = std::process::Command::new(exe);
+        command
+            .args(["serve", "--child", "--processes", "1"])
+            .args(["--mode", args.mode.name()])
+            .args(["--listen", &bound_addrs.join(",")])
+            .args(["--threads", &threads.to_string()])
+            .args(["--body-size", &args.body_size.to_string()])
+            .args(["--duration", &format!("{}ms", args.duration.as_millis())])
+            .args(["--backlog", &args.backlog.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        if args.allow_remote {
+            command.arg("--allow-remote");
+        }
+        children.push(command.spawn().context("cannot start a serve process")?);
     }
     let responses = http_responses(args.body_size);
     let deadline = Instant::now() + args.duration;
@@ -167,11 +218,40 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("a worker thread panicked"))??;
         total.add(&stats);
     }
+    for mut child in children {
+        drop(child.stdin.take());
+        let mut output = String::new();
+        if let Some(mut stdout) = child.stdout.take() {
+            let _ = io::Read::read_to_string(&mut stdout, &mut output);
+        }
+        let _ = child.wait();
+        if let Some(stats) = output.lines().find_map(parse_summary) {
+            total.add(&stats);
+        }
+    }
     println!(
         "served: accepted {} connections, received {} bytes, sent {} bytes, {} responses",
         total.accepted, total.bytes_received, total.bytes_sent, total.responses
     );
     Ok(())
+}
+
+/// Reads back a `served: ...` summary line (from a child process).
+fn parse_summary(line: &str) -> Option<Stats> {
+    let numbers: Vec<u64> = line
+        .strip_prefix("served: ")?
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|part| part.parse().ok())
+        .collect();
+    match numbers[..] {
+        [accepted, bytes_received, bytes_sent, responses] => Some(Stats {
+            accepted,
+            bytes_received,
+            bytes_sent,
+            responses,
+        }),
+        _ => None,
+    }
 }
 
 /// Case-insensitive streaming match of a byte pattern whose first byte does not recur in it

@@ -385,3 +385,121 @@ fn bulk_sends_to_discard_and_reports() {
         assert_eq!(output.status.code(), Some(2), "{args:?}");
     }
 }
+
+#[test]
+fn hold_spreads_over_worker_processes_and_a_multi_process_sink() {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--mode",
+            "sink",
+            "--listen",
+            "127.0.0.1:0",
+            "--processes",
+            "2",
+            "--threads",
+            "1",
+            "--duration",
+            "60s",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn sink");
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("listening line");
+    let target = line
+        .trim()
+        .strip_prefix("listening ")
+        .expect("listening")
+        .to_string();
+    let sink_pid = child.id().to_string();
+    let dir = std::env::temp_dir().join(format!("ringload-hold-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let json = dir.join("hold.json");
+    let output = Command::new(BIN)
+        .args([
+            "hold",
+            "--target",
+            &target,
+            "--connections",
+            "3000",
+            "--rate",
+            "20000",
+            "--hold",
+            "500ms",
+        ])
+        .args([
+            "--sources",
+            "127.0.0.2-127.0.0.5",
+            "--per-process",
+            "1000",
+            "--server-pid",
+            &sink_pid,
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .expect("run hold");
+    assert!(output.status.success(), "{output:?}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parses");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(summary["established"], 3000, "{summary}");
+    assert_eq!(summary["processes"], 3, "{summary}");
+    for field in [
+        "failed_refused",
+        "failed_timeout",
+        "failed_other",
+        "lost_while_holding",
+    ] {
+        assert_eq!(summary[field], 0, "{field}: {summary}");
+    }
+    assert!(summary["time_to_open_s"].as_f64().is_some_and(|t| t > 0.0));
+    assert!(
+        summary["server_rss_bytes_per_connection"].is_number(),
+        "{summary}"
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("scaling: 3 worker process(es)"));
+
+    // Both sink processes accepted, and their summary adds up to every connection.
+    // SAFETY: kill(2) on our own child's PID.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).expect("summary");
+    let _ = child.wait();
+    assert!(rest.contains("served: accepted 3000 connections"), "{rest}");
+
+    let refused = Command::new(BIN)
+        .args([
+            "hold",
+            "--target",
+            "127.0.0.1:9",
+            "--connections",
+            "0",
+            "--hold",
+            "1s",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(refused.status.code(), Some(2));
+    let remote = Command::new(BIN)
+        .args([
+            "hold",
+            "--target",
+            "127.0.0.1:9",
+            "--connections",
+            "5",
+            "--hold",
+            "1s",
+            "--sources",
+            "10.0.0.1-10.0.0.3",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(
+        remote.status.code(),
+        Some(2),
+        "non-loopback sources are refused"
+    );
+}

@@ -83,3 +83,48 @@ pub fn eventfd_signal(fd: &OwnedFd) -> io::Result<()> {
         }
     }
 }
+
+/// A new TCP socket for connecting to `target` from `source` (any port): bound before connect
+/// with IP_BIND_ADDRESS_NO_PORT, so the port is chosen at connect time per destination and one
+/// source address can reach many destinations without running out of ports.
+pub fn tcp_socket_from(source: IpAddr, target: &SocketAddr) -> io::Result<RawFd> {
+    let socket = Socket::new(
+        Domain::for_address(*target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    if source.is_ipv4() {
+        let enable: libc::c_int = 1;
+        // SAFETY: setsockopt reads sizeof(c_int) bytes from a live stack value; the socket is
+        // owned by `socket` for the whole call.
+        let result = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&enable as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if result != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    Ok(socket.into_raw_fd())
+}
+
+/// The soft limit on open descriptors of this process (RLIMIT_NOFILE).
+pub fn open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct into a live stack value.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    }
+}
