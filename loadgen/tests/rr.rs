@@ -344,6 +344,14 @@ fn bulk_sends_to_discard_and_reports() {
     let sent = summary["bytes_sent"].as_u64().expect("bytes_sent");
     assert!(sent > 10 << 20, "{summary}");
     assert!(summary["gbit_per_s"].as_f64().is_some_and(|g| g > 0.0));
+    // Sent means accepted by the kernel: wait until the server has read every byte and closed
+    // (it closes each connection after the client's FIN), then ask it what it got.
+    let port = server.1.port();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server_side_connections(port) > 0 && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(server_side_connections(port), 0, "the server did not drain");
     // SAFETY: kill(2) on our own child's PID.
     assert_eq!(
         unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) },
@@ -502,4 +510,17 @@ fn hold_spreads_over_worker_processes_and_a_multi_process_sink() {
         Some(2),
         "non-loopback sources are refused"
     );
+}
+
+/// Connections (not the listener) whose local port is `port`, from /proc/net/tcp.
+fn server_side_connections(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 3 && fields[1].ends_with(&format!(":{port:04X}")) && fields[3] != "0A"
+        })
+        .count()
 }
