@@ -79,6 +79,7 @@ pub fn run(args: BulkArgs) -> anyhow::Result<()> {
         return Err(UsageError("--chunk must be from 1 to 16777216".into()).into());
     }
     ringproxy::uring::check_kernel(6, 1).map_err(anyhow::Error::msg)?;
+    crate::target::report_limits();
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))

@@ -179,6 +179,15 @@ pub fn run(args: RrArgs) -> anyhow::Result<()> {
         return Err(UsageError("--path must start with /".into()).into());
     }
     ringproxy::uring::check_kernel(6, 1).map_err(anyhow::Error::msg)?;
+    let files = crate::target::report_limits();
+    let budget = files.saturating_sub(100);
+    if args.connections as u64 > budget {
+        return Err(UsageError(format!(
+            "--connections {} exceeds what RLIMIT_NOFILE {files} allows one process ({budget}); use `ringload hold`, which spreads over processes, or raise the limit",
+            args.connections
+        ))
+        .into());
+    }
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))

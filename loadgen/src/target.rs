@@ -15,6 +15,19 @@ impl fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
+/// Prints the process limits a load run depends on (stderr), and returns RLIMIT_NOFILE.
+pub fn report_limits() -> u64 {
+    let files = ringproxy::uring::socket::open_file_limit();
+    let memlock = match ringproxy::uring::socket::locked_memory_limit() {
+        Some(bytes) => format!("{} KiB", bytes / 1024),
+        None => "unlimited".to_string(),
+    };
+    eprintln!(
+        "limits: RLIMIT_NOFILE {files} (one descriptor per connection), RLIMIT_MEMLOCK {memlock} (io_uring rings and buffers on kernels before 5.12)"
+    );
+    files
+}
+
 /// Refuses any address outside 127.0.0.0/8 and ::1 unless `allow_remote`.
 pub fn check_addresses(addrs: &[SocketAddr], allow_remote: bool) -> Result<(), UsageError> {
     if allow_remote {

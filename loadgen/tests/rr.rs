@@ -307,6 +307,15 @@ fn bad_flags_exit_2() {
         ],
         vec!["rr", "--target", "192.168.1.1:80", "--duration", "1s"],
         vec!["rr", "--target", "nowhere", "--duration", "1s"],
+        vec![
+            "rr",
+            "--target",
+            "127.0.0.1:1",
+            "--duration",
+            "1s",
+            "--connections",
+            "50000",
+        ],
     ] {
         let output = Command::new(BIN).args(&args).output().expect("run");
         assert_eq!(output.status.code(), Some(2), "{args:?}: {output:?}");

@@ -128,3 +128,18 @@ pub fn open_file_limit() -> u64 {
         1024
     }
 }
+
+/// The soft limit on locked memory (RLIMIT_MEMLOCK), in bytes; `None` when unlimited.
+pub fn locked_memory_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct into a live stack value.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0
+        || limit.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    Some(limit.rlim_cur)
+}
