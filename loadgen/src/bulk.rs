@@ -5,7 +5,6 @@
 //! the run, so sends may point into it) and counts what the kernel accepted. Use it against
 //! `ringload serve --mode discard`, directly or through a proxy.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
@@ -13,7 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
@@ -80,14 +78,8 @@ pub fn run(args: BulkArgs) -> anyhow::Result<()> {
     }
     ringproxy::uring::check_kernel(6, 1).map_err(anyhow::Error::msg)?;
     crate::target::report_limits();
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .clamp(1, args.streams.min(256));
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, Arc::clone(&stop)).context("signal handler")?;
-    }
+    let threads = crate::process::thread_count(args.threads).clamp(1, args.streams.min(256));
+    let stop = crate::process::stop_flag()?;
     let pool: &'static [u8] = {
         let mut bytes = vec![0u8; args.chunk];
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
@@ -122,21 +114,16 @@ pub fn run(args: BulkArgs) -> anyhow::Result<()> {
                 })?,
         );
     }
-    let mut last = (Instant::now(), 0u64);
-    let mut second = 0;
-    while !workers.iter().all(|worker| worker.is_finished()) {
-        std::thread::sleep(Duration::from_millis(50));
-        if last.0.elapsed() >= Duration::from_secs(1) {
-            second += 1;
-            let sent: u64 = sent_counters
-                .iter()
-                .map(|c| c.load(Ordering::Relaxed))
-                .sum();
-            let rate = (sent - last.1) as f64 * 8.0 / last.0.elapsed().as_secs_f64() / 1e9;
-            eprintln!("{second:>4}s  {rate:>8.2} Gbit/s");
-            last = (Instant::now(), sent);
-        }
-    }
+    let mut sent_before = 0;
+    crate::process::progress_until_finished(&workers, |seconds| {
+        let sent: u64 = sent_counters
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum();
+        let rate = (sent - sent_before) as f64 * 8.0 / seconds / 1e9;
+        sent_before = sent;
+        format!("{rate:>8.2} Gbit/s")
+    });
     let mut total = WorkerResult::default();
     for worker in workers {
         let result = worker
@@ -171,12 +158,7 @@ pub fn run(args: BulkArgs) -> anyhow::Result<()> {
         "errors       refused {}, reset {}, timeout {}, other {}",
         errors.refused, errors.reset, errors.timeout, errors.other
     );
-    if let Some(path) = &args.json {
-        let mut file = std::fs::File::create(path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        serde_json::to_writer_pretty(&mut file, &summary)?;
-        writeln!(file)?;
-    }
+    crate::process::write_json(args.json.as_deref(), &summary)?;
     Ok(())
 }
 

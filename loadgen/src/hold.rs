@@ -12,8 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -217,10 +216,7 @@ pub fn run(args: HoldArgs) -> anyhow::Result<()> {
     let server_before: Option<u64> = (!args.server_pid.is_empty())
         .then(|| args.server_pid.iter().map(|&pid| tree_rss(pid)).sum());
 
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, Arc::clone(&stop)).context("signal handler")?;
-    }
+    let stop = crate::process::stop_flag()?;
     let exe = std::env::current_exe().context("cannot find the ringload executable")?;
     let targets = args
         .target
@@ -356,12 +352,7 @@ pub fn run(args: HoldArgs) -> anyhow::Result<()> {
             "server memory {per_connection:.0} B per connection (RSS of the given PIDs and their children)"
         );
     }
-    if let Some(path) = &args.json {
-        let mut file = std::fs::File::create(path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        serde_json::to_writer_pretty(&mut file, &summary)?;
-        writeln!(file)?;
-    }
+    crate::process::write_json(args.json.as_deref(), &summary)?;
     Ok(())
 }
 
@@ -379,18 +370,9 @@ fn emit(report: &WorkerReport) {
 
 /// The worker: one ring, its share of the connections, JSON report lines on stdout.
 pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, Arc::clone(&stop)).context("signal handler")?;
-    }
+    let stop = crate::process::stop_flag()?;
     // The orchestrator holds our stdin open; when it closes (stop requested, or it died), stop.
-    let stdin_closed = Arc::clone(&stop);
-    std::thread::spawn(move || {
-        let mut sink = [0u8; 64];
-        let mut stdin = std::io::stdin();
-        while matches!(std::io::Read::read(&mut stdin, &mut sink), Ok(n) if n > 0) {}
-        stdin_closed.store(true, Ordering::Relaxed);
-    });
+    crate::process::stop_when_stdin_closes(&stop);
     let mut ring = Ring::new(4096)?;
     let mut report = WorkerReport {
         rss_before: tree_rss(std::process::id()),

@@ -6,6 +6,7 @@
 
 mod bulk;
 mod hold;
+mod process;
 mod rr;
 mod serve;
 mod target;

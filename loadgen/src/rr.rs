@@ -7,7 +7,6 @@
 //! `--rate` is open loop: requests are due at fixed intervals and latency is measured from the
 //! time each was due, so a stalled target shows up in the percentiles (no coordinated omission).
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
@@ -15,7 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::Args;
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -188,15 +186,9 @@ pub fn run(args: RrArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .clamp(1, args.connections.min(256));
+    let threads = crate::process::thread_count(args.threads).clamp(1, args.connections.min(256));
 
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, Arc::clone(&stop)).context("signal handler")?;
-    }
+    let stop = crate::process::stop_flag()?;
     let request: &'static [u8] = if args.http {
         let close = if args.new_connection_per_request {
             "Connection: close\r\n"
@@ -254,29 +246,23 @@ pub fn run(args: RrArgs) -> anyhow::Result<()> {
         );
     }
 
-    let mut last = (Instant::now(), 0u64);
-    let mut second = 0;
-    while !workers.iter().all(|worker| worker.is_finished()) {
-        std::thread::sleep(Duration::from_millis(50));
-        if last.0.elapsed() >= Duration::from_secs(1) {
-            second += 1;
-            let requests: u64 = progress
+    let mut requests_before = 0;
+    crate::process::progress_until_finished(&workers, |seconds| {
+        let sum = |field: fn(&Progress) -> &AtomicU64| -> u64 {
+            progress
                 .iter()
-                .map(|p| p.requests.load(Ordering::Relaxed))
-                .sum();
-            let errors: u64 = progress
-                .iter()
-                .map(|p| p.errors.load(Ordering::Relaxed))
-                .sum();
-            let open: u64 = progress
-                .iter()
-                .map(|p| p.open.load(Ordering::Relaxed))
-                .sum();
-            let rate = (requests - last.1) as f64 / last.0.elapsed().as_secs_f64();
-            eprintln!("{second:>4}s  {rate:>10.0} req/s  errors {errors}  open {open}");
-            last = (Instant::now(), requests);
-        }
-    }
+                .map(|p| field(p).load(Ordering::Relaxed))
+                .sum()
+        };
+        let requests = sum(|p| &p.requests);
+        let rate = (requests - requests_before) as f64 / seconds;
+        requests_before = requests;
+        format!(
+            "{rate:>10.0} req/s  errors {}  open {}",
+            sum(|p| &p.errors),
+            sum(|p| &p.open)
+        )
+    });
     let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)?;
     let (mut requests, mut opened, mut sent, mut received) = (0, 0, 0, 0);
     let mut errors = Errors::default();
@@ -314,12 +300,7 @@ pub fn run(args: RrArgs) -> anyhow::Result<()> {
         latency_us: percentiles(&latency),
     };
     print_summary(&summary);
-    if let Some(path) = &args.json {
-        let mut file = std::fs::File::create(path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        serde_json::to_writer_pretty(&mut file, &summary)?;
-        writeln!(file)?;
-    }
+    crate::process::write_json(args.json.as_deref(), &summary)?;
     Ok(())
 }
 

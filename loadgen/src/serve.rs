@@ -140,10 +140,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         return Err(UsageError("--processes must be from 1 to 1024".into()).into());
     }
     ringproxy::uring::check_kernel(6, 1).map_err(anyhow::Error::msg)?;
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .clamp(1, 256);
+    let threads = crate::process::thread_count(args.threads).clamp(1, 256);
     let mut per_thread: Vec<Vec<OwnedFd>> = (0..threads).map(|_| Vec::new()).collect();
     let mut stdout = io::stdout().lock();
     let mut bound_addrs = Vec::with_capacity(args.listen.len());
@@ -159,18 +156,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     stdout.flush()?;
     drop(stdout);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, Arc::clone(&stop)).context("signal handler")?;
-    }
+    let stop = crate::process::stop_flag()?;
     if args.child {
-        let stdin_closed = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let mut sink = [0u8; 64];
-            let mut stdin = io::stdin();
-            while matches!(io::Read::read(&mut stdin, &mut sink), Ok(n) if n > 0) {}
-            stdin_closed.store(true, Ordering::Relaxed);
-        });
+        crate::process::stop_when_stdin_closes(&stop);
     }
     let mut children = Vec::new();
     for _ in 1..args.processes {

@@ -2,52 +2,14 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ringload");
+mod common;
 
-struct Serve(Child, SocketAddr);
-
-impl Serve {
-    fn start(mode: &str) -> Serve {
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--mode",
-                mode,
-                "--listen",
-                "127.0.0.1:0",
-                "--threads",
-                "1",
-                "--duration",
-                "60s",
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().expect("stdout"))
-            .read_line(&mut line)
-            .expect("listening line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening ")
-            .expect("listening")
-            .parse()
-            .expect("addr");
-        Serve(child, addr)
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{BIN, Server};
 
 fn rr(args: &[&str]) -> (Output, serde_json::Value) {
     static RUNS: AtomicUsize = AtomicUsize::new(0);
@@ -72,8 +34,8 @@ fn rr(args: &[&str]) -> (Output, serde_json::Value) {
 
 #[test]
 fn echo_closed_loop_counts_exactly_and_reports_every_field() {
-    let server = Serve::start("echo");
-    let target = server.1.to_string();
+    let server = Server::start("echo", &["--threads", "1"]);
+    let target = server.addr.to_string();
     let (output, summary) = rr(&[
         "--target",
         &target,
@@ -110,8 +72,8 @@ fn echo_closed_loop_counts_exactly_and_reports_every_field() {
 
 #[test]
 fn http_keep_alive_and_new_connection_per_request() {
-    let server = Serve::start("http");
-    let target = server.1.to_string();
+    let server = Server::start("http", &["--threads", "1"]);
+    let target = server.addr.to_string();
     let (_, keep_alive) = rr(&[
         "--target",
         &target,
@@ -146,8 +108,8 @@ fn http_keep_alive_and_new_connection_per_request() {
 
 #[test]
 fn open_loop_holds_the_rate() {
-    let server = Serve::start("echo");
-    let target = server.1.to_string();
+    let server = Server::start("echo", &["--threads", "1"]);
+    let target = server.addr.to_string();
     let (_, summary) = rr(&[
         "--target",
         &target,
@@ -324,8 +286,8 @@ fn bad_flags_exit_2() {
 
 #[test]
 fn bulk_sends_to_discard_and_reports() {
-    let mut server = Serve::start("discard");
-    let target = server.1.to_string();
+    let server = Server::start("discard", &["--threads", "1"]);
+    let target = server.addr.to_string();
     let dir = std::env::temp_dir().join(format!("ringload-bulk-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let json = dir.join("bulk.json");
@@ -355,25 +317,13 @@ fn bulk_sends_to_discard_and_reports() {
     assert!(summary["gbit_per_s"].as_f64().is_some_and(|g| g > 0.0));
     // Sent means accepted by the kernel: wait until the server has read every byte and closed
     // (it closes each connection after the client's FIN), then ask it what it got.
-    let port = server.1.port();
+    let port = server.addr.port();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while server_side_connections(port) > 0 && std::time::Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(server_side_connections(port), 0, "the server did not drain");
-    // SAFETY: kill(2) on our own child's PID.
-    assert_eq!(
-        unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) },
-        0
-    );
-    let mut rest = String::new();
-    server
-        .0
-        .stdout
-        .as_mut()
-        .expect("stdout")
-        .read_to_string(&mut rest)
-        .expect("summary");
+    let rest = server.stop();
     let received: u64 = rest
         .split("received ")
         .nth(1)
@@ -521,15 +471,17 @@ fn hold_spreads_over_worker_processes_and_a_multi_process_sink() {
     );
 }
 
-/// Connections (not the listener) whose local port is `port`, from /proc/net/tcp.
+/// Connections (not the listener) whose local address is 127.0.0.1:`port`, from /proc/net/tcp.
+/// The address matters: other tests' clients on 127.0.0.2-5 may hold the same port number.
 fn server_side_connections(port: u16) -> usize {
+    let local = format!("0100007F:{port:04X}");
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
     table
         .lines()
         .skip(1)
         .filter(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            fields.len() > 3 && fields[1].ends_with(&format!(":{port:04X}")) && fields[3] != "0A"
+            fields.len() > 3 && fields[1] == local && fields[3] != "0A"
         })
         .count()
 }

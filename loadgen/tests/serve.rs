@@ -1,94 +1,18 @@
 //! `ringload serve` over real loopback sockets.
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ringload");
+mod common;
 
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Server {
-    fn start(mode: &str, extra: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--mode",
-                mode,
-                "--listen",
-                "127.0.0.1:0",
-                "--threads",
-                "2",
-                "--duration",
-                "60s",
-            ])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn ringload");
-        let stdout = child.stdout.take().expect("stdout");
-        let (sender, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = sender.send(line);
-            }
-        });
-        let first = lines
-            .recv_timeout(Duration::from_secs(10))
-            .expect("a `listening` line");
-        let addr = first
-            .strip_prefix("listening ")
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
-        Server { child, addr, lines }
-    }
-
-    fn connect(&self) -> TcpStream {
-        let stream = TcpStream::connect(self.addr).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        stream
-            .set_write_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        stream
-    }
-
-    /// SIGTERM, then the summary line; the process must exit 0.
-    fn stop(mut self) -> String {
-        // SAFETY: kill(2) on our own child's PID.
-        assert_eq!(
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) },
-            0
-        );
-        let summary = self
-            .lines
-            .recv_timeout(Duration::from_secs(5))
-            .expect("a summary line");
-        let status = self.child.wait().expect("wait");
-        assert!(status.success(), "{status:?}");
-        summary
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{BIN, Server};
 
 #[test]
 fn echo_returns_every_byte_then_fin() {
-    let server = Server::start("echo", &[]);
+    let server = Server::start("echo", &["--threads", "2"]);
     let mut stream = server.connect();
     let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let mut writer = stream.try_clone().expect("clone");
@@ -126,7 +50,7 @@ fn expected_closing_response(body: &str) -> String {
 
 #[test]
 fn http_answers_pipelined_requests_and_honours_connection_close() {
-    let server = Server::start("http", &[]);
+    let server = Server::start("http", &["--threads", "2"]);
     let mut stream = server.connect();
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -142,7 +66,7 @@ fn http_answers_pipelined_requests_and_honours_connection_close() {
     stream.read_to_string(&mut rest).expect("response then FIN");
     assert_eq!(rest, expected_closing_response("ok\n"));
 
-    let server = Server::start("http", &["--body-size", "1000"]);
+    let server = Server::start("http", &["--threads", "2", "--body-size", "1000"]);
     let mut stream = server.connect();
     stream
         .write_all(b"GET / HTTP/1.0\r\nConnection: close\r\n\r\n")
@@ -154,7 +78,7 @@ fn http_answers_pipelined_requests_and_honours_connection_close() {
 
 #[test]
 fn discard_reads_everything_and_closes_after_fin() {
-    let server = Server::start("discard", &[]);
+    let server = Server::start("discard", &["--threads", "2"]);
     let mut stream = server.connect();
     stream.write_all(&vec![1u8; 2_000_000]).expect("write");
     stream.shutdown(Shutdown::Write).expect("fin");
@@ -169,7 +93,7 @@ fn discard_reads_everything_and_closes_after_fin() {
 
 #[test]
 fn sink_never_reads() {
-    let server = Server::start("sink", &[]);
+    let server = Server::start("sink", &["--threads", "2"]);
     let mut stream = server.connect();
     stream
         .set_write_timeout(Some(Duration::from_millis(300)))
