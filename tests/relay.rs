@@ -240,3 +240,27 @@ fn slow_server_stops_client_reads_and_memory_stays_bounded() {
     assert!(growth < 32 << 20, "proxy RSS grew by {growth} bytes");
     eprintln!("client blocked after {written} bytes; proxy RSS grew {growth} bytes");
 }
+
+#[test]
+fn relays_over_ipv6_loopback() {
+    let Ok(server) = std::net::TcpListener::bind("[::1]:0") else {
+        eprintln!("no IPv6 loopback on this host; skipping");
+        return;
+    };
+    let server_addr = server.local_addr().expect("addr");
+    thread::spawn(move || {
+        if let Ok((stream, _)) = server.accept() {
+            ringproxy::demo::echo(stream);
+        }
+    });
+    let text = config(2, "", &[format!("  {{ addr = \"{server_addr}\" }}")])
+        .replace("bind = \"127.0.0.1:0\"", "bind = \"[::1]:0\"");
+    let proxy = Proxy::start(&text);
+    assert!(proxy.addr().is_ipv6(), "{:?}", proxy.addr());
+    let mut stream = connect(proxy.addr());
+    stream.write_all(b"over v6").expect("write");
+    stream.shutdown(Shutdown::Write).expect("fin");
+    let mut echoed = Vec::new();
+    stream.read_to_end(&mut echoed).expect("echo");
+    assert_eq!(echoed, b"over v6");
+}
