@@ -121,6 +121,9 @@ pub struct Shard {
     control: Arc<ShardControl>,
     started: Instant,
     now: Instant,
+    /// `now` as timer ticks and as milliseconds since start, computed once per loop turn.
+    now_tick: u64,
+    now_ms: u64,
     next_serial: u32,
     draining_until: Option<Instant>,
     /// Set once the drain deadline has cut the remaining sessions.
@@ -175,6 +178,8 @@ impl Shard {
             control: setup.control,
             started: now,
             now,
+            now_tick: 0,
+            now_ms: 0,
             next_serial: 0,
             draining_until: None,
             cut_at: None,
@@ -183,11 +188,19 @@ impl Shard {
     }
 
     fn tick(&self) -> u64 {
-        (self.now.duration_since(self.started).as_millis() / TICK.as_millis()) as u64
+        self.now_tick
     }
 
     fn now_ms(&self) -> u64 {
-        self.now.duration_since(self.started).as_millis() as u64
+        self.now_ms
+    }
+
+    /// Reads the clock once per loop turn; every completion of the turn uses this time.
+    fn update_clock(&mut self) {
+        self.now = Instant::now();
+        let elapsed_ms = self.now.duration_since(self.started).as_millis() as u64;
+        self.now_ms = elapsed_ms;
+        self.now_tick = elapsed_ms / TICK.as_millis() as u64;
     }
 
     /// Runs the loop until a drain completes or a stop command arrives.
@@ -208,7 +221,7 @@ impl Shard {
                 Some(TICK)
             };
             self.ring.submit_and_wait(wait)?;
-            self.now = Instant::now();
+            self.update_clock();
             let mut completions = std::mem::take(&mut self.completions);
             self.ring.drain_completions(&mut completions);
             self.stats.loop_turns += 1;
