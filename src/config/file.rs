@@ -67,6 +67,19 @@ pub struct FileListener {
     pub max_connections: Option<Spanned<i64>>,
     pub backlog: Option<Spanned<i64>>,
     pub idle_timeout: Option<Spanned<String>>,
+    pub write_timeout: Option<Spanned<String>>,
+    pub tcp_keepalive: Option<Spanned<FileKeepalive>>,
+    pub tcp_user_timeout: Option<Spanned<String>>,
+}
+
+/// `tcp_keepalive = { idle = "60s", interval = "10s", count = 6 }`; absent keys take those
+/// defaults.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileKeepalive {
+    pub idle: Option<Spanned<String>>,
+    pub interval: Option<Spanned<String>>,
+    pub count: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,6 +91,9 @@ pub struct FilePool {
     pub retries: Option<Spanned<i64>>,
     pub max_fails: Option<Spanned<i64>>,
     pub fail_timeout: Option<Spanned<String>>,
+    pub tcp_keepalive: Option<Spanned<FileKeepalive>>,
+    pub tcp_user_timeout: Option<Spanned<String>>,
+    pub source_addresses: Option<Spanned<Vec<Spanned<String>>>>,
     pub servers: Spanned<Vec<Spanned<FileServer>>>,
 }
 

@@ -7,17 +7,19 @@
 //! Invariants of a resolved `Config`: names are unique per kind, every listener's pool exists,
 //! every pool has at least one non-backup server, weights and limits are non-zero.
 
+mod connection;
 mod duration;
 mod file;
 
 use std::collections::HashSet;
 use std::fmt::{self, Write as _};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::ops::{Range, RangeInclusive};
 use std::path::Path;
 use std::time::Duration;
 
+pub use connection::{Keepalive, MAX_SOURCE_ADDRESSES, TcpOptions, format_source_addresses};
 pub use duration::{format_duration, parse_duration};
 use file::{FileConfig, FileProfile, FileShards, FileTuning};
 use toml::Spanned;
@@ -84,6 +86,11 @@ pub struct ListenerConfig {
     pub max_connections: NonZeroU32,
     pub backlog: u32,
     pub idle_timeout: Duration,
+    /// A direction whose destination (client or server) accepts no byte for this long ends
+    /// the session.
+    pub write_timeout: Duration,
+    /// Options of accepted client connections.
+    pub tcp: TcpOptions,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +101,10 @@ pub struct PoolConfig {
     pub retries: u32,
     pub max_fails: u32,
     pub fail_timeout: Duration,
+    /// Options of connections to the servers.
+    pub tcp: TcpOptions,
+    /// Addresses outgoing connections bind to, in turn (empty: the kernel chooses).
+    pub source_addresses: Vec<IpAddr>,
     pub servers: Vec<ServerConfig>,
 }
 
@@ -120,6 +131,7 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 100_000;
 pub const DEFAULT_BACKLOG: u32 = 4096;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_RETRIES: u32 = 2;
 pub const DEFAULT_MAX_FAILS: u32 = 1;
@@ -261,6 +273,12 @@ impl Config {
                 "idle_timeout = \"{}\"",
                 format_duration(listener.idle_timeout)
             )?;
+            writeln!(
+                out,
+                "write_timeout = \"{}\"",
+                format_duration(listener.write_timeout)
+            )?;
+            listener.tcp.write_toml(out)?;
         }
         for pool in &self.pools {
             writeln!(out, "\n[[pool]]")?;
@@ -278,6 +296,14 @@ impl Config {
                 "fail_timeout = \"{}\"",
                 format_duration(pool.fail_timeout)
             )?;
+            pool.tcp.write_toml(out)?;
+            if !pool.source_addresses.is_empty() {
+                writeln!(
+                    out,
+                    "source_addresses = {}",
+                    format_source_addresses(&pool.source_addresses)
+                )?;
+            }
             writeln!(out, "servers = [")?;
             for server in &pool.servers {
                 write!(
@@ -384,6 +410,17 @@ fn resolve(source: &Source, file: FileConfig) -> Result<Config, ConfigError> {
                 listener.idle_timeout.as_ref(),
                 "idle_timeout",
                 DEFAULT_IDLE_TIMEOUT,
+            )?,
+            write_timeout: nonzero_duration(
+                source,
+                listener.write_timeout.as_ref(),
+                "write_timeout",
+                DEFAULT_WRITE_TIMEOUT,
+            )?,
+            tcp: connection::resolve_tcp_options(
+                source,
+                listener.tcp_keepalive.as_ref(),
+                listener.tcp_user_timeout.as_ref(),
             )?,
         });
     }
@@ -578,6 +615,17 @@ fn resolve_pool(
             format!("pool {name:?} has only backup servers: at least one must be a primary"),
         ));
     }
+    let tcp = connection::resolve_tcp_options(
+        source,
+        pool.tcp_keepalive.as_ref(),
+        pool.tcp_user_timeout.as_ref(),
+    )?;
+    let server_addrs: Vec<SocketAddr> = servers.iter().map(|server| server.addr).collect();
+    let source_addresses = connection::resolve_source_addresses(
+        source,
+        pool.source_addresses.as_ref(),
+        &server_addrs,
+    )?;
     Ok(PoolConfig {
         name,
         balance,
@@ -585,6 +633,8 @@ fn resolve_pool(
         retries,
         max_fails,
         fail_timeout,
+        tcp,
+        source_addresses,
         servers,
     })
 }
@@ -705,6 +755,99 @@ servers = [ { addr = "127.0.0.1:9001" } ]
         assert_eq!(pool.balance, Algorithm::RoundRobin);
         assert_eq!(pool.retries, DEFAULT_RETRIES);
         assert_eq!(pool.servers[0].weight.get(), 1);
+    }
+
+    #[test]
+    fn connection_options_resolve_and_print_back() {
+        let text = MINIMAL
+            .replace(
+                "pool = \"app\"\n",
+                "pool = \"app\"\nwrite_timeout = \"2s\"\ntcp_keepalive = { idle = \"30s\" }\ntcp_user_timeout = \"20s\"\n",
+            )
+            .replace(
+                "name = \"app\"\n",
+                "name = \"app\"\nsource_addresses = [\"127.0.0.2-127.0.0.4\", \"127.0.0.9\"]\ntcp_keepalive = { idle = \"5s\", interval = \"1s\", count = 3 }\n",
+            );
+        let config = Config::parse("t.toml", &text).expect("valid");
+        let listener = &config.listeners[0];
+        assert_eq!(listener.write_timeout, Duration::from_secs(2));
+        assert_eq!(
+            listener.tcp.keepalive,
+            Some(Keepalive {
+                idle: Duration::from_secs(30),
+                interval: Duration::from_secs(10),
+                count: 6
+            })
+        );
+        assert_eq!(listener.tcp.user_timeout, Some(Duration::from_secs(20)));
+        let pool = &config.pools[0];
+        let sources: Vec<String> = pool
+            .source_addresses
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect();
+        assert_eq!(
+            sources,
+            ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.9"]
+        );
+        assert_eq!(pool.tcp.keepalive.map(|k| k.count), Some(3));
+        let again = Config::parse("printed", &config.to_toml()).expect("printed parses");
+        assert_eq!(config, again);
+        assert_eq!(
+            Config::parse("t.toml", MINIMAL).expect("valid").listeners[0].write_timeout,
+            DEFAULT_WRITE_TIMEOUT
+        );
+    }
+
+    #[test]
+    fn bad_connection_options_are_located() {
+        for (needle, replacement, message) in [
+            (
+                "pool = \"app\"\n",
+                "pool = \"app\"\nwrite_timeout = \"0s\"\n",
+                "write_timeout must be greater than zero",
+            ),
+            (
+                "pool = \"app\"\n",
+                "pool = \"app\"\ntcp_keepalive = { idle = \"1500ms\" }\n",
+                "whole seconds",
+            ),
+            (
+                "pool = \"app\"\n",
+                "pool = \"app\"\ntcp_keepalive = { idel = \"1s\" }\n",
+                "unknown field",
+            ),
+            (
+                "pool = \"app\"\n",
+                "pool = \"app\"\ntcp_user_timeout = \"0s\"\n",
+                "tcp_user_timeout",
+            ),
+            (
+                "name = \"app\"\n",
+                "name = \"app\"\nsource_addresses = [\"127.0.0.9-127.0.0.2\"]\n",
+                "runs backwards",
+            ),
+            (
+                "name = \"app\"\n",
+                "name = \"app\"\nsource_addresses = [\"localhost\"]\n",
+                "invalid source address",
+            ),
+            (
+                "name = \"app\"\n",
+                "name = \"app\"\nsource_addresses = [\"::1\"]\n",
+                "no source address of its family",
+            ),
+            (
+                "name = \"app\"\n",
+                "name = \"app\"\nsource_addresses = [\"10.0.0.0-10.1.0.0\"]\n",
+                "larger than",
+            ),
+        ] {
+            let text = MINIMAL.replacen(needle, replacement, 1);
+            let error = Config::parse("t.toml", &text).expect_err(replacement);
+            assert!(error.message.contains(message), "{replacement}: {error}");
+            assert!(error.line > 1, "{error}");
+        }
     }
 
     #[test]
