@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing::{error, info, warn};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 
 use ringproxy::config::{Config, DEFAULT_CONFIG};
 use ringproxy::demo::{self, DemoOptions};
@@ -71,28 +72,41 @@ enum Command {
     },
 }
 
-fn init_logging(format: LogFormat) {
+/// Log lines waiting for the writer thread; past this, new lines are dropped (and counted)
+/// rather than making a shard wait on a slow stderr.
+const LOG_QUEUE_LINES: usize = 65_536;
+
+/// Logs go through a writer thread with a bounded queue, so a shard never blocks on stderr.
+/// The guard flushes the queue when dropped; the counter tells how many lines were dropped.
+fn init_logging(format: LogFormat) -> (WorkerGuard, ErrorCounter) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+    (guard, dropped)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let (_flush_on_exit, dropped_logs) = init_logging(cli.log_format);
     match cli.command {
         Command::Check {
             config,
             profile,
             default,
         } => check(config, profile, default),
-        Command::Run { config, profile } => run(config, profile),
+        Command::Run { config, profile } => run(config, profile, &dropped_logs),
         Command::Demo {
             connections,
             requests,
@@ -135,7 +149,11 @@ fn check(config: Option<PathBuf>, profile: Option<PathBuf>, default: bool) -> Ex
     }
 }
 
-fn run(config_path: Option<PathBuf>, profile: Option<PathBuf>) -> ExitCode {
+fn run(
+    config_path: Option<PathBuf>,
+    profile: Option<PathBuf>,
+    dropped_logs: &ErrorCounter,
+) -> ExitCode {
     if config_path.is_none() {
         info!("no --config given: using the embedded default config");
     }
@@ -193,11 +211,16 @@ fn run(config_path: Option<PathBuf>, profile: Option<PathBuf>) -> ExitCode {
     match runtime.join() {
         Ok(reports) => {
             let accepted: u64 = reports.iter().map(|r| r.stats.accepted).sum();
-            info!(shards = reports.len(), accepted, "stopped");
+            info!(
+                shards = reports.len(),
+                accepted,
+                log_lines_dropped = dropped_logs.dropped_lines(),
+                "stopped"
+            );
             ExitCode::SUCCESS
         }
         Err(error) => {
-            error!(%error, "a shard failed");
+            error!(%error, log_lines_dropped = dropped_logs.dropped_lines(), "a shard failed; the proxy stopped");
             ExitCode::FAILURE
         }
     }

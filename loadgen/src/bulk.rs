@@ -6,7 +6,7 @@
 //! `ringload serve --mode discard`, directly or through a proxy.
 
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -183,22 +183,22 @@ fn send_streams(
     let mut ring = Ring::new(1024)?;
     let mut result = WorkerResult::default();
     // Per stream: socket, state, offset in the pool where the next send starts.
-    let mut streams: Vec<(RawFd, StreamState, usize)> = Vec::with_capacity(count);
+    let mut streams: Vec<(Option<OwnedFd>, StreamState, usize)> = Vec::with_capacity(count);
     for index in 0..count {
         match socket::tcp_socket_for(&target) {
             Ok(fd) => {
                 ring.connect(
-                    fd,
+                    fd.as_raw_fd(),
                     target,
                     CONNECT_TIMEOUT,
                     (index as u64) << 8 | OP_CONNECT,
                     0,
                 )?;
-                streams.push((fd, StreamState::Connecting, 0));
+                streams.push((Some(fd), StreamState::Connecting, 0));
             }
             Err(_) => {
                 result.errors.other += 1;
-                streams.push((-1, StreamState::Done, 0));
+                streams.push((None, StreamState::Done, 0));
             }
         }
     }
@@ -212,30 +212,31 @@ fn send_streams(
         ring.submit_and_wait(Some(Duration::from_millis(100)))?;
         ring.drain_completions(&mut completions);
         for completion in completions.drain(..) {
-            let index = (completion.user_data >> 8) as usize;
-            let Some((fd, state, offset)) = streams.get_mut(index) else {
+            let index = (completion.user_data() >> 8) as usize;
+            let Some((Some(fd), state, offset)) = streams.get_mut(index) else {
                 continue;
             };
-            match completion.user_data & 0xff {
-                OP_CONNECT if completion.result == 0 => {
+            let fd = fd.as_raw_fd();
+            match completion.user_data() & 0xff {
+                OP_CONNECT if completion.result() == 0 => {
                     result.connected += 1;
                     *state = StreamState::Sending;
-                    ring.send_static(*fd, pool, (index as u64) << 8 | OP_SEND)?;
+                    ring.send_static(fd, pool, (index as u64) << 8 | OP_SEND)?;
                 }
                 OP_CONNECT => {
-                    match -completion.result {
+                    match -completion.result() {
                         libc::ECONNREFUSED => result.errors.refused += 1,
                         libc::ECANCELED | libc::ETIMEDOUT => result.errors.timeout += 1,
                         _ => result.errors.other += 1,
                     }
                     *state = StreamState::Done;
                 }
-                OP_SEND if completion.result > 0 => {
-                    result.bytes_sent += completion.result as u64;
+                OP_SEND if completion.result() > 0 => {
+                    result.bytes_sent += completion.result() as u64;
                     counter.store(result.bytes_sent, Ordering::Relaxed);
                     // A short send continues where it stopped, so the stream stays in order.
-                    *offset = (*offset + completion.result as usize) % pool.len();
-                    ring.send_static(*fd, &pool[*offset..], (index as u64) << 8 | OP_SEND)?;
+                    *offset = (*offset + completion.result() as usize) % pool.len();
+                    ring.send_static(fd, &pool[*offset..], (index as u64) << 8 | OP_SEND)?;
                 }
                 OP_SEND => {
                     result.errors.reset += 1;
@@ -245,10 +246,10 @@ fn send_streams(
             }
         }
     }
-    for (fd, _, _) in &streams {
-        if *fd >= 0 {
-            ring.cancel_fd(*fd, 0)?;
-            ring.close(*fd, 0)?;
+    for (fd, _, _) in streams {
+        if let Some(fd) = fd {
+            ring.cancel_fd(fd.as_raw_fd(), 0)?;
+            ring.close(fd, 0, true)?;
         }
     }
     ring.flush()?;

@@ -9,7 +9,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -380,7 +380,7 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     };
     let count = args.connections as usize;
     // Per connection: the socket (-1 once gone) and whether it is established.
-    let mut fds: Vec<RawFd> = Vec::with_capacity(count);
+    let mut fds: Vec<Option<OwnedFd>> = Vec::with_capacity(count);
     let mut established = vec![false; count];
     let interval = Duration::from_secs_f64(1.0 / args.rate.max(1e-3));
     let started = Instant::now();
@@ -407,18 +407,18 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             match opened {
                 Ok(fd) => {
                     ring.connect(
-                        fd,
+                        fd.as_raw_fd(),
                         target,
                         CONNECT_TIMEOUT,
                         (index as u64) << 8 | OP_CONNECT,
                         0,
                     )?;
-                    fds.push(fd);
+                    fds.push(Some(fd));
                 }
                 Err(_) => {
                     report.failed_other += 1;
                     outcomes += 1;
-                    fds.push(-1);
+                    fds.push(None);
                 }
             }
         }
@@ -435,9 +435,11 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         if let (Some(ping), Some(at)) = (args.ping, next_ping)
             && now >= at
         {
-            for (index, &fd) in fds.iter().enumerate() {
-                if fd >= 0 && established[index] {
-                    ring.send_static(fd, PING, (index as u64) << 8 | OP_PING)?;
+            for (index, fd) in fds.iter().enumerate() {
+                if let Some(fd) = fd
+                    && established[index]
+                {
+                    ring.send_static(fd.as_raw_fd(), PING, (index as u64) << 8 | OP_PING)?;
                 }
             }
             next_ping = Some(at + ping);
@@ -450,32 +452,34 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         ring.submit_and_wait(Some(wait.max(Duration::from_micros(100))))?;
         ring.drain_completions(&mut completions);
         for completion in completions.drain(..) {
-            let index = (completion.user_data >> 8) as usize;
-            if index >= fds.len() || fds[index] < 0 {
+            let index = (completion.user_data() >> 8) as usize;
+            if fds.get(index).is_none_or(Option::is_none) {
                 continue;
             }
-            match completion.user_data & 0xff {
+            match completion.user_data() & 0xff {
                 OP_CONNECT => {
                     outcomes += 1;
-                    if completion.result == 0 {
+                    if completion.result() == 0 {
                         established[index] = true;
                         report.established += 1;
                     } else {
-                        match -completion.result {
+                        match -completion.result() {
                             libc::ECONNREFUSED => report.failed_refused += 1,
                             libc::ECANCELED | libc::ETIMEDOUT => report.failed_timeout += 1,
                             _ => report.failed_other += 1,
                         }
-                        ring.close(fds[index], 0)?;
-                        fds[index] = -1;
+                        if let Some(fd) = fds[index].take() {
+                            ring.close(fd, 0, true)?;
+                        }
                     }
                 }
-                OP_PING if completion.result < 0 => {
+                OP_PING if completion.result() < 0 => {
                     report.lost += 1;
                     report.established = report.established.saturating_sub(1);
                     established[index] = false;
-                    ring.close(fds[index], 0)?;
-                    fds[index] = -1;
+                    if let Some(fd) = fds[index].take() {
+                        ring.close(fd, 0, true)?;
+                    }
                 }
                 _ => {}
             }
@@ -485,11 +489,9 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             emit(&report);
         }
     }
-    for &fd in &fds {
-        if fd >= 0 {
-            ring.cancel_fd(fd, 0)?;
-            ring.close(fd, 0)?;
-        }
+    for fd in fds.into_iter().flatten() {
+        ring.cancel_fd(fd.as_raw_fd(), 0)?;
+        ring.close(fd, 0, true)?;
     }
     ring.flush()?;
     if report.rss_held == 0 {

@@ -8,7 +8,7 @@
 //! time each was due, so a stalled target shows up in the percentiles (no coordinated omission).
 
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::target::{UsageError, check_addresses};
 use ringproxy::config::parse_duration;
-use ringproxy::uring::{BufRing, Completion, Ring, socket};
+use ringproxy::uring::{Completion, Ring, socket};
 
 const MAX_DURATION: Duration = Duration::from_secs(3600);
 const TICK: Duration = Duration::from_millis(100);
@@ -370,7 +370,7 @@ struct ResponseParser {
 }
 
 struct Conn {
-    fd: RawFd,
+    fd: Option<OwnedFd>,
     phase: Phase,
     inflight: u32,
     receiving: bool,
@@ -402,7 +402,6 @@ fn user_data(op: Op, index: usize) -> u64 {
 
 struct Worker {
     ring: Ring,
-    buffers: BufRing,
     setup: WorkerSetup,
     /// Echo payloads (windows of it), or empty with --http.
     pool: &'static [u8],
@@ -443,8 +442,7 @@ fn payload_offset(connection: usize, sequence: u64) -> usize {
 
 impl Worker {
     fn new(setup: WorkerSetup, progress: Arc<Progress>) -> anyhow::Result<Worker> {
-        let ring = Ring::new(4096)?;
-        let buffers = BufRing::new(&ring, 0, 4096, 16 * 1024)?;
+        let ring = Ring::with_buffers(4096, 4096, 16 * 1024)?;
         let pool = match setup.http {
             Some(_) => &[][..],
             None => payload_pool(setup.size, setup.seed),
@@ -452,7 +450,7 @@ impl Worker {
         let now = Instant::now();
         let conns = (0..setup.connections)
             .map(|_| Conn {
-                fd: -1,
+                fd: None,
                 phase: Phase::Down(now),
                 inflight: 0,
                 receiving: false,
@@ -468,7 +466,6 @@ impl Worker {
             .collect();
         Ok(Worker {
             ring,
-            buffers,
             next_due: setup.interval.map(|_| now),
             setup,
             pool,
@@ -504,7 +501,7 @@ impl Worker {
             if self.now.duration_since(last_tick) >= TICK {
                 last_tick = self.now;
             }
-            self.buffers.publish();
+            self.ring.buffers_mut().publish();
             let wait = match self.next_due {
                 Some(due) => due.saturating_duration_since(self.now).min(TICK),
                 None => TICK,
@@ -526,11 +523,9 @@ impl Worker {
                 .store(self.result.errors.total(), Ordering::Relaxed);
         }
         for index in 0..self.conns.len() {
-            let fd = self.conns[index].fd;
-            if fd >= 0 {
-                self.ring.cancel_fd(fd, Op::Ignored as u64)?;
-                self.ring.close(fd, Op::Ignored as u64)?;
-                self.conns[index].fd = -1;
+            if let Some(fd) = self.conns[index].fd.take() {
+                self.ring.cancel_fd(fd.as_raw_fd(), Op::Ignored as u64)?;
+                self.ring.close(fd, Op::Ignored as u64, true)?;
             }
         }
         self.ring.flush()?;
@@ -589,11 +584,12 @@ impl Worker {
             }
         };
         let conn = &mut self.conns[index];
-        conn.fd = fd;
+        let raw_fd = fd.as_raw_fd();
+        conn.fd = Some(fd);
         conn.phase = Phase::Connecting;
         conn.inflight += 1;
         self.ring.connect(
-            fd,
+            raw_fd,
             self.setup.target,
             CONNECT_TIMEOUT,
             user_data(Op::Connect, index),
@@ -634,14 +630,17 @@ impl Worker {
             None => &self.pool[conn.payload_offset..conn.payload_offset + self.setup.size],
         };
         conn.inflight += 1;
-        self.ring
-            .send_static(conn.fd, &bytes[conn.sent..], user_data(Op::Send, index))?;
+        self.ring.send_static(
+            raw(&conn.fd),
+            &bytes[conn.sent..],
+            user_data(Op::Send, index),
+        )?;
         Ok(())
     }
 
     fn handle(&mut self, completion: Completion) -> anyhow::Result<()> {
-        let index = (completion.user_data >> 8) as usize;
-        let op = match completion.user_data as u8 {
+        let index = (completion.user_data() >> 8) as usize;
+        let op = match completion.user_data() as u8 {
             1 => Op::Connect,
             2 => Op::Send,
             3 => Op::Recv,
@@ -651,8 +650,8 @@ impl Worker {
             return Ok(());
         }
         match op {
-            Op::Connect => self.on_connect(index, completion.result),
-            Op::Send => self.on_sent(index, completion.result),
+            Op::Connect => self.on_connect(index, completion.result()),
+            Op::Send => self.on_sent(index, completion.result()),
             Op::Recv => self.on_receive(index, completion),
             Op::Ignored => Ok(()),
         }
@@ -677,7 +676,7 @@ impl Worker {
         conn.receiving = true;
         conn.inflight += 1;
         self.ring
-            .recv_multishot(conn.fd, &self.buffers, user_data(Op::Recv, index))?;
+            .recv_multishot(raw(&conn.fd), user_data(Op::Recv, index))?;
         if self.setup.interval.is_none() {
             let now = self.now;
             self.start_request(index, now)?;
@@ -708,10 +707,9 @@ impl Worker {
         self.complete_if_answered(index)
     }
 
-    fn on_receive(&mut self, index: usize, completion: Completion) -> anyhow::Result<()> {
-        let token = if completion.result > 0 {
-            self.buffers
-                .take(completion.flags, completion.result as u32)
+    fn on_receive(&mut self, index: usize, mut completion: Completion) -> anyhow::Result<()> {
+        let token = if completion.result() > 0 {
+            self.ring.buffers_mut().take(&mut completion)
         } else {
             None
         };
@@ -722,12 +720,12 @@ impl Worker {
         }
         if matches!(conn.phase, Phase::Closing | Phase::Down(_)) {
             if let Some(token) = token {
-                self.buffers.recycle(token);
+                self.ring.buffers_mut().recycle(token);
             }
             return self.finish_if_closed(index);
         }
         let Some(token) = token else {
-            if completion.result == -libc::ENOBUFS {
+            if completion.result() == -libc::ENOBUFS {
                 // Out of receive buffers for a moment: count it and replace the connection.
                 self.result.errors.other += 1;
             } else {
@@ -735,7 +733,7 @@ impl Worker {
             }
             return self.fail(index);
         };
-        let bytes = self.buffers.bytes(&token);
+        let bytes = self.ring.buffers().bytes(&token);
         self.result.bytes_received += bytes.len() as u64;
         let verdict = if conn.phase != Phase::Busy {
             Verdict::Mismatch
@@ -755,7 +753,7 @@ impl Worker {
                 Verdict::Mismatch
             }
         };
-        self.buffers.recycle(token);
+        self.ring.buffers_mut().recycle(token);
         match verdict {
             Verdict::Partial => {
                 if !self.conns[index].receiving {
@@ -787,7 +785,7 @@ impl Worker {
         conn.receiving = true;
         conn.inflight += 1;
         self.ring
-            .recv_multishot(conn.fd, &self.buffers, user_data(Op::Recv, index))?;
+            .recv_multishot(raw(&conn.fd), user_data(Op::Recv, index))?;
         Ok(())
     }
 
@@ -825,8 +823,10 @@ impl Worker {
         let conn = &mut self.conns[index];
         conn.phase = Phase::Closing;
         conn.retry_at = retry_at;
-        if conn.inflight > 0 && conn.fd >= 0 {
-            self.ring.cancel_fd(conn.fd, Op::Ignored as u64)?;
+        if conn.inflight > 0
+            && let Some(fd) = &conn.fd
+        {
+            self.ring.cancel_fd(fd.as_raw_fd(), Op::Ignored as u64)?;
         }
         self.finish_if_closed(index)
     }
@@ -836,9 +836,8 @@ impl Worker {
         if conn.phase != Phase::Closing || conn.inflight > 0 {
             return Ok(());
         }
-        if conn.fd >= 0 {
-            self.ring.close(conn.fd, Op::Ignored as u64)?;
-            conn.fd = -1;
+        if let Some(fd) = conn.fd.take() {
+            self.ring.close(fd, Op::Ignored as u64, true)?;
         }
         conn.phase = Phase::Down(conn.retry_at);
         Ok(())
@@ -899,4 +898,10 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack
         .windows(needle.len())
         .position(|window| window == needle)
+}
+
+/// The raw descriptor of a connection's socket, -1 when it has none (the ring then fails the
+/// operation with EBADF).
+fn raw(fd: &Option<OwnedFd>) -> RawFd {
+    fd.as_ref().map_or(-1, AsRawFd::as_raw_fd)
 }

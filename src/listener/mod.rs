@@ -10,7 +10,8 @@ use std::os::fd::OwnedFd;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, TcpOptions};
+use crate::uring::socket::apply_tcp_options;
 
 /// The sockets of one listener, one per shard, and the address they share.
 pub struct BoundListener {
@@ -27,7 +28,7 @@ pub struct BindError {
     pub source: io::Error,
 }
 
-fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
+fn bind_one(addr: SocketAddr, backlog: u32, options: &TcpOptions) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -36,6 +37,8 @@ fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
     }
     // Accepted sockets inherit it, which saves a setsockopt per connection.
     socket.set_tcp_nodelay(true)?;
+    // Keepalive and the user timeout are inherited by accepted sockets too.
+    apply_tcp_options(socket2::SockRef::from(&socket), options)?;
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     Ok(socket)
@@ -48,7 +51,17 @@ pub fn bind_reuseport(
     backlog: u32,
     count: usize,
 ) -> Result<BoundListener, (SocketAddr, io::Error)> {
-    let first = bind_one(addr, backlog).map_err(|error| (addr, error))?;
+    bind_reuseport_with(addr, backlog, count, &TcpOptions::default())
+}
+
+/// As `bind_reuseport`, with options the accepted connections inherit.
+pub fn bind_reuseport_with(
+    addr: SocketAddr,
+    backlog: u32,
+    count: usize,
+    options: &TcpOptions,
+) -> Result<BoundListener, (SocketAddr, io::Error)> {
+    let first = bind_one(addr, backlog, options).map_err(|error| (addr, error))?;
     let bound = first
         .local_addr()
         .ok()
@@ -56,7 +69,7 @@ pub fn bind_reuseport(
         .unwrap_or(addr);
     let mut sockets = vec![OwnedFd::from(first)];
     for _ in 1..count {
-        let socket = bind_one(bound, backlog).map_err(|error| (bound, error))?;
+        let socket = bind_one(bound, backlog, options).map_err(|error| (bound, error))?;
         sockets.push(OwnedFd::from(socket));
     }
     Ok(BoundListener {
@@ -67,9 +80,11 @@ pub fn bind_reuseport(
 
 /// Binds `listener` once per shard.
 pub fn bind(listener: &ListenerConfig, shards: usize) -> Result<BoundListener, BindError> {
-    bind_reuseport(listener.bind, listener.backlog, shards).map_err(|(addr, source)| BindError {
-        name: listener.name.clone(),
-        addr,
-        source,
-    })
+    bind_reuseport_with(listener.bind, listener.backlog, shards, &listener.tcp).map_err(
+        |(addr, source)| BindError {
+            name: listener.name.clone(),
+            addr,
+            source,
+        },
+    )
 }

@@ -1,26 +1,28 @@
-//! One session: a client connection, its server connection, and the bytes between them.
+//! The relay state machine of one session: sans-IO.
 //!
-//! Owns the per-session state the shard loop drives: which server, which attempt, and for each
-//! direction the received buffers waiting to be sent, whether reads are armed or paused, and
-//! the half-close progress. Does no I/O itself; the loop (`runtime::shard`) reads these fields
-//! to decide the next submission. Invariant: a session is freed only when `inflight` is zero,
-//! so no completion ever refers to a reused slot.
+//! Owns both directions of a session once its server is connected: which receives and sends
+//! are in flight, backpressure, half-close, resets, copy-out under buffer pressure, and the
+//! idle and write deadlines. It does no I/O and reads no clock: the shard loop turns
+//! completions into events (`on_received`, `on_sent`, ...) and carries out the `Action`s they
+//! return; time comes in as loop ticks. Connecting (choosing a server, retrying) stays with the
+//! loop and the balancer.
+//!
+//! Invariants:
+//! - at most one receive per side and one send per direction are in flight;
+//! - a direction holds at most `queued_buffers` ring buffers (a receive is armed only while
+//!   fewer are queued, and a receive fills one buffer), so a session holds at most
+//!   `2 x queued_buffers` ring buffers whatever its peers do; copied-out bytes are bounded by
+//!   `queued_buffers x buffer_size` per direction;
+//! - bytes reach the destination in the order the source sent them, and a FIN is passed on
+//!   only after everything before it was accepted;
+//! - when one side fails or resets, what is already held for the other side is still
+//!   delivered, then the other side is reset once its socket has handed those bytes to the
+//!   peer;
+//! - the session may be freed only when `is_idle()` (no operation refers to it).
 
-use std::collections::VecDeque;
-use std::os::fd::RawFd;
+mod flow;
 
-use crate::balance::{ServerIndex, TriedServers};
-use crate::config::PoolId;
-use crate::uring::BufToken;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SessionState {
-    /// Waiting for a connect to a server (the client's bytes wait in its socket).
-    Connecting,
-    Relaying,
-    /// Every operation is being cancelled; the slot is freed when `inflight` reaches zero.
-    Closing,
-}
+pub use flow::{BufferPool, Flow, Pending, SendFrom, Spill};
 
 /// Which side of a session an event concerns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,166 +49,497 @@ pub enum CloseMode {
     Graceful,
     /// The given side gets a RST (used to pass a reset from the other side through).
     Reset(Side),
-    /// Both sides get a RST (a drain deadline cut the session).
+    /// Both sides get a RST (a drain deadline or a timeout cut the session).
     ResetBoth,
 }
 
-/// A received buffer not yet fully sent on.
+/// Why a session ended, for counters and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both directions finished with FINs.
+    Completed,
+    /// A peer reset or failed; the side that did.
+    PeerFailed(Side),
+    IdleTimeout,
+    /// The destination `Side` accepted no byte for `write_timeout`.
+    WriteTimeout(Side),
+    /// The loop asked (drain deadline, shutdown, local error).
+    Cut,
+}
+
+/// What the loop must do next for a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Arm one receive on this side's socket.
+    Receive(Side),
+    /// Send toward this side, from where `Flow::sending` says.
+    Send(Side),
+    /// Cancel the send in flight toward this side (its bytes are being copied out).
+    CancelSend(Side),
+    /// Pass a FIN to this side (shutdown of its write half).
+    ShutdownWrite(Side),
+    /// End the session: stop every operation, then close both sockets this way.
+    Close(CloseMode, CloseReason),
+    /// Poll this side's unacknowledged bytes each tick, then reset it (see `on_unacknowledged`).
+    ResetWhenDrained(Side),
+}
+
+/// Why a receive ended without data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiveError {
+    /// The buffer ring was empty (ENOBUFS): wait for buffers.
+    NoBuffers,
+    /// Cancelled by the loop.
+    Cancelled,
+    /// The peer reset, or another error: that side is gone.
+    Failed,
+}
+
+/// Why a send failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    Cancelled,
+    /// The destination reset or failed.
+    Failed,
+}
+
+/// Limits a session runs under, from the tuning and listener config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub queued_buffers: usize,
+    pub buffer_size: usize,
+    /// In loop ticks.
+    pub idle_ticks: u64,
+    pub write_ticks: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Relaying,
+    /// Everything for `Side` was handed over; waiting for its socket to pass it on before the
+    /// reset (tick of the last progress, bytes then).
+    Lingering {
+        side: Side,
+        since: u64,
+        unacknowledged: u32,
+    },
+    Closing,
+}
+
+/// The actions of one event (at most a handful).
+pub type Actions = Vec<Action>;
+
 #[derive(Debug)]
-pub struct Pending {
-    pub token: BufToken,
-    pub sent: u32,
-}
-
-/// One direction of a session: bytes read from `source`, written to the other side.
-#[derive(Debug, Default)]
-pub struct Flow {
-    pub queue: VecDeque<Pending>,
-    /// A send of `queue.front()` is in flight.
-    pub sending: bool,
-    /// A multishot receive on the source is armed.
-    pub receiving: bool,
-    /// Reads were stopped because `queue` reached its limit (backpressure).
-    pub paused: bool,
-    /// Reads stopped because the buffer ring was empty; the loop re-arms when buffers return.
-    pub starved: bool,
-    /// The source sent FIN.
-    pub eof: bool,
-    /// The FIN was passed on (shutdown of the destination's write side).
-    pub shut: bool,
-    pub bytes: u64,
-}
-
-impl Flow {
-    /// Everything received has been delivered and the FIN passed on.
-    pub fn finished(&self) -> bool {
-        self.eof && self.shut
-    }
-
-    /// Nothing is waiting to be sent.
-    pub fn is_flushed(&self) -> bool {
-        self.queue.is_empty() && !self.sending
-    }
-
-    /// Lifts a backpressure pause once the old receive has ended and the queue is down to half
-    /// of `limit`. Both the send completions (queue shrinks) and the receive's final completion
-    /// (cancel done) must check this: whichever comes last resumes.
-    pub fn resume_if_drained(&mut self, limit: usize) -> bool {
-        let resume = self.paused && !self.receiving && self.queue.len() < limit.div_ceil(2).max(1);
-        if resume {
-            self.paused = false;
-        }
-        resume
-    }
-
-    /// Whether the source's reads should be (re)armed now.
-    pub fn wants_receive(&self) -> bool {
-        !self.receiving && !self.paused && !self.starved && !self.eof
-    }
-}
-
-#[derive(Debug)]
-pub struct Session {
-    /// Distinguishes this session from earlier ones in the same slot (timers, starved list).
-    pub serial: u32,
-    pub listener: usize,
-    pub pool: PoolId,
-    pub state: SessionState,
-    pub client_fd: RawFd,
-    /// -1 while no server socket exists.
-    pub server_fd: RawFd,
-    pub server: Option<ServerIndex>,
-    pub tried: TriedServers,
-    pub attempts: u32,
-    pub client_key: u64,
+pub struct Relay<B> {
     /// Client to server.
-    pub upstream: Flow,
+    pub upstream: Flow<B>,
     /// Server to client.
-    pub downstream: Flow,
-    /// Operations submitted whose last completion has not arrived.
-    pub inflight: u32,
-    /// Loop tick of the last byte moved (idle timeout).
-    pub last_active: u64,
+    pub downstream: Flow<B>,
+    phase: Phase,
+    limits: Limits,
+    /// Loop tick of the last byte moved either way (idle timeout).
+    last_active: u64,
 }
 
-impl Session {
-    pub fn new(
-        serial: u32,
-        listener: usize,
-        pool: PoolId,
-        client_fd: RawFd,
-        client_key: u64,
-        now: u64,
-    ) -> Session {
-        Session {
-            serial,
-            listener,
-            pool,
-            state: SessionState::Connecting,
-            client_fd,
-            server_fd: -1,
-            server: None,
-            tried: TriedServers::default(),
-            attempts: 0,
-            client_key,
+impl<B> Relay<B> {
+    pub fn new(limits: Limits, now: u64) -> Relay<B> {
+        Relay {
             upstream: Flow::default(),
             downstream: Flow::default(),
-            inflight: 0,
+            phase: Phase::Relaying,
+            limits,
             last_active: now,
         }
     }
 
     /// The flow whose bytes are read from `source`.
-    pub fn flow_from(&mut self, source: Side) -> &mut Flow {
+    pub fn flow_from(&mut self, source: Side) -> &mut Flow<B> {
         match source {
             Side::Client => &mut self.upstream,
             Side::Server => &mut self.downstream,
         }
     }
 
-    pub fn fd(&self, side: Side) -> RawFd {
-        match side {
-            Side::Client => self.client_fd,
-            Side::Server => self.server_fd,
+    /// The flow whose bytes are written to `destination`.
+    pub fn flow_to(&mut self, destination: Side) -> &mut Flow<B> {
+        self.flow_from(destination.other())
+    }
+
+    fn flow_ref(&self, source: Side) -> &Flow<B> {
+        match source {
+            Side::Client => &self.upstream,
+            Side::Server => &self.downstream,
         }
     }
 
-    /// Both directions have delivered everything and passed their FIN on.
-    pub fn is_complete(&self) -> bool {
-        self.upstream.finished() && self.downstream.finished()
+    pub fn is_closing(&self) -> bool {
+        self.phase == Phase::Closing
+    }
+
+    /// No operation of this session is in flight: it may be freed once closing.
+    pub fn is_idle(&self) -> bool {
+        [&self.upstream, &self.downstream]
+            .iter()
+            .all(|flow| !flow.receiving && flow.sending.is_none())
+    }
+
+    /// Ring buffers held by both directions.
+    pub fn ring_buffers(&self) -> usize {
+        self.upstream.ring_buffers() + self.downstream.ring_buffers()
+    }
+
+    /// The server is connected: start reading both sides.
+    pub fn start(&mut self, out: &mut Actions) {
+        for side in [Side::Client, Side::Server] {
+            self.arm_receive(side, out);
+        }
+    }
+
+    fn arm_receive(&mut self, source: Side, out: &mut Actions) {
+        if self.phase != Phase::Relaying {
+            return;
+        }
+        let Limits {
+            queued_buffers,
+            buffer_size,
+            ..
+        } = self.limits;
+        let flow = self.flow_from(source);
+        if flow.wants_receive(queued_buffers, buffer_size) {
+            flow.receiving = true;
+            out.push(Action::Receive(source));
+        }
+    }
+
+    fn start_send(&mut self, destination: Side, out: &mut Actions) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        let flow = self.flow_to(destination);
+        if let Some(from) = flow.next_send() {
+            flow.sending = Some(from);
+            out.push(Action::Send(destination));
+        }
+    }
+
+    /// A receive from `source` brought `len` bytes in `buffer`.
+    pub fn on_received(
+        &mut self,
+        source: Side,
+        buffer: B,
+        len: u32,
+        now: u64,
+        pool: &mut impl BufferPool<B>,
+        out: &mut Actions,
+    ) {
+        let closing = self.phase == Phase::Closing;
+        let full = len as usize >= self.limits.buffer_size;
+        let flow = self.flow_from(source);
+        flow.receiving = false;
+        if closing {
+            pool.recycle(buffer);
+            return;
+        }
+        flow.last_receive_full = full;
+        flow.push(buffer, len, now, pool);
+        self.last_active = now;
+        self.start_send(source.other(), out);
+        self.arm_receive(source, out);
+    }
+
+    /// `source` sent FIN.
+    pub fn on_eof(&mut self, source: Side, out: &mut Actions) {
+        let flow = self.flow_from(source);
+        flow.receiving = false;
+        if self.phase == Phase::Closing {
+            return;
+        }
+        let flow = self.flow_from(source);
+        flow.eof = true;
+        self.pass_fin_if_flushed(source.other(), out);
+    }
+
+    pub fn on_receive_failed(
+        &mut self,
+        source: Side,
+        error: ReceiveError,
+        pool: &mut impl BufferPool<B>,
+        out: &mut Actions,
+    ) {
+        let flow = self.flow_from(source);
+        flow.receiving = false;
+        if self.phase == Phase::Closing {
+            return;
+        }
+        match error {
+            ReceiveError::NoBuffers => self.flow_from(source).starved = true,
+            ReceiveError::Cancelled => {}
+            ReceiveError::Failed => self.side_failed(source, pool, out),
+        }
+    }
+
+    /// Buffers are back: re-arm a receive that found none. Returns whether one was armed.
+    pub fn on_buffers_available(&mut self, source: Side, out: &mut Actions) -> bool {
+        let flow = self.flow_from(source);
+        if !flow.starved {
+            return false;
+        }
+        flow.starved = false;
+        let before = out.len();
+        self.arm_receive(source, out);
+        out.len() > before
+    }
+
+    /// The send toward `destination` completed.
+    pub fn on_sent(
+        &mut self,
+        destination: Side,
+        result: Result<u32, SendError>,
+        now: u64,
+        pool: &mut impl BufferPool<B>,
+        out: &mut Actions,
+    ) {
+        let Limits {
+            queued_buffers,
+            buffer_size,
+            ..
+        } = self.limits;
+        let closing = self.phase == Phase::Closing;
+        let flow = self.flow_to(destination);
+        let Some(from) = flow.sending.take() else {
+            return;
+        };
+        let count = match result {
+            Ok(count) => count,
+            Err(SendError::Cancelled) => 0,
+            Err(SendError::Failed) => {
+                if !closing {
+                    self.side_failed(destination, pool, out);
+                }
+                return;
+            }
+        };
+        if count == 0 && result.is_ok() && !closing {
+            // A stream socket accepting nothing from a non-empty send has failed.
+            self.side_failed(destination, pool, out);
+            return;
+        }
+        flow.sent(from, count, now, pool);
+        if count > 0 {
+            self.last_active = now;
+        }
+        let flow = self.flow_to(destination);
+        if flow.cancelling {
+            flow.cancelling = false;
+            flow.spill_queue(queued_buffers * buffer_size, pool);
+        }
+        if closing {
+            return;
+        }
+        self.start_send(destination, out);
+        self.arm_receive(destination.other(), out);
+        self.pass_fin_if_flushed(destination, out);
+    }
+
+    /// Once the flow toward `destination` has delivered everything after its source's FIN,
+    /// passes the FIN on; ends the session when both directions are done.
+    fn pass_fin_if_flushed(&mut self, destination: Side, out: &mut Actions) {
+        let flow = self.flow_to(destination);
+        if flow.eof && !flow.shut && !flow.abandoned && flow.is_flushed() {
+            flow.shut = true;
+            flow.waiting_since = None;
+            out.push(Action::ShutdownWrite(destination));
+        }
+        if let Phase::Relaying = self.phase {
+            let failed = [Side::Client, Side::Server]
+                .into_iter()
+                .find(|&side| self.flow_to(side).abandoned);
+            match failed {
+                // One side is gone: once what is held for the survivor has been handed over,
+                // reset the survivor after its socket passed those bytes on.
+                Some(dead) => {
+                    let survivor = dead.other();
+                    if self.flow_to(survivor).is_flushed() || self.flow_to(survivor).shut {
+                        self.phase = Phase::Lingering {
+                            side: survivor,
+                            since: self.last_active,
+                            unacknowledged: u32::MAX,
+                        };
+                        out.push(Action::ResetWhenDrained(survivor));
+                    }
+                }
+                None => {
+                    if self.upstream.finished() && self.downstream.finished() {
+                        self.close(CloseMode::Graceful, CloseReason::Completed, out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `side` reset or failed: nothing more goes to it or comes from it; what is held for the
+    /// other side is still delivered.
+    fn side_failed(&mut self, side: Side, pool: &mut impl BufferPool<B>, out: &mut Actions) {
+        if self.flow_to(side).abandoned {
+            // Both sides are gone.
+            self.close(CloseMode::ResetBoth, CloseReason::PeerFailed(side), out);
+            return;
+        }
+        if self.flow_to(side.other()).abandoned {
+            self.close(CloseMode::ResetBoth, CloseReason::PeerFailed(side), out);
+            return;
+        }
+        self.flow_to(side).abandon(pool);
+        // No more reading from the failed side: it has nothing more to say. (Not a FIN: the
+        // survivor gets a reset once it has what was held for it.)
+        self.flow_from(side).source_failed = true;
+        self.pass_fin_if_flushed(side.other(), out);
+    }
+
+    /// While lingering: `side`'s socket still holds `unacknowledged` bytes for its peer.
+    pub fn on_unacknowledged(&mut self, unacknowledged: u32, now: u64, out: &mut Actions) {
+        let Phase::Lingering {
+            side,
+            since,
+            unacknowledged: before,
+        } = self.phase
+        else {
+            return;
+        };
+        if unacknowledged == 0 {
+            self.close(
+                CloseMode::Reset(side),
+                CloseReason::PeerFailed(side.other()),
+                out,
+            );
+        } else if unacknowledged < before {
+            self.phase = Phase::Lingering {
+                side,
+                since: now,
+                unacknowledged,
+            };
+        } else if now >= since + self.limits.write_ticks {
+            self.close(CloseMode::Reset(side), CloseReason::WriteTimeout(side), out);
+        }
+    }
+
+    /// Buffers are scarce: copy out the bytes of a direction whose destination has taken
+    /// nothing since `stalled_before`, so its ring buffers go back to the ring.
+    pub fn spill_if_stalled(
+        &mut self,
+        stalled_before: u64,
+        pool: &mut impl BufferPool<B>,
+        out: &mut Actions,
+    ) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        let capacity = self.limits.queued_buffers * self.limits.buffer_size;
+        for destination in [Side::Client, Side::Server] {
+            let flow = self.flow_to(destination);
+            if flow.queue.is_empty()
+                || flow.cancelling
+                || flow
+                    .waiting_since
+                    .is_none_or(|since| since > stalled_before)
+            {
+                continue;
+            }
+            match flow.sending {
+                Some(SendFrom::Queue) => {
+                    flow.cancelling = true;
+                    out.push(Action::CancelSend(destination));
+                }
+                Some(SendFrom::Spill) => {}
+                None => {
+                    flow.spill_queue(capacity, pool);
+                    self.start_send(destination, out);
+                }
+            }
+        }
+    }
+
+    /// The next tick at which `on_tick` has something to check.
+    pub fn next_deadline(&self) -> u64 {
+        let idle = self.last_active + self.limits.idle_ticks;
+        let write = [&self.upstream, &self.downstream]
+            .iter()
+            .filter_map(|flow| flow.waiting_since)
+            .map(|since| since + self.limits.write_ticks)
+            .min()
+            .unwrap_or(u64::MAX);
+        idle.min(write)
+    }
+
+    /// Checks the idle and write deadlines at tick `now`.
+    pub fn on_tick(&mut self, now: u64, out: &mut Actions) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        for destination in [Side::Client, Side::Server] {
+            let flow = self.flow_ref(destination.other());
+            if let Some(since) = flow.waiting_since
+                && now >= since + self.limits.write_ticks
+            {
+                self.close(
+                    CloseMode::ResetBoth,
+                    CloseReason::WriteTimeout(destination),
+                    out,
+                );
+                return;
+            }
+        }
+        if self.phase == Phase::Relaying && now >= self.last_active + self.limits.idle_ticks {
+            self.close(CloseMode::Graceful, CloseReason::IdleTimeout, out);
+        }
+    }
+
+    /// Ends the session (once): the loop stops its operations and closes both sockets.
+    pub fn close(&mut self, mode: CloseMode, reason: CloseReason, out: &mut Actions) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        self.phase = Phase::Closing;
+        out.push(Action::Close(mode, reason));
+    }
+
+    /// Ends the session without asking the loop (the loop itself decided to close it).
+    pub fn set_closing(&mut self) {
+        self.phase = Phase::Closing;
+    }
+
+    /// Whether the session waits for a side's socket to drain before resetting it.
+    pub fn lingering(&self) -> Option<Side> {
+        match self.phase {
+            Phase::Lingering { side, .. } => Some(side),
+            _ => None,
+        }
+    }
+
+    /// Returns every held buffer (the session is being freed).
+    pub fn release(&mut self, pool: &mut impl BufferPool<B>) {
+        self.upstream.release(pool);
+        self.downstream.release(pool);
+    }
+
+    /// Bytes received from each side: (client, server).
+    pub fn received(&self) -> (u64, u64) {
+        (self.upstream.received, self.downstream.received)
+    }
+
+    /// Bytes delivered toward each side: (to server, to client).
+    pub fn delivered(&self) -> (u64, u64) {
+        (self.upstream.delivered, self.downstream.delivered)
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn is_relaying(&self) -> bool {
+        self.phase == Phase::Relaying
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pause_lifts_only_after_the_cancelled_receive_has_ended() {
-        let mut flow = Flow {
-            paused: true,
-            receiving: true,
-            ..Flow::default()
-        };
-        // Queue drained while the cancel is still on its way: not yet.
-        assert!(!flow.resume_if_drained(8));
-        assert!(!flow.wants_receive());
-        // The receive's final completion arrives last: that is when reads resume.
-        flow.receiving = false;
-        assert!(flow.resume_if_drained(8));
-        assert!(flow.wants_receive());
-        // Not paused: nothing to lift.
-        assert!(!flow.resume_if_drained(8));
-    }
-
-    #[test]
-    fn a_flow_finishes_after_eof_and_fin_passed_on() {
-        let mut flow = Flow::default();
-        assert!(!flow.finished());
-        flow.eof = true;
-        assert!(flow.is_flushed() && !flow.finished());
-        flow.shut = true;
-        assert!(flow.finished());
-        assert!(!flow.wants_receive(), "no reads after EOF");
-    }
-}
+mod tests;

@@ -4,6 +4,8 @@
 //! fails the start, not a shard later), and the control path: a command word per shard plus an
 //! eventfd its ring watches. Nothing here runs per connection.
 
+mod log_limit;
+pub mod session;
 pub mod shard;
 
 use std::io;
@@ -92,7 +94,14 @@ pub struct ShardStats {
     pub local_errors: u64,
     pub resets: u64,
     pub idle_timeouts: u64,
+    pub write_timeouts: u64,
+    /// Receives that found the buffer ring empty.
     pub buffer_starvation: u64,
+    /// Directions copied out of their ring buffers because their destination stalled while
+    /// buffers were scarce.
+    pub spills: u64,
+    /// Completions that arrived for a session already gone (recognised by generation).
+    pub stale_completions: u64,
     pub closed: u64,
     /// Loop turns (one io_uring_enter each) and completions handled: their ratio is the batching.
     pub loop_turns: u64,
@@ -133,6 +142,8 @@ pub struct Runtime {
     threads: Vec<JoinHandle<io::Result<ShardReport>>>,
     control: RuntimeControl,
     listener_addrs: Vec<(String, SocketAddr)>,
+    /// Each shard thread sends its index here when it ends, for whatever reason.
+    done: mpsc::Receiver<usize>,
 }
 
 /// The number of shards `config` asks for on this machine.
@@ -167,6 +178,7 @@ impl Runtime {
         }
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let (ready_tx, ready_rx) = mpsc::channel::<(usize, io::Result<()>)>();
+        let (done_tx, done_rx) = mpsc::channel::<usize>();
         let mut threads = Vec::with_capacity(shards);
         let mut controls = Vec::with_capacity(shards);
         for (index, listeners) in per_shard.into_iter().enumerate() {
@@ -180,6 +192,7 @@ impl Runtime {
             };
             let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
             let ready = ready_tx.clone();
+            let done = done_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("shard-{index}"))
                 .spawn(move || {
@@ -196,12 +209,20 @@ impl Runtime {
                             let kind = error.kind();
                             let message = error.to_string();
                             let _ = ready.send((index, Err(error)));
+                            let _ = done.send(index);
                             return Err(io::Error::new(kind, message));
                         }
                     };
-                    shard.run().inspect_err(|error| {
-                        error!(shard = index, %error, "shard failed");
-                    })
+                    let outcome =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.run()))
+                            .unwrap_or_else(|_| Err(io::Error::other("the shard panicked")));
+                    // The shard is gone: its sessions' and listeners' descriptors were closed
+                    // as it was dropped. Tell the process, which must not run on without it.
+                    if let Err(error) = &outcome {
+                        error!(shard = index, %error, "shard failed; stopping the proxy");
+                    }
+                    let _ = done.send(index);
+                    outcome
                 })
                 .map_err(StartError::Thread)?;
             threads.push(thread);
@@ -228,6 +249,7 @@ impl Runtime {
             threads,
             control,
             listener_addrs,
+            done: done_rx,
         })
     }
 
@@ -240,17 +262,45 @@ impl Runtime {
         self.control.clone()
     }
 
-    /// Waits for every shard to stop; the reports come in shard order.
+    /// Waits for every shard to stop; the reports come in shard order. When one shard fails,
+    /// the others are stopped at once (no proxy runs on with a core's listeners dead) and the
+    /// failure is returned.
     pub fn join(self) -> io::Result<Vec<ShardReport>> {
-        let mut reports = Vec::with_capacity(self.threads.len());
+        let mut threads: Vec<Option<JoinHandle<io::Result<ShardReport>>>> =
+            self.threads.into_iter().map(Some).collect();
+        let mut reports = Vec::with_capacity(threads.len());
         let mut failure = None;
-        for thread in self.threads {
+        let mut remaining = threads.len();
+        while remaining > 0 {
+            let Ok(index) = self.done.recv() else {
+                break;
+            };
+            let Some(thread) = threads.get_mut(index).and_then(Option::take) else {
+                continue;
+            };
+            remaining -= 1;
+            match thread.join() {
+                Ok(Ok(report)) => reports.push(report),
+                Ok(Err(error)) => {
+                    if failure.is_none() {
+                        self.control.stop();
+                    }
+                    failure = Some(error);
+                }
+                Err(_) => {
+                    self.control.stop();
+                    failure = Some(io::Error::other("a shard thread panicked"));
+                }
+            }
+        }
+        for thread in threads.into_iter().flatten() {
             match thread.join() {
                 Ok(Ok(report)) => reports.push(report),
                 Ok(Err(error)) => failure = Some(error),
                 Err(_) => failure = Some(io::Error::other("a shard thread panicked")),
             }
         }
+        reports.sort_by_key(|report| report.shard);
         match failure {
             Some(error) => Err(error),
             None => Ok(reports),

@@ -1,87 +1,72 @@
 //! One shard: a pinned thread's io_uring loop and everything it owns.
 //!
-//! Owns its listeners' sockets, its sessions, its buffer ring, its balancer state per pool and
-//! its counters; shares nothing with other shards on the data path. Each loop turn: publish
-//! recycled buffers, one `io_uring_enter` (submit + wait), then handle every completion, expire
-//! timers and re-arm what needs re-arming. The only cross-thread input is the control command,
-//! read when the shard's eventfd fires.
+//! Owns its listeners' sockets, its sessions, its ring (and the ring's buffers), its balancer
+//! state per pool and its counters; shares nothing with other shards on the data path. Each
+//! loop turn: publish recycled buffers, one `io_uring_enter` (submit + wait), then turn every
+//! completion into an event for the session it belongs to, carry out the actions the relay
+//! machine (`crate::relay`) returns, expire timers and re-arm what needs re-arming. The only
+//! cross-thread input is the control command, read when the shard's eventfd fires.
+//!
+//! Nothing a peer or the kernel does ends the shard: a completion error closes its session, a
+//! full submission queue waits in the ring's backlog, accept errors back off. Only a failure of
+//! the ring itself (`io_uring_enter` failing for another reason than "come back") is returned.
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
 use tracing::{debug, info, warn};
 
+use super::log_limit::{self, LogLimiter, Verdict};
+use super::session::{Session, user_data};
 use super::{ShardCommand, ShardControl, ShardReport, ShardStats};
 use crate::admission::{self, Admission, RejectReason};
 use crate::balance::{PoolBalancer, client_key};
 use crate::config::Config;
-use crate::relay::{CloseMode, Pending, Session, SessionState, Side};
+use crate::relay::{
+    Action, Actions, BufferPool, CloseMode, CloseReason, Limits, ReceiveError, Relay, SendError,
+    SendFrom, Side,
+};
 use crate::uring::timer::{TimerEntry, TimerWheel};
-use crate::uring::{BufRing, Completion, Ring, socket};
+use crate::uring::{BufRing, BufToken, Completion, Ring, socket};
 
-/// Timer resolution: idle timeouts and drain deadlines are checked this often.
-const TICK: Duration = Duration::from_millis(100);
-/// How long accepting pauses after the process ran out of descriptors or memory.
+pub(super) use super::session::{GENERATION_MASK, Op};
+
+/// Timer resolution: idle and write timeouts and drain deadlines are checked this often.
+pub const TICK: Duration = Duration::from_millis(100);
+/// How long accepting pauses after an accept error that is not a client's own doing.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// After a drain deadline cut every session, how long to wait for their cancellations.
-const CUT_GRACE: Duration = Duration::from_secs(5);
-
-/// What a completion belongs to: the low byte of `user_data`; the rest is a slot index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-enum Op {
-    /// Close, cancel and linked-timeout completions carry nothing to act on.
-    Ignored = 0,
-    Accept = 1,
-    ClientRecv = 2,
-    ServerRecv = 3,
-    SendToServer = 4,
-    SendToClient = 5,
-    Connect = 6,
-    Shutdown = 7,
-    Wake = 8,
-}
-
-impl Op {
-    fn from_tag(tag: u8) -> Op {
-        match tag {
-            1 => Op::Accept,
-            2 => Op::ClientRecv,
-            3 => Op::ServerRecv,
-            4 => Op::SendToServer,
-            5 => Op::SendToClient,
-            6 => Op::Connect,
-            7 => Op::Shutdown,
-            8 => Op::Wake,
-            _ => Op::Ignored,
-        }
-    }
-
-    fn recv_from(side: Side) -> Op {
-        match side {
-            Side::Client => Op::ClientRecv,
-            Side::Server => Op::ServerRecv,
-        }
-    }
-
-    fn send_to(side: Side) -> Op {
-        match side {
-            Side::Client => Op::SendToClient,
-            Side::Server => Op::SendToServer,
-        }
-    }
-}
-
-fn user_data(op: Op, index: usize) -> u64 {
-    ((index as u64) << 8) | op as u64
-}
+/// Accept errors in a row (each re-armed at once) before accepting backs off anyway.
+const ACCEPT_ERRORS_BEFORE_BACKOFF: u32 = 64;
+/// After a session was closed, how long its operations may take to finish before they are
+/// cancelled explicitly; after a drain deadline, how long the shard waits for the last ones.
+const CUT_GRACE: Duration = Duration::from_secs(2);
+/// Below this share of free receive buffers (1/N of the ring), stalled directions are copied
+/// out of their ring buffers.
+const PRESSURE_DIVISOR: u32 = 4;
+/// Repetitive warnings are logged at most once per this many ticks (10 s).
+const LOG_INTERVAL_TICKS: u64 = 100;
 
 const IGNORED: u64 = Op::Ignored as u64;
+
+/// Log-limiter kinds.
+const LOG_CONNECT_FAILED: u8 = 1;
+const LOG_ACCEPT_FAILED: u8 = 2;
+const LOG_SOCKET_FAILED: u8 = 3;
+
+impl BufferPool<BufToken> for BufRing {
+    fn bytes<'a>(&'a self, buffer: &'a BufToken) -> &'a [u8] {
+        BufRing::bytes(self, buffer)
+    }
+
+    fn recycle(&mut self, buffer: BufToken) {
+        BufRing::recycle(self, buffer);
+    }
+}
 
 struct ShardListener {
     fd: Option<OwnedFd>,
@@ -90,8 +75,10 @@ struct ShardListener {
     share: u32,
     active: u32,
     accepting: bool,
-    /// When accepting paused for lack of descriptors, when to try again.
+    /// When accepting paused (accept errors), when to try again.
     retry_at: Option<Instant>,
+    /// Accept errors since the last accepted connection.
+    errors_in_a_row: u32,
 }
 
 pub struct ShardSetup {
@@ -103,9 +90,7 @@ pub struct ShardSetup {
 }
 
 pub struct Shard {
-    // Field order is drop order: the ring goes before the buffers it has registered.
     ring: Ring,
-    buffers: BufRing,
     index: usize,
     config: Arc<Config>,
     listeners: Vec<ShardListener>,
@@ -113,18 +98,29 @@ pub struct Shard {
     balancers: Vec<PoolBalancer>,
     /// Server addresses per pool, resolved once.
     server_addrs: Vec<Vec<SocketAddr>>,
+    /// Per pool, the next source address to bind (round robin).
+    source_cursor: Vec<usize>,
     timers: TimerWheel,
     expired: Vec<TimerEntry>,
     completions: Vec<Completion>,
-    /// Sessions (index, serial, source side) waiting for receive buffers.
+    actions: Actions,
+    /// Sessions (index, generation, source side) whose receive found no buffer.
     starved: VecDeque<(usize, u32, Side)>,
+    /// Sessions (index, generation) waiting for a side's socket to drain before a reset.
+    lingering: Vec<(usize, u32)>,
+    /// Closing sessions (index, generation, tick) whose operations are still finishing.
+    cutting: VecDeque<(usize, u32, u64)>,
     control: Arc<ShardControl>,
+    /// The eventfd read must be re-armed (it failed; retried at the next tick, not in a spin).
+    wake_pending: bool,
+    logs: LogLimiter,
     started: Instant,
     now: Instant,
-    /// `now` as timer ticks and as milliseconds since start, computed once per loop turn.
+    /// `now` as timer ticks, computed once per loop turn.
     now_tick: u64,
     now_ms: u64,
-    next_serial: u32,
+    last_maintenance_tick: u64,
+    next_generation: u32,
     draining_until: Option<Instant>,
     /// Set once the drain deadline has cut the remaining sessions.
     cut_at: Option<Instant>,
@@ -135,9 +131,8 @@ impl Shard {
     pub fn new(setup: ShardSetup) -> io::Result<Shard> {
         let config = setup.config;
         let tuning = &config.tuning;
-        let ring = Ring::new(tuning.ring_entries)?;
         let buffer_count = u16::try_from(tuning.buffer_count).unwrap_or(32_768);
-        let buffers = BufRing::new(&ring, 0, buffer_count, tuning.buffer_size)?;
+        let ring = Ring::with_buffers(tuning.ring_entries, buffer_count, tuning.buffer_size)?;
         let listeners = setup
             .listeners
             .into_iter()
@@ -149,6 +144,7 @@ impl Shard {
                 active: 0,
                 accepting: false,
                 retry_at: None,
+                errors_in_a_row: 0,
             })
             .collect();
         let balancers = config
@@ -161,38 +157,37 @@ impl Shard {
             .iter()
             .map(|pool| pool.servers.iter().map(|server| server.addr).collect())
             .collect();
+        let source_cursor = vec![setup.index; config.pools.len()];
         let now = Instant::now();
         Ok(Shard {
             ring,
-            buffers,
             index: setup.index,
             config,
             listeners,
             sessions: Slab::new(),
             balancers,
             server_addrs,
+            source_cursor,
             timers: TimerWheel::new(1024),
             expired: Vec::new(),
             completions: Vec::with_capacity(1024),
+            actions: Vec::with_capacity(8),
             starved: VecDeque::new(),
+            lingering: Vec::new(),
+            cutting: VecDeque::new(),
             control: setup.control,
+            wake_pending: false,
+            logs: LogLimiter::new(LOG_INTERVAL_TICKS),
             started: now,
             now,
             now_tick: 0,
             now_ms: 0,
-            next_serial: 0,
+            last_maintenance_tick: 0,
+            next_generation: 0,
             draining_until: None,
             cut_at: None,
             stats: ShardStats::default(),
         })
-    }
-
-    fn tick(&self) -> u64 {
-        self.now_tick
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.now_ms
     }
 
     /// Reads the clock once per loop turn; every completion of the turn uses this time.
@@ -205,21 +200,17 @@ impl Shard {
 
     /// Runs the loop until a drain completes or a stop command arrives.
     pub fn run(mut self) -> io::Result<ShardReport> {
-        self.ring
-            .read_eventfd(self.control.eventfd.as_raw_fd(), user_data(Op::Wake, 0))?;
+        self.arm_wake();
         for index in 0..self.listeners.len() {
-            self.arm_accept(index)?;
+            self.arm_accept(index);
         }
         loop {
-            self.buffers.publish();
-            let wait = if self.sessions.is_empty()
+            self.ring.buffers_mut().publish();
+            let idle = self.sessions.is_empty()
                 && self.draining_until.is_none()
-                && self.listeners.iter().all(|l| l.retry_at.is_none())
-            {
-                None
-            } else {
-                Some(TICK)
-            };
+                && !self.wake_pending
+                && self.listeners.iter().all(|l| l.retry_at.is_none());
+            let wait = if idle { None } else { Some(TICK) };
             self.ring.submit_and_wait(wait)?;
             self.update_clock();
             let mut completions = std::mem::take(&mut self.completions);
@@ -227,13 +218,22 @@ impl Shard {
             self.stats.loop_turns += 1;
             self.stats.completions += completions.len() as u64;
             for completion in completions.drain(..) {
-                self.handle(completion)?;
+                self.handle(completion);
             }
             self.completions = completions;
-            self.expire_timers()?;
-            self.rearm_starved()?;
-            self.retry_accepts()?;
-            if self.drain_progress()? {
+            if self.now_tick != self.last_maintenance_tick {
+                self.last_maintenance_tick = self.now_tick;
+                self.expire_timers();
+                self.poll_lingering();
+                self.relieve_buffer_pressure();
+                self.finish_cutting();
+                if self.wake_pending {
+                    self.arm_wake();
+                }
+            }
+            self.rearm_starved();
+            self.retry_accepts();
+            if self.drain_progress() {
                 break;
             }
         }
@@ -246,6 +246,11 @@ impl Shard {
             rejected = stats.rejected,
             connect_failures = stats.connect_failures,
             no_server = stats.no_server,
+            resets = stats.resets,
+            idle_timeouts = stats.idle_timeouts,
+            write_timeouts = stats.write_timeouts,
+            buffer_starvation = stats.buffer_starvation,
+            spills = stats.spills,
             bytes_to_server = stats.bytes_to_server,
             bytes_to_client = stats.bytes_to_client,
             loop_turns = stats.loop_turns,
@@ -258,60 +263,77 @@ impl Shard {
         })
     }
 
-    fn handle(&mut self, completion: Completion) -> io::Result<()> {
-        let index = (completion.user_data >> 8) as usize;
-        let op = Op::from_tag(completion.user_data as u8);
-        let session_op = !matches!(op, Op::Ignored | Op::Wake | Op::Accept);
-        if session_op && !self.sessions.contains(index) {
-            // Cannot happen while `inflight` is kept right; never let it take the shard down.
-            warn!(
+    fn handle(&mut self, mut completion: Completion) {
+        let (op, index, generation) = Session::decode(completion.user_data());
+        match op {
+            Op::Ignored => return,
+            Op::Wake => return self.on_wake(&completion),
+            Op::Accept => return self.on_accept(index, &mut completion),
+            _ => {}
+        }
+        let current = self
+            .sessions
+            .get(index)
+            .is_some_and(|session| session.generation == generation);
+        if !current {
+            // A late completion of a session that is gone (or of an earlier session in the same
+            // slot): never delivered to the slot's new owner, and its buffer goes back.
+            self.stats.stale_completions += 1;
+            if let Some(token) = self.ring.buffers_mut().take(&mut completion) {
+                self.ring.buffers_mut().recycle(token);
+            }
+            debug!(
                 shard = self.index,
                 ?op,
                 index,
-                "completion for a session that no longer exists"
+                "completion of a closed session"
             );
-            debug_assert!(false, "stray completion {op:?} for slot {index}");
-            return Ok(());
+            return;
         }
         match op {
-            Op::Ignored => Ok(()),
-            Op::Wake => self.on_wake(completion),
-            Op::Accept => self.on_accept(index, completion),
-            Op::Connect => self.on_connect(index, completion.result),
+            Op::Connect => self.on_connect(index, completion.result()),
             Op::ClientRecv => self.on_receive(index, Side::Client, completion),
             Op::ServerRecv => self.on_receive(index, Side::Server, completion),
-            Op::SendToServer => self.on_sent(index, Side::Server, completion.result),
-            Op::SendToClient => self.on_sent(index, Side::Client, completion.result),
-            Op::Shutdown => {
-                if let Some(session) = self.sessions.get_mut(index) {
-                    session.inflight -= 1;
-                }
-                self.finish_if_done(index)
-            }
+            Op::SendToServer => self.on_sent(index, Side::Server, completion),
+            Op::SendToClient => self.on_sent(index, Side::Client, completion),
+            Op::Ignored | Op::Wake | Op::Accept => {}
         }
+        self.finish_if_done(index);
     }
 
     // ---- control ---------------------------------------------------------------------------
 
-    fn on_wake(&mut self, completion: Completion) -> io::Result<()> {
+    fn arm_wake(&mut self) {
+        self.wake_pending = false;
+        let fd = self.control.eventfd.as_raw_fd();
+        if let Err(error) = self.ring.read_eventfd(fd, user_data(Op::Wake, 0, 0)) {
+            warn!(shard = self.index, %error, "cannot arm the control wake-up; retrying");
+            self.wake_pending = true;
+        }
+    }
+
+    fn on_wake(&mut self, completion: &Completion) {
         match self.control.command() {
             ShardCommand::Run => {}
-            ShardCommand::Drain => self.begin_drain()?,
+            ShardCommand::Drain => self.begin_drain(),
             ShardCommand::Stop => {
-                self.begin_drain()?;
+                self.begin_drain();
                 self.draining_until = Some(self.now);
             }
         }
-        if completion.result >= 0 || completion.result == -libc::EAGAIN {
-            self.ring
-                .read_eventfd(self.control.eventfd.as_raw_fd(), user_data(Op::Wake, 0))?;
+        let result = completion.result();
+        if result >= 0 || result == -libc::EAGAIN || result == -libc::EINTR {
+            self.arm_wake();
+        } else {
+            // Always re-armed, but not in a loop: a failing read waits for the next tick.
+            warn!(shard = self.index, error = %io::Error::from_raw_os_error(-result), "control wake-up read failed");
+            self.wake_pending = true;
         }
-        Ok(())
     }
 
-    fn begin_drain(&mut self) -> io::Result<()> {
+    fn begin_drain(&mut self) {
         if self.draining_until.is_some() {
-            return Ok(());
+            return;
         }
         self.draining_until = Some(self.now + self.config.runtime.drain_timeout);
         info!(
@@ -322,22 +344,20 @@ impl Shard {
         for listener in &mut self.listeners {
             listener.retry_at = None;
             if let Some(fd) = listener.fd.take() {
-                let raw = fd.into_raw_fd();
-                self.ring.cancel_fd(raw, IGNORED)?;
-                self.ring.close(raw, IGNORED)?;
+                let _ = self.ring.cancel_fd(fd.as_raw_fd(), IGNORED);
+                let _ = self.ring.close(fd, IGNORED, true);
             }
         }
-        Ok(())
     }
 
     /// Returns true when the shard may exit.
-    fn drain_progress(&mut self) -> io::Result<bool> {
+    fn drain_progress(&mut self) -> bool {
         let Some(deadline) = self.draining_until else {
-            return Ok(false);
+            return false;
         };
         let accepts_done = self.listeners.iter().all(|l| !l.accepting);
         if self.sessions.is_empty() && accepts_done {
-            return Ok(true);
+            return true;
         }
         if self.now >= deadline && self.cut_at.is_none() {
             self.cut_at = Some(self.now);
@@ -350,7 +370,8 @@ impl Shard {
                 );
             }
             for index in remaining {
-                self.close_session(index, CloseMode::ResetBoth)?;
+                self.close_session(index, CloseMode::ResetBoth, CloseReason::Cut);
+                self.finish_if_done(index);
             }
         }
         if let Some(cut_at) = self.cut_at
@@ -359,27 +380,28 @@ impl Shard {
             warn!(
                 shard = self.index,
                 sessions = self.sessions.len(),
-                "sessions did not finish cancelling; exiting anyway"
+                "sessions did not finish closing; exiting anyway"
             );
-            return Ok(true);
+            return true;
         }
-        Ok(false)
+        false
     }
 
     // ---- accept ----------------------------------------------------------------------------
 
-    fn arm_accept(&mut self, index: usize) -> io::Result<()> {
+    fn arm_accept(&mut self, index: usize) {
         let listener = &mut self.listeners[index];
         let Some(fd) = &listener.fd else {
-            return Ok(());
+            return;
         };
-        self.ring
-            .accept_multishot(fd.as_raw_fd(), user_data(Op::Accept, index))?;
+        let raw = fd.as_raw_fd();
         listener.accepting = true;
-        Ok(())
+        let _ = self
+            .ring
+            .accept_multishot(raw, user_data(Op::Accept, index, 0));
     }
 
-    fn retry_accepts(&mut self) -> io::Result<()> {
+    fn retry_accepts(&mut self) {
         for index in 0..self.listeners.len() {
             let listener = &mut self.listeners[index];
             if let Some(retry_at) = listener.retry_at
@@ -387,46 +409,50 @@ impl Shard {
             {
                 listener.retry_at = None;
                 if !listener.accepting {
-                    self.arm_accept(index)?;
+                    self.arm_accept(index);
                 }
             }
         }
-        Ok(())
     }
 
-    fn on_accept(&mut self, index: usize, completion: Completion) -> io::Result<()> {
+    fn on_accept(&mut self, index: usize, completion: &mut Completion) {
+        let tick = self.now_tick;
         let Some(listener) = self.listeners.get_mut(index) else {
-            return Ok(());
+            return;
         };
         if !completion.more() {
             listener.accepting = false;
         }
-        if completion.result < 0 {
-            let errno = -completion.result;
-            match errno {
-                libc::ECANCELED => {}
-                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
-                    self.stats.accept_errors += 1;
-                    warn!(
-                        shard = self.index,
-                        listener = %self.config.listeners[listener.config_index].name,
-                        error = %io::Error::from_raw_os_error(errno),
-                        "accept failed for lack of resources; pausing accepts"
-                    );
-                    listener.retry_at = Some(self.now + ACCEPT_BACKOFF);
-                }
-                _ => {
-                    self.stats.accept_errors += 1;
-                    debug!(shard = self.index, error = %io::Error::from_raw_os_error(errno), "accept error");
-                    if !listener.accepting && listener.fd.is_some() {
-                        listener.retry_at = Some(self.now);
-                    }
-                }
+        let Some(client) = completion.accepted_fd() else {
+            let errno = -completion.result();
+            if errno == libc::ECANCELED {
+                return;
             }
-            return Ok(());
-        }
-        let client_fd = completion.result;
-        let listener_accepting = listener.accepting;
+            self.stats.accept_errors += 1;
+            listener.errors_in_a_row += 1;
+            let error = io::Error::from_raw_os_error(errno);
+            // A client that reset before it was accepted is its own problem; anything else
+            // (no descriptors, no memory, a broken listener) backs off instead of spinning.
+            let transient = matches!(errno, libc::ECONNABORTED | libc::EINTR | libc::EAGAIN)
+                && listener.errors_in_a_row < ACCEPT_ERRORS_BEFORE_BACKOFF;
+            let name = &self.config.listeners[listener.config_index].name;
+            if transient {
+                debug!(shard = self.index, listener = %name, %error, "accept error");
+                if !listener.accepting && listener.fd.is_some() && listener.retry_at.is_none() {
+                    self.arm_accept(index);
+                }
+            } else {
+                if let Verdict::Log { suppressed } = self
+                    .logs
+                    .check(log_limit::key(LOG_ACCEPT_FAILED, index, 0), tick)
+                {
+                    warn!(shard = self.index, listener = %name, %error, suppressed, "accept failed; pausing accepts for 100ms");
+                }
+                listener.retry_at = Some(self.now + ACCEPT_BACKOFF);
+            }
+            return;
+        };
+        listener.errors_in_a_row = 0;
         let decision = admission::admit(
             listener.active,
             listener.share,
@@ -434,8 +460,8 @@ impl Shard {
         );
         let config_index = listener.config_index;
         // Re-arm a multishot accept the kernel ended (e.g. CQ pressure), unless draining.
-        if !listener_accepting && listener.fd.is_some() && listener.retry_at.is_none() {
-            self.arm_accept(index)?;
+        if !listener.accepting && listener.fd.is_some() && listener.retry_at.is_none() {
+            self.arm_accept(index);
         }
         match decision {
             Admission::Reject(reason) => {
@@ -444,90 +470,139 @@ impl Shard {
                 if reason == RejectReason::ListenerFull {
                     self.stats.rejected_full += 1;
                 }
-                socket::close_unused(client_fd);
-                Ok(())
+                // Never seen by the ring: closed here, at once.
+                drop(client);
             }
-            Admission::Accept => self.start_session(index, client_fd),
+            Admission::Accept => self.start_session(index, client),
         }
     }
 
-    fn start_session(&mut self, listener_index: usize, client_fd: i32) -> io::Result<()> {
+    fn start_session(&mut self, listener_index: usize, client: OwnedFd) {
         let listener_config = &self.config.listeners[self.listeners[listener_index].config_index];
         let pool = listener_config.pool;
-        let idle_ticks = ticks(listener_config.idle_timeout);
-        // TCP_NODELAY is inherited from the listening socket (set in `listener::bind`).
+        let tuning = &self.config.tuning;
+        let limits = Limits {
+            queued_buffers: tuning.queued_buffers as usize,
+            buffer_size: tuning.buffer_size as usize,
+            idle_ticks: ticks(listener_config.idle_timeout),
+            write_ticks: ticks(listener_config.write_timeout),
+        };
+        // TCP_NODELAY and keepalive are inherited from the listening socket (`listener::bind`).
         let key = if self.config.pool(pool).balance.needs_client_address() {
-            socket::peer_ip(client_fd).map(client_key).unwrap_or(0)
+            socket::peer_ip(client.as_fd()).map(client_key).unwrap_or(0)
         } else {
             0
         };
-        self.next_serial = self.next_serial.wrapping_add(1);
-        let tick = self.tick();
-        let session = Session::new(self.next_serial, listener_index, pool, client_fd, key, tick);
-        let serial = session.serial;
+        self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
+        let tick = self.now_tick;
+        let session = Session {
+            generation: self.next_generation,
+            listener: listener_index,
+            pool,
+            client,
+            server: None,
+            server_index: None,
+            tried: Default::default(),
+            attempts: 0,
+            client_key: key,
+            connecting: false,
+            closing: false,
+            close_mode: CloseMode::Graceful,
+            relay: Relay::new(limits, tick),
+            timer: None,
+        };
         let index = self.sessions.insert(session);
         self.listeners[listener_index].active += 1;
         self.stats.accepted += 1;
-        self.timers.arm(index as u32, serial, tick + idle_ticks);
-        self.connect_next(index)
+        self.arm_timer(index);
+        self.connect_next(index);
+        self.finish_if_done(index);
     }
 
     // ---- connect ---------------------------------------------------------------------------
 
-    fn connect_next(&mut self, index: usize) -> io::Result<()> {
-        let now_ms = self.now_ms();
+    fn next_source(&mut self, pool: usize, target: &SocketAddr) -> Option<IpAddr> {
+        let sources = &self.config.pools[pool].source_addresses;
+        if sources.is_empty() {
+            return None;
+        }
+        let cursor = &mut self.source_cursor[pool];
+        for _ in 0..sources.len() {
+            let source = sources[*cursor % sources.len()];
+            *cursor = cursor.wrapping_add(1);
+            if source.is_ipv4() == target.is_ipv4() {
+                return Some(source);
+            }
+        }
+        None
+    }
+
+    fn connect_next(&mut self, index: usize) {
+        let now_ms = self.now_ms;
+        let tick = self.now_tick;
         let session = &mut self.sessions[index];
         let pool_id = session.pool;
-        let pool = self.config.pool(pool_id);
-        let balancer = &mut self.balancers[usize::from(pool_id.0)];
+        let pool_index = usize::from(pool_id.0);
+        let balancer = &mut self.balancers[pool_index];
         let Some(server) = balancer.pick(session.client_key, session.tried, now_ms) else {
             self.stats.no_server += 1;
+            let pool = self.config.pool(pool_id);
             debug!(shard = self.index, pool = %pool.name, attempts = session.attempts, "no server available");
-            return self.close_session(index, CloseMode::Graceful);
+            self.close_session(index, CloseMode::Graceful, CloseReason::Cut);
+            return;
         };
-        let addr = self.server_addrs[usize::from(pool_id.0)][server];
-        let server_fd = match socket::tcp_socket_for(&addr) {
+        let addr = self.server_addrs[pool_index][server];
+        let source = self.next_source(pool_index, &addr);
+        let pool = self.config.pool(pool_id);
+        let server_fd = match socket::tcp_socket(&addr, source, &pool.tcp) {
             Ok(fd) => fd,
             Err(error) => {
                 self.stats.local_errors += 1;
-                warn!(shard = self.index, pool = %pool.name, %error, "cannot create a server socket");
-                return self.close_session(index, CloseMode::Graceful);
+                if let Verdict::Log { suppressed } = self
+                    .logs
+                    .check(log_limit::key(LOG_SOCKET_FAILED, pool_index, server), tick)
+                {
+                    warn!(shard = self.index, pool = %pool.name, server = %addr, ?source, %error, suppressed, "cannot create a server socket");
+                }
+                self.close_session(index, CloseMode::Graceful, CloseReason::Cut);
+                return;
             }
         };
-        balancer.acquire(server);
-        session.server = Some(server);
-        session.server_fd = server_fd;
+        let raw = server_fd.as_raw_fd();
+        let session = &mut self.sessions[index];
+        self.balancers[pool_index].acquire(server);
+        session.server_index = Some(server);
+        session.server = Some(server_fd);
         session.tried.insert(server);
         session.attempts += 1;
-        session.inflight += 1;
-        self.ring.connect(
-            server_fd,
-            addr,
-            pool.connect_timeout,
-            user_data(Op::Connect, index),
-            IGNORED,
-        )
+        session.connecting = true;
+        let connect_data = user_data(Op::Connect, index, session.generation);
+        let _ = self
+            .ring
+            .connect(raw, addr, pool.connect_timeout, connect_data, IGNORED);
     }
 
-    fn on_connect(&mut self, index: usize, result: i32) -> io::Result<()> {
-        let now_ms = self.now_ms();
-        let tick = self.tick();
+    fn on_connect(&mut self, index: usize, result: i32) {
+        let now_ms = self.now_ms;
+        let tick = self.now_tick;
         let session = &mut self.sessions[index];
-        session.inflight -= 1;
-        if session.state == SessionState::Closing {
-            return self.finish_if_done(index);
+        session.connecting = false;
+        if session.closing {
+            return;
         }
         let pool_id = session.pool;
-        let pool = self.config.pool(pool_id);
-        let balancer = &mut self.balancers[usize::from(pool_id.0)];
-        let Some(server) = session.server else {
-            return self.finish_if_done(index);
+        let pool_index = usize::from(pool_id.0);
+        let Some(server) = session.server_index else {
+            return;
         };
+        let balancer = &mut self.balancers[pool_index];
         if result == 0 {
             balancer.record_success(server);
-            session.state = SessionState::Relaying;
-            session.last_active = tick;
-            return self.arm_receives(index);
+            let mut actions = std::mem::take(&mut self.actions);
+            session.relay.start(&mut actions);
+            self.execute(index, &mut actions);
+            self.actions = actions;
+            return;
         }
         let error = if result == -libc::ECANCELED {
             io::Error::from_raw_os_error(libc::ETIMEDOUT)
@@ -538,312 +613,439 @@ impl Shard {
         balancer.record_failure(server, now_ms);
         balancer.release(server);
         let was_down = balancer.is_down(server, now_ms);
-        session.server = None;
-        let server_fd = std::mem::replace(&mut session.server_fd, -1);
-        self.ring.close(server_fd, IGNORED)?;
-        let addr = self.server_addrs[usize::from(pool_id.0)][server];
+        session.server_index = None;
+        if let Some(fd) = session.server.take() {
+            let _ = self.ring.close(fd, IGNORED, true);
+        }
+        let attempts = session.attempts;
+        let pool = self.config.pool(pool_id);
+        let addr = self.server_addrs[pool_index][server];
         if was_down {
-            warn!(shard = self.index, pool = %pool.name, server = %addr, %error, "server marked down after connect failures");
+            if let Verdict::Log { suppressed } = self
+                .logs
+                .check(log_limit::key(LOG_CONNECT_FAILED, pool_index, server), tick)
+            {
+                warn!(shard = self.index, pool = %pool.name, server = %addr, %error, suppressed, "server marked down after connect failures");
+            }
         } else {
             debug!(shard = self.index, pool = %pool.name, server = %addr, %error, "connect failed");
         }
-        if session.attempts <= pool.retries {
+        if attempts <= pool.retries {
             self.stats.retries += 1;
-            self.connect_next(index)
+            self.connect_next(index);
         } else {
             self.stats.no_server += 1;
-            debug!(shard = self.index, pool = %pool.name, attempts = session.attempts, "giving up on this session");
-            self.close_session(index, CloseMode::Graceful)
+            debug!(shard = self.index, pool = %pool.name, attempts, "giving up on this session");
+            self.close_session(index, CloseMode::Graceful, CloseReason::Cut);
         }
     }
 
     // ---- relay -----------------------------------------------------------------------------
 
-    fn arm_receives(&mut self, index: usize) -> io::Result<()> {
-        for side in [Side::Client, Side::Server] {
-            self.arm_receive(index, side)?;
-        }
-        Ok(())
-    }
-
-    fn arm_receive(&mut self, index: usize, source: Side) -> io::Result<()> {
+    fn on_receive(&mut self, index: usize, source: Side, mut completion: Completion) {
+        let tick = self.now_tick;
+        let token = self.ring.buffers_mut().take(&mut completion);
+        let result = completion.result();
+        let mut actions = std::mem::take(&mut self.actions);
         let session = &mut self.sessions[index];
-        if session.state != SessionState::Relaying || !session.flow_from(source).wants_receive() {
-            return Ok(());
-        }
-        let fd = session.fd(source);
-        session.flow_from(source).receiving = true;
-        session.inflight += 1;
-        self.ring
-            .recv_multishot(fd, &self.buffers, user_data(Op::recv_from(source), index))
-    }
-
-    fn on_receive(&mut self, index: usize, source: Side, completion: Completion) -> io::Result<()> {
-        let tick = self.tick();
-        let queue_limit = self.config.tuning.queued_buffers as usize;
-        let token = if completion.result > 0 {
-            self.buffers
-                .take(completion.flags, completion.result as u32)
-        } else {
-            None
-        };
-        let session = &mut self.sessions[index];
-        let serial = session.serial;
-        let closing = session.state == SessionState::Closing;
-        if !completion.more() {
-            session.inflight -= 1;
-            let flow = session.flow_from(source);
-            flow.receiving = false;
-            // The cancel of a paused receive may land after the queue already drained.
-            flow.resume_if_drained(queue_limit);
-        }
-        if closing {
-            if let Some(token) = token {
-                self.buffers.recycle(token);
+        let buffers = self.ring.buffers_mut();
+        match (result, token) {
+            (1.., Some(token)) => {
+                let len = token.len();
+                session
+                    .relay
+                    .on_received(source, token, len, tick, buffers, &mut actions);
             }
-            return self.finish_if_done(index);
-        }
-        let flow = session.flow_from(source);
-        match completion.result {
-            1.. => {
-                let Some(token) = token else {
-                    warn!(
-                        shard = self.index,
-                        "receive completion without a valid buffer"
-                    );
-                    return self.close_session(index, CloseMode::ResetBoth);
-                };
-                flow.bytes += u64::from(token.len());
-                flow.queue.push_back(Pending { token, sent: 0 });
-                // Backpressure: stop reading this source until the queue drains. Only an armed
-                // receive needs cancelling; an ended one is simply not re-armed.
-                let pause = flow.queue.len() >= queue_limit && !flow.paused;
-                if pause {
-                    flow.paused = true;
+            (_, token) => {
+                if let Some(token) = token {
+                    buffers.recycle(token);
                 }
-                let cancel = pause && flow.receiving;
-                session.last_active = tick;
-                if cancel {
-                    self.ring
-                        .cancel(user_data(Op::recv_from(source), index), IGNORED)?;
-                }
-                self.send_next(index, source.other())?;
-            }
-            0 => {
-                flow.eof = true;
-                self.pass_fin_if_flushed(index, source.other())?;
-            }
-            error if error == -libc::ENOBUFS => {
-                if !flow.starved {
-                    flow.starved = true;
-                    self.stats.buffer_starvation += 1;
-                    self.starved.push_back((index, serial, source));
+                match result {
+                    0 => session.relay.on_eof(source, &mut actions),
+                    error if error == -libc::ENOBUFS => {
+                        session.relay.on_receive_failed(
+                            source,
+                            ReceiveError::NoBuffers,
+                            buffers,
+                            &mut actions,
+                        );
+                        self.stats.buffer_starvation += 1;
+                        self.starved.push_back((index, session.generation, source));
+                    }
+                    error if error == -libc::ECANCELED => session.relay.on_receive_failed(
+                        source,
+                        ReceiveError::Cancelled,
+                        buffers,
+                        &mut actions,
+                    ),
+                    error => {
+                        if !session.closing {
+                            self.stats.resets += 1;
+                            debug!(shard = self.index, side = ?source, error = %io::Error::from_raw_os_error(-error.min(-1)), "receive failed");
+                        }
+                        session.relay.on_receive_failed(
+                            source,
+                            ReceiveError::Failed,
+                            buffers,
+                            &mut actions,
+                        );
+                    }
                 }
             }
-            error if error == -libc::ECANCELED => {}
-            error => {
-                let error = io::Error::from_raw_os_error(-error);
-                debug!(shard = self.index, side = ?source, %error, "receive failed; resetting the other side");
-                self.stats.resets += 1;
-                return self.close_session(index, CloseMode::Reset(source.other()));
-            }
         }
-        if self.sessions.contains(index) {
-            self.arm_receive(index, source)?;
-        }
-        Ok(())
+        self.execute(index, &mut actions);
+        self.actions = actions;
     }
 
-    /// Sends the head of the queue toward `destination` if no send is in flight.
-    fn send_next(&mut self, index: usize, destination: Side) -> io::Result<()> {
+    fn on_sent(&mut self, index: usize, destination: Side, mut completion: Completion) {
+        let tick = self.now_tick;
+        let result = completion.result();
+        let mut actions = std::mem::take(&mut self.actions);
         let session = &mut self.sessions[index];
-        let fd = session.fd(destination);
-        let flow = match destination {
-            Side::Server => &mut session.upstream,
-            Side::Client => &mut session.downstream,
-        };
-        if flow.sending {
-            return Ok(());
-        }
-        let Some(head) = flow.queue.front() else {
-            return Ok(());
-        };
-        flow.sending = true;
-        session.inflight += 1;
-        self.ring.send(
-            fd,
-            &mut self.buffers,
-            &head.token,
-            head.sent,
-            user_data(Op::send_to(destination), index),
-        )
-    }
-
-    fn on_sent(&mut self, index: usize, destination: Side, result: i32) -> io::Result<()> {
-        let tick = self.tick();
-        let queue_limit = self.config.tuning.queued_buffers as usize;
-        let session = &mut self.sessions[index];
-        session.inflight -= 1;
-        session.last_active = tick;
-        let closing = session.state == SessionState::Closing;
-        let flow = session.flow_from(destination.other());
-        flow.sending = false;
-        let Some(head) = flow.queue.front_mut() else {
-            return self.finish_if_done(index);
-        };
-        self.buffers.send_completed(&head.token);
-        if closing {
-            return self.finish_if_done(index);
-        }
-        if result <= 0 {
-            let error = if result == 0 {
-                io::Error::from(io::ErrorKind::WriteZero)
-            } else {
-                io::Error::from_raw_os_error(-result)
-            };
-            debug!(shard = self.index, side = ?destination, %error, "send failed; resetting the other side");
-            self.stats.resets += 1;
-            return self.close_session(index, CloseMode::Reset(destination.other()));
-        }
-        head.sent += result as u32;
-        if head.sent >= head.token.len()
-            && let Some(done) = flow.queue.pop_front()
+        let flow = session.relay.flow_to(destination);
+        if let Some(data) = completion.take_owned() {
+            flow.restore_spill(data);
+        } else if flow.sending == Some(SendFrom::Queue)
+            && let Some(head) = flow.queue.front()
         {
-            self.buffers.recycle(done.token);
+            self.ring.buffers_mut().send_completed(&head.buffer);
         }
-        match destination {
-            Side::Server => self.stats.bytes_to_server += result as u64,
-            Side::Client => self.stats.bytes_to_client += result as u64,
-        }
-        let resume = flow.resume_if_drained(queue_limit);
-        self.send_next(index, destination)?;
-        if resume {
-            self.arm_receive(index, destination.other())?;
-        }
-        self.pass_fin_if_flushed(index, destination)
+        let outcome = match result {
+            count if count >= 0 => {
+                let count = count as u32;
+                match destination {
+                    Side::Server => self.stats.bytes_to_server += u64::from(count),
+                    Side::Client => self.stats.bytes_to_client += u64::from(count),
+                }
+                Ok(count)
+            }
+            error if error == -libc::ECANCELED => Err(SendError::Cancelled),
+            error => {
+                if !session.closing {
+                    self.stats.resets += 1;
+                    debug!(shard = self.index, side = ?destination, error = %io::Error::from_raw_os_error(-error), "send failed");
+                }
+                Err(SendError::Failed)
+            }
+        };
+        session.relay.on_sent(
+            destination,
+            outcome,
+            tick,
+            self.ring.buffers_mut(),
+            &mut actions,
+        );
+        self.execute(index, &mut actions);
+        self.actions = actions;
     }
 
-    /// Once the flow toward `destination` has delivered everything after its source's FIN,
-    /// passes the FIN on; closes the session when both directions are done.
-    fn pass_fin_if_flushed(&mut self, index: usize, destination: Side) -> io::Result<()> {
+    /// Carries out what the relay machine asked for.
+    fn execute(&mut self, index: usize, actions: &mut Actions) {
+        for action in actions.drain(..) {
+            let Some(session) = self.sessions.get_mut(index) else {
+                return;
+            };
+            let generation = session.generation;
+            match action {
+                Action::Receive(side) => {
+                    let Some(fd) = session.fd(side) else { continue };
+                    // Right after a full buffer more is likely waiting: try at once; otherwise
+                    // wait for readiness first (no wasted attempt per request).
+                    let poll_first = !session.relay.flow_from(side).last_receive_full;
+                    let _ = self.ring.recv(
+                        fd,
+                        user_data(Op::recv_from(side), index, generation),
+                        poll_first,
+                    );
+                }
+                Action::Send(side) => self.submit_send(index, side),
+                Action::CancelSend(side) => {
+                    let target = user_data(Op::send_to(side), index, generation);
+                    let _ = self.ring.cancel(target, IGNORED);
+                    self.stats.spills += 1;
+                }
+                Action::ShutdownWrite(side) => {
+                    if let Some(fd) = session.borrow_fd(side) {
+                        // A peer that is already gone fails the next operation instead.
+                        let _ = socket::shutdown(fd, std::net::Shutdown::Write);
+                    }
+                }
+                Action::Close(mode, reason) => {
+                    match reason {
+                        CloseReason::IdleTimeout => {
+                            self.stats.idle_timeouts += 1;
+                            debug!(shard = self.index, "idle timeout");
+                        }
+                        CloseReason::WriteTimeout(side) => {
+                            self.stats.write_timeouts += 1;
+                            debug!(
+                                shard = self.index,
+                                ?side,
+                                "write timeout: the destination took no byte"
+                            );
+                        }
+                        CloseReason::Completed | CloseReason::PeerFailed(_) | CloseReason::Cut => {}
+                    }
+                    self.close_session(index, mode, reason);
+                }
+                Action::ResetWhenDrained(_) => self.lingering.push((index, generation)),
+            }
+        }
+    }
+
+    fn submit_send(&mut self, index: usize, destination: Side) {
         let session = &mut self.sessions[index];
-        let fd = session.fd(destination);
-        let flow = session.flow_from(destination.other());
-        if flow.eof && !flow.shut && flow.is_flushed() {
-            flow.shut = true;
-            session.inflight += 1;
-            self.ring
-                .shutdown_write(fd, user_data(Op::Shutdown, index))?;
+        let Some(fd) = session.fd(destination) else {
+            return;
+        };
+        let send_data = user_data(Op::send_to(destination), index, session.generation);
+        let flow = session.relay.flow_to(destination);
+        let submitted = match flow.sending {
+            Some(SendFrom::Queue) => match flow.queue.front() {
+                Some(head) => self.ring.send(fd, &head.buffer, head.sent, send_data),
+                None => Err(io::Error::other("nothing queued to send")),
+            },
+            Some(SendFrom::Spill) => match flow.lend_spill() {
+                Some((data, start, end)) => self.ring.send_owned(fd, data, start, end, send_data),
+                None => Err(io::Error::other("spill buffer not at hand")),
+            },
+            None => return,
+        };
+        if let Err(error) = submitted {
+            warn!(shard = self.index, %error, "cannot submit a send; closing the session");
+            self.stats.local_errors += 1;
+            session.relay.flow_to(destination).sending = None;
+            self.close_session(index, CloseMode::ResetBoth, CloseReason::Cut);
         }
-        if session.is_complete() {
-            return self.close_session(index, CloseMode::Graceful);
-        }
-        Ok(())
     }
 
     // ---- close -----------------------------------------------------------------------------
 
-    fn close_session(&mut self, index: usize, mode: CloseMode) -> io::Result<()> {
+    /// Ends a session: every operation still in flight is woken by a shutdown of its socket
+    /// (a receive sees EOF, a send fails, a connect aborts) rather than cancelled one by one,
+    /// then `finish_if_done` closes the sockets once the last completion is in.
+    fn close_session(&mut self, index: usize, mode: CloseMode, reason: CloseReason) {
         let Some(session) = self.sessions.get_mut(index) else {
-            return Ok(());
+            return;
         };
-        if session.state == SessionState::Closing {
-            return Ok(());
+        if session.closing {
+            return;
         }
-        session.state = SessionState::Closing;
-        let reset_client = matches!(mode, CloseMode::Reset(Side::Client) | CloseMode::ResetBoth);
-        let reset_server = matches!(mode, CloseMode::Reset(Side::Server) | CloseMode::ResetBoth);
-        if reset_client {
-            let _ = socket::set_linger_zero(session.client_fd);
-        }
-        if reset_server && session.server_fd >= 0 {
-            let _ = socket::set_linger_zero(session.server_fd);
-        }
-        if session.inflight > 0 {
-            for fd in [session.client_fd, session.server_fd] {
-                if fd >= 0 {
-                    self.ring.cancel_fd(fd, IGNORED)?;
+        session.closing = true;
+        session.close_mode = mode;
+        session.relay.set_closing();
+        let _ = reason;
+        let idle = session.is_idle();
+        let generation = session.generation;
+        for side in [Side::Client, Side::Server] {
+            let reset = match mode {
+                CloseMode::Graceful => false,
+                CloseMode::Reset(reset_side) => reset_side == side,
+                CloseMode::ResetBoth => true,
+            };
+            let sending = session.relay.flow_to(side).sending.is_some();
+            let Some(fd) = session.borrow_fd(side) else {
+                continue;
+            };
+            if reset {
+                let _ = socket::set_linger_zero(fd);
+            }
+            if idle {
+                continue;
+            }
+            if reset {
+                // Wakes a pending receive (EOF) and aborts a connect without sending a FIN:
+                // the peer's first sign is the RST of the close.
+                let _ = socket::shutdown(fd, std::net::Shutdown::Read);
+                if sending {
+                    let target = user_data(Op::send_to(side), index, generation);
+                    let _ = self.ring.cancel(target, IGNORED);
                 }
+            } else {
+                // FIN now; a pending receive sees EOF and a pending send fails.
+                let _ = socket::shutdown(fd, std::net::Shutdown::Both);
             }
         }
-        self.finish_if_done(index)
+        if !idle {
+            self.cutting.push_back((index, generation, self.now_tick));
+        }
     }
 
     /// Frees a closing session once no operation refers to it any more.
-    fn finish_if_done(&mut self, index: usize) -> io::Result<()> {
+    fn finish_if_done(&mut self, index: usize) {
         let Some(session) = self.sessions.get(index) else {
-            return Ok(());
+            return;
         };
-        if session.state != SessionState::Closing || session.inflight > 0 {
-            return Ok(());
+        if !session.closing || !session.is_idle() {
+            return;
         }
-        let session = self.sessions.remove(index);
-        for flow in [session.upstream, session.downstream] {
-            for pending in flow.queue {
-                self.buffers.recycle(pending.token);
-            }
+        let mut session = self.sessions.remove(index);
+        session.relay.release(self.ring.buffers_mut());
+        if let Some(timer) = session.timer.take() {
+            self.timers.cancel(timer);
         }
-        self.ring.close(session.client_fd, IGNORED)?;
-        if session.server_fd >= 0 {
-            self.ring.close(session.server_fd, IGNORED)?;
+        let _ = self.ring.close(session.client, IGNORED, true);
+        if let Some(server) = session.server.take() {
+            let _ = self.ring.close(server, IGNORED, true);
         }
-        if let Some(server) = session.server {
+        if let Some(server) = session.server_index {
             self.balancers[usize::from(session.pool.0)].release(server);
         }
         let listener = &mut self.listeners[session.listener];
         listener.active = listener.active.saturating_sub(1);
         self.stats.closed += 1;
-        Ok(())
     }
 
-    // ---- timers ----------------------------------------------------------------------------
-
-    fn expire_timers(&mut self) -> io::Result<()> {
-        let tick = self.tick();
-        let mut expired = std::mem::take(&mut self.expired);
-        self.timers.advance(tick, &mut expired);
-        for entry in expired.drain(..) {
-            let index = entry.key as usize;
+    /// Sessions whose operations have not finished a while after their sockets were shut down
+    /// get an explicit cancellation (a socket shut down before its connect even started, say).
+    fn finish_cutting(&mut self) {
+        let grace = ticks(CUT_GRACE);
+        while let Some(&(index, generation, since)) = self.cutting.front() {
+            if self.now_tick < since + grace {
+                break;
+            }
+            self.cutting.pop_front();
             let Some(session) = self.sessions.get(index) else {
                 continue;
             };
-            if session.serial != entry.serial || session.state == SessionState::Closing {
+            if session.generation != generation {
                 continue;
             }
-            let idle_ticks = ticks(
-                self.config.listeners[self.listeners[session.listener].config_index].idle_timeout,
-            );
-            let deadline = session.last_active + idle_ticks;
-            if tick >= deadline {
-                self.stats.idle_timeouts += 1;
-                debug!(shard = self.index, "idle timeout");
-                self.close_session(index, CloseMode::Graceful)?;
-            } else {
-                self.timers.arm(entry.key, entry.serial, deadline);
+            for fd in [
+                Some(session.client.as_raw_fd()),
+                session.server.as_ref().map(AsRawFd::as_raw_fd),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let _ = self.ring.cancel_fd(fd, IGNORED);
             }
         }
-        self.expired = expired;
-        Ok(())
     }
 
-    fn rearm_starved(&mut self) -> io::Result<()> {
-        while self.buffers.available() > 0 {
-            let Some((index, serial, side)) = self.starved.pop_front() else {
+    // ---- timers and pressure ---------------------------------------------------------------
+
+    fn arm_timer(&mut self, index: usize) {
+        let now = self.now_tick;
+        let session = &mut self.sessions[index];
+        let limits = session.relay.limits();
+        let period = limits.idle_ticks.min(limits.write_ticks).max(1);
+        let deadline = session.relay.next_deadline().min(now + period);
+        if let Some(old) = session.timer.take() {
+            self.timers.cancel(old);
+        }
+        session.timer = Some(self.timers.arm(index as u32, session.generation, deadline));
+    }
+
+    fn expire_timers(&mut self) {
+        let tick = self.now_tick;
+        let mut expired = std::mem::take(&mut self.expired);
+        self.timers.advance(tick, &mut expired);
+        let mut actions = std::mem::take(&mut self.actions);
+        for entry in expired.drain(..) {
+            let index = entry.key as usize;
+            let Some(session) = self.sessions.get_mut(index) else {
+                continue;
+            };
+            if session.generation != entry.serial {
+                continue;
+            }
+            session.timer = None;
+            if session.closing {
+                continue;
+            }
+            session.relay.on_tick(tick, &mut actions);
+            self.execute(index, &mut actions);
+            if self.sessions.get(index).is_some_and(|s| !s.closing) {
+                self.arm_timer(index);
+            }
+            self.finish_if_done(index);
+        }
+        self.actions = actions;
+        self.expired = expired;
+    }
+
+    fn poll_lingering(&mut self) {
+        let tick = self.now_tick;
+        let mut lingering = std::mem::take(&mut self.lingering);
+        let mut actions = std::mem::take(&mut self.actions);
+        lingering.retain(|&(index, generation)| {
+            let Some(session) = self.sessions.get_mut(index) else {
+                return false;
+            };
+            if session.generation != generation || session.closing {
+                return false;
+            }
+            let Some(side) = session.relay.lingering() else {
+                return false;
+            };
+            let unacknowledged = session
+                .borrow_fd(side)
+                .and_then(|fd| socket::unacknowledged_bytes(fd).ok())
+                .unwrap_or(0);
+            session
+                .relay
+                .on_unacknowledged(unacknowledged, tick, &mut actions);
+            let done = !actions.is_empty();
+            self.execute(index, &mut actions);
+            self.finish_if_done(index);
+            !done
+        });
+        self.actions = actions;
+        lingering.append(&mut self.lingering);
+        self.lingering = lingering;
+    }
+
+    /// When the ring runs low, directions whose destination has taken nothing for a tick have
+    /// their bytes copied into memory of their own, so their ring buffers go back to the
+    /// sessions that are moving.
+    fn relieve_buffer_pressure(&mut self) {
+        let buffers = self.ring.buffers();
+        if buffers.available() >= buffers.count() / PRESSURE_DIVISOR {
+            return;
+        }
+        let stalled_before = self.now_tick.saturating_sub(1);
+        let indexes: Vec<usize> = self
+            .sessions
+            .iter()
+            .filter(|(_, session)| !session.closing && session.relay.ring_buffers() > 0)
+            .map(|(index, _)| index)
+            .collect();
+        let mut actions = std::mem::take(&mut self.actions);
+        for index in indexes {
+            let session = &mut self.sessions[index];
+            session
+                .relay
+                .spill_if_stalled(stalled_before, self.ring.buffers_mut(), &mut actions);
+            self.execute(index, &mut actions);
+        }
+        self.actions = actions;
+    }
+
+    /// Re-arms as many starved receives as there are free buffers, oldest first.
+    fn rearm_starved(&mut self) {
+        let mut budget = self.ring.buffers().available();
+        let mut actions = std::mem::take(&mut self.actions);
+        while budget > 0 {
+            let Some((index, generation, side)) = self.starved.pop_front() else {
                 break;
             };
             let Some(session) = self.sessions.get_mut(index) else {
                 continue;
             };
-            if session.serial != serial {
+            if session.generation != generation {
                 continue;
             }
-            session.flow_from(side).starved = false;
-            self.arm_receive(index, side)?;
+            if session.relay.on_buffers_available(side, &mut actions) {
+                budget -= 1;
+            }
+            self.execute(index, &mut actions);
         }
-        Ok(())
+        self.actions = actions;
     }
 }
 
-fn ticks(duration: Duration) -> u64 {
+/// A duration in loop ticks, at least one.
+pub fn ticks(duration: Duration) -> u64 {
     (duration.as_millis().div_ceil(TICK.as_millis()) as u64).max(1)
 }

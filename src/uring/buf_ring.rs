@@ -2,22 +2,32 @@
 //!
 //! Owns the ring of `io_uring_buf` entries and the buffer memory, both mmap'd (so untouched
 //! buffers cost no RSS). A buffer is either in the kernel's ring or checked out as a
-//! `BufToken`; a token is created only from a completion that selected that buffer and goes back
-//! only through `recycle`. Invariant: while a token lives its bytes are not handed to the kernel
-//! for another receive, so a send may point into them until its completion arrives.
+//! `BufToken`. Only a completion of the ring this buffer ring is registered on can mint a token
+//! (once: taking clears the completion's buffer flag, and a buffer already checked out cannot
+//! be minted again), and a token goes back only through `recycle`, which consumes it.
+//! Invariant: while a token lives, or a send reads from its bytes, the buffer is not handed to
+//! the kernel for another receive.
+//!
+//! A `BufRing` lives inside its `Ring` (`Ring::with_buffers`), so it cannot be registered on one
+//! ring and used with another, and the ring unregisters it before either is freed.
 
 use std::io;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
 
+use io_uring::IoUring;
 use io_uring::types::BufRingEntry;
 
-use super::Ring;
+use super::Completion;
 
-/// A received buffer checked out of the ring: buffer id and how many bytes it holds.
+/// IORING_CQE_F_BUFFER from the kernel's uapi (the io-uring crate does not export it).
+const CQE_F_BUFFER: u32 = 1;
+
+/// A received buffer checked out of the ring: which ring, buffer id and how many bytes it holds.
 /// Deliberately neither `Copy` nor `Clone`: there is exactly one owner until `recycle`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct BufToken {
+    ring: u32,
     id: u16,
     len: u32,
 }
@@ -40,6 +50,9 @@ struct Mapping {
 
 impl Mapping {
     fn new(len: usize) -> io::Result<Mapping> {
+        if len == 0 {
+            return Ok(Mapping::empty());
+        }
         // SAFETY: an anonymous private mapping with no address hint touches no existing memory;
         // the result is checked for MAP_FAILED before use.
         let base = unsafe {
@@ -58,6 +71,13 @@ impl Mapping {
         let base = NonNull::new(base.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
         Ok(Mapping { base, len })
     }
+
+    fn empty() -> Mapping {
+        Mapping {
+            base: NonNull::dangling(),
+            len: 0,
+        }
+    }
 }
 
 impl Drop for Mapping {
@@ -65,25 +85,43 @@ impl Drop for Mapping {
         if self.len == 0 {
             return;
         }
-        // SAFETY: base/len are exactly what mmap returned and nothing refers to the mapping any
-        // more (the owning BufRing is being dropped after its io_uring, which pins the pages it
-        // registered until its own teardown).
+        // SAFETY: base/len are exactly what mmap returned. The owner drops a mapping only once
+        // the kernel can no longer touch it: the buffer ring was unregistered (so no receive
+        // selects these buffers any more) and no send reads from them (`BufRing::drop` leaks
+        // the buffer mapping otherwise).
         unsafe {
             libc::munmap(self.base.as_ptr().cast(), self.len);
         }
     }
 }
 
+fn bit(bits: &[u64], id: u16) -> bool {
+    bits[usize::from(id / 64)] & (1 << (id % 64)) != 0
+}
+
+fn set_bit(bits: &mut [u64], id: u16, value: bool) {
+    let word = &mut bits[usize::from(id / 64)];
+    if value {
+        *word |= 1 << (id % 64);
+    } else {
+        *word &= !(1 << (id % 64));
+    }
+}
+
 pub struct BufRing {
+    ring: u32,
     entries: Mapping,
     buffers: Mapping,
     group: u16,
     count: u16,
     buffer_size: u32,
+    registered: bool,
     /// Our copy of the ring tail; published to the kernel by `publish`.
     tail: u16,
     published_tail: u16,
     available: u32,
+    /// One bit per buffer id held by a token.
+    checked_out: Vec<u64>,
     /// One bit per buffer id with a send in flight: such a buffer is never handed back to the
     /// kernel, so a safe `Ring::send` cannot have its bytes overwritten by a receive.
     sending: Vec<u64>,
@@ -92,38 +130,67 @@ pub struct BufRing {
 }
 
 impl BufRing {
+    /// A buffer ring with no buffers (for rings that only send, connect or accept).
+    pub(super) fn none(ring: u32) -> BufRing {
+        BufRing {
+            ring,
+            entries: Mapping::empty(),
+            buffers: Mapping::empty(),
+            group: 0,
+            count: 0,
+            buffer_size: 0,
+            registered: false,
+            tail: 0,
+            published_tail: 0,
+            available: 0,
+            checked_out: Vec::new(),
+            sending: Vec::new(),
+            deferred: Vec::new(),
+        }
+    }
+
     /// Allocates `count` (a power of two, at most 32768) buffers of `buffer_size` bytes and
-    /// registers them with `ring` as buffer group `group`.
-    pub fn new(ring: &Ring, group: u16, count: u16, buffer_size: u32) -> io::Result<BufRing> {
-        if !count.is_power_of_two() || count > 32_768 {
+    /// registers them with `uring` as buffer group `group`.
+    pub(super) fn register(
+        uring: &IoUring,
+        ring: u32,
+        group: u16,
+        count: u16,
+        buffer_size: u32,
+    ) -> io::Result<BufRing> {
+        if !count.is_power_of_two() || count > 32_768 || buffer_size == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "buffer count must be a power of two no larger than 32768",
+                "buffer count must be a power of two no larger than 32768, and buffers non-empty",
             ));
         }
         let entry_bytes = usize::from(count) * std::mem::size_of::<BufRingEntry>();
         let entries = Mapping::new(entry_bytes)?;
         let buffers = Mapping::new(usize::from(count) * buffer_size as usize)?;
         // SAFETY: the entry mapping is page aligned, sized for `count` entries, and lives as
-        // long as this BufRing, which the shard drops only after the ring.
+        // long as this BufRing, which its Ring unregisters before dropping it.
         unsafe {
-            ring.ring.submitter().register_buf_ring_with_flags(
+            uring.submitter().register_buf_ring_with_flags(
                 entries.base.as_ptr() as u64,
                 count,
                 group,
                 0,
             )?;
         }
+        let words = usize::from(count).div_ceil(64);
         let mut buf_ring = BufRing {
+            ring,
             entries,
             buffers,
             group,
             count,
             buffer_size,
+            registered: true,
             tail: 0,
             published_tail: 0,
             available: 0,
-            sending: vec![0; usize::from(count).div_ceil(64)],
+            checked_out: vec![0; words],
+            sending: vec![0; words],
             deferred: Vec::new(),
         };
         for id in 0..count {
@@ -142,25 +209,53 @@ impl BufRing {
         self.available
     }
 
-    /// Takes ownership of the buffer a receive completion selected.
-    pub fn take(&mut self, flags: u32, len: u32) -> Option<BufToken> {
-        let id = io_uring::cqueue::buffer_select(flags)?;
-        if id >= self.count || len > self.buffer_size {
+    /// How many buffers the ring has in all.
+    pub fn count(&self) -> u32 {
+        u32::from(self.count)
+    }
+
+    pub fn buffer_size(&self) -> u32 {
+        self.buffer_size
+    }
+
+    /// Takes ownership of the buffer `completion` selected, once: the completion no longer
+    /// carries it afterwards. `None` when it carries no buffer of this ring.
+    pub fn take(&mut self, completion: &mut Completion) -> Option<BufToken> {
+        if completion.ring != self.ring || !self.registered {
             return None;
         }
+        let id = io_uring::cqueue::buffer_select(completion.flags)?;
+        completion.flags &= !CQE_F_BUFFER;
+        let len = u32::try_from(completion.result)
+            .unwrap_or(0)
+            .min(self.buffer_size);
+        if id >= self.count || bit(&self.checked_out, id) {
+            return None;
+        }
+        set_bit(&mut self.checked_out, id, true);
         self.available = self.available.saturating_sub(1);
-        Some(BufToken { id, len })
+        Some(BufToken {
+            ring: self.ring,
+            id,
+            len,
+        })
     }
 
     /// The bytes of a checked-out buffer.
     pub fn bytes(&self, token: &BufToken) -> &[u8] {
-        // SAFETY: the token's id is < count, len <= buffer_size, so the range is inside the
-        // buffer mapping; the kernel does not write it while the token is checked out.
+        if token.ring != self.ring {
+            debug_assert!(false, "a token of another ring");
+            return &[];
+        }
+        // SAFETY: the token's id is < count and len <= buffer_size (checked when it was
+        // minted), so the range is inside the buffer mapping; the kernel does not write a
+        // checked-out buffer.
         unsafe { std::slice::from_raw_parts(self.buffer_ptr(token.id), token.len as usize) }
     }
 
     fn buffer_ptr(&self, id: u16) -> *mut u8 {
-        // SAFETY: id < count, so the offset stays inside the buffer mapping.
+        debug_assert!(id < self.count);
+        // SAFETY: callers pass id < count, so the offset stays inside the buffer mapping.
         unsafe {
             self.buffers
                 .base
@@ -169,27 +264,32 @@ impl BufRing {
         }
     }
 
-    /// Returns a buffer to the ring; it becomes visible to the kernel at the next `publish`.
+    /// Returns a buffer to the ring; it becomes visible to the kernel at the next `publish`
+    /// (or when its send completes, if one is still in flight).
     pub fn recycle(&mut self, token: BufToken) {
-        if self.is_sending(token.id) {
+        if token.ring != self.ring {
+            debug_assert!(false, "a token of another ring");
+            return;
+        }
+        set_bit(&mut self.checked_out, token.id, false);
+        if bit(&self.sending, token.id) {
             self.deferred.push(token.id);
         } else {
             self.push_entry(token.id);
         }
     }
 
-    fn is_sending(&self, id: u16) -> bool {
-        self.sending[usize::from(id / 64)] & (1 << (id % 64)) != 0
-    }
-
     /// Records that a send reading `token`'s bytes has been queued.
     pub(super) fn mark_sending(&mut self, token: &BufToken) {
-        self.sending[usize::from(token.id / 64)] |= 1 << (token.id % 64);
+        set_bit(&mut self.sending, token.id, true);
     }
 
     /// The send that read `token`'s bytes has completed.
     pub fn send_completed(&mut self, token: &BufToken) {
-        self.sending[usize::from(token.id / 64)] &= !(1 << (token.id % 64));
+        if token.ring != self.ring {
+            return;
+        }
+        set_bit(&mut self.sending, token.id, false);
         if let Some(position) = self.deferred.iter().position(|&id| id == token.id) {
             self.deferred.swap_remove(position);
             self.push_entry(token.id);
@@ -215,7 +315,7 @@ impl BufRing {
 
     /// Makes recycled buffers visible to the kernel (one release store per loop turn).
     pub fn publish(&mut self) {
-        if self.tail == self.published_tail {
+        if self.tail == self.published_tail || !self.registered {
             return;
         }
         // SAFETY: the tail field overlays the first entry's `resv`, inside the mapping, and is
@@ -228,27 +328,40 @@ impl BufRing {
         self.published_tail = self.tail;
     }
 
-    /// Pointer and length for a send of `token`'s bytes from `offset` on.
-    pub(super) fn send_range(&self, token: &BufToken, offset: u32) -> (*const u8, u32) {
+    /// Pointer and length for a send of `token`'s bytes from `offset` on, if the token is ours.
+    pub(super) fn send_range(&self, token: &BufToken, offset: u32) -> Option<(*const u8, u32)> {
+        if token.ring != self.ring {
+            return None;
+        }
         let offset = offset.min(token.len);
         // SAFETY: offset <= len <= buffer_size keeps the pointer inside the buffer.
         let start = unsafe { self.buffer_ptr(token.id).add(offset as usize) };
-        (start.cast_const(), token.len - offset)
+        Some((start.cast_const(), token.len - offset))
+    }
+
+    /// Stops the kernel from selecting these buffers (called by the ring before teardown).
+    /// Returns false when that failed, so the memory must be leaked rather than freed.
+    pub(super) fn unregister(&mut self, uring: &IoUring) -> bool {
+        if !self.registered {
+            return true;
+        }
+        self.registered = false;
+        uring.submitter().unregister_buf_ring(self.group).is_ok()
+    }
+
+    /// Keeps both mappings alive for the rest of the process (the kernel may still use them).
+    pub(super) fn leak(&mut self) {
+        std::mem::forget(std::mem::replace(&mut self.entries, Mapping::empty()));
+        std::mem::forget(std::mem::replace(&mut self.buffers, Mapping::empty()));
     }
 }
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        if self.any_sending() {
-            // A send the kernel may still read from: keep the memory rather than free it.
-            let buffers = std::mem::replace(
-                &mut self.buffers,
-                Mapping {
-                    base: NonNull::dangling(),
-                    len: 0,
-                },
-            );
-            std::mem::forget(buffers);
+        if self.registered || self.any_sending() {
+            // Still registered (the ring could not unregister it), or a send the kernel may
+            // still read from: keep the memory rather than free it.
+            self.leak();
         }
     }
 }

@@ -11,10 +11,11 @@ pub mod buf_ring;
 pub mod socket;
 pub mod timer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use io_uring::{IoUring, opcode, squeue, types};
@@ -22,23 +23,91 @@ use socket2::SockAddr;
 
 pub use buf_ring::{BufRing, BufToken};
 
+/// `user_data` bit the ring keeps for itself: set on accepts, whose positive result is a new
+/// descriptor that `Completion::accepted_fd` may wrap. Cleared from every other submission, so
+/// no other completion can be taken for a descriptor.
+const ACCEPT_BIT: u64 = 1 << 63;
+/// `user_data` bit the ring keeps for sends of memory it holds (`send_owned`): their
+/// completions hand that memory back.
+const OWNED_BIT: u64 = 1 << 62;
+/// The bits a caller's `user_data` may use.
+pub const USER_DATA_BITS: u64 = !(ACCEPT_BIT | OWNED_BIT);
+
+/// IORING_RECVSEND_POLL_FIRST from the kernel's uapi (the io-uring crate does not export it).
+const RECVSEND_POLL_FIRST: u16 = 1;
+
+/// Identifies a ring, so tokens and completions of one ring are never used with another.
+static NEXT_RING_ID: AtomicU32 = AtomicU32::new(1);
+
 /// One completion: what was asked (`user_data`), the result (>= 0, or -errno) and the flags.
-#[derive(Debug, Clone, Copy)]
+/// Only a `Ring` makes them, and they are neither `Copy` nor `Clone`: the buffer or descriptor
+/// a completion carries can be taken out once.
+#[derive(Debug)]
 pub struct Completion {
-    pub user_data: u64,
-    pub result: i32,
-    pub flags: u32,
+    user_data: u64,
+    result: i32,
+    flags: u32,
+    ring: u32,
+    /// The memory of a `send_owned`, back from the kernel.
+    owned: Option<Box<[u8]>>,
 }
 
 impl Completion {
+    /// The `user_data` of the submission (the bits the caller chose).
+    pub fn user_data(&self) -> u64 {
+        self.user_data & USER_DATA_BITS
+    }
+
+    /// The memory a `send_owned` lent to the kernel, now that the send is over.
+    pub fn take_owned(&mut self) -> Option<Box<[u8]>> {
+        self.owned.take()
+    }
+
+    pub fn result(&self) -> i32 {
+        self.result
+    }
+
+    pub fn flags(&self) -> u32 {
+        self.flags
+    }
+
     /// Whether a multishot request stays armed after this completion.
     pub fn more(&self) -> bool {
         io_uring::cqueue::more(self.flags)
     }
+
+    /// Whether a provided buffer came with this completion (and has not been taken yet).
+    pub fn has_buffer(&self) -> bool {
+        io_uring::cqueue::buffer_select(self.flags).is_some()
+    }
+
+    /// The descriptor an accept completion created, once.
+    pub fn accepted_fd(&mut self) -> Option<OwnedFd> {
+        if self.user_data & ACCEPT_BIT == 0 || self.result < 0 {
+            return None;
+        }
+        self.user_data &= !ACCEPT_BIT;
+        // SAFETY: an accept's non-negative result is a descriptor the kernel just created for
+        // this process and nobody else holds; the accept bit was cleared above, so it is
+        // wrapped at most once.
+        Some(unsafe { OwnedFd::from_raw_fd(self.result) })
+    }
+}
+
+/// A submission that did not fit in the submission queue, kept in order until it does. Linked
+/// pairs travel together, since a flush between them would break the link.
+enum Queued {
+    One(squeue::Entry),
+    Pair(squeue::Entry, squeue::Entry),
 }
 
 pub struct Ring {
+    // Declared first, dropped first: the io_uring goes before the memory it may still touch.
     ring: IoUring,
+    id: u32,
+    buffers: BufRing,
+    /// Submissions waiting for room in the submission queue (full queue, or the kernel busy).
+    backlog: VecDeque<Queued>,
     /// Socket addresses handed to connect, kept for the ring's life (keyed by address, so one per
     /// server, not one per connect).
     addresses: HashMap<SocketAddr, Box<SockAddr>>,
@@ -46,6 +115,8 @@ pub struct Ring {
     timespecs: Vec<(Duration, Box<types::Timespec>)>,
     /// Target of the eventfd read that wakes the shard.
     wake_buffer: Box<[u8; 8]>,
+    /// Memory read by sends in flight (`send_owned`), by their user_data.
+    owned: HashMap<u64, Box<[u8]>>,
 }
 
 impl Ring {
@@ -59,65 +130,139 @@ impl Ring {
             .setup_submit_all()
             .setup_cqsize(entries.saturating_mul(4))
             .build(entries)?;
+        let id = NEXT_RING_ID.fetch_add(1, Ordering::Relaxed);
         Ok(Ring {
             ring,
+            id,
+            buffers: BufRing::none(id),
+            backlog: VecDeque::new(),
             addresses: HashMap::new(),
             timespecs: Vec::new(),
             wake_buffer: Box::new([0; 8]),
+            owned: HashMap::new(),
         })
     }
 
+    /// A ring with a provided buffer ring of `count` (power of two) buffers of `size` bytes,
+    /// registered as group 0.
+    pub fn with_buffers(entries: u32, count: u16, size: u32) -> io::Result<Ring> {
+        let mut ring = Ring::new(entries)?;
+        ring.buffers = BufRing::register(&ring.ring, ring.id, 0, count, size)?;
+        Ok(ring)
+    }
+
+    pub fn buffers(&self) -> &BufRing {
+        &self.buffers
+    }
+
+    pub fn buffers_mut(&mut self) -> &mut BufRing {
+        &mut self.buffers
+    }
+
+    /// Submissions waiting for room in the submission queue.
+    pub fn backlog(&self) -> usize {
+        self.backlog.len()
+    }
+
+    fn try_push(&mut self, entry: &squeue::Entry) -> bool {
+        // SAFETY: every entry built by this module points only at memory that outlives the
+        // operation (see the methods below); pushing copies the SQE.
+        unsafe { self.ring.submission().push(entry) }.is_ok()
+    }
+
+    /// Queues one entry; never fails: when the submission queue is full and the kernel cannot
+    /// take more right now, the entry waits in the backlog (in order) for the next flush.
     fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
-        loop {
-            // SAFETY: every entry built by this module points only at memory that outlives the
-            // operation (see the methods below); pushing copies the SQE.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+        if self.backlog.is_empty() {
+            if self.try_push(&entry) {
                 return Ok(());
             }
-            // Submission queue full: hand what is queued to the kernel and retry.
-            self.ring.submit()?;
+            if self.ring.submit().is_ok() && self.try_push(&entry) {
+                return Ok(());
+            }
         }
+        self.backlog.push_back(Queued::One(entry));
+        Ok(())
     }
 
-    /// Pushes two linked entries without a flush between them (a flush would break the link).
+    fn room(&mut self) -> usize {
+        let queue = self.ring.submission();
+        queue.capacity() - queue.len()
+    }
+
+    /// Queues two linked entries without a flush between them (a flush would break the link).
     fn push_pair(&mut self, first: squeue::Entry, second: squeue::Entry) -> io::Result<()> {
-        loop {
-            {
-                let mut queue = self.ring.submission();
-                if queue.capacity() - queue.len() >= 2 {
-                    // SAFETY: as in `push`; room for both was checked just above.
-                    unsafe {
-                        queue
-                            .push(&first)
-                            .and_then(|()| queue.push(&second))
-                            .map_err(|_| io::Error::other("submission queue full"))?;
-                    }
-                    return Ok(());
+        if self.backlog.is_empty() {
+            if self.room() < 2 {
+                let _ = self.ring.submit();
+            }
+            if self.room() >= 2 {
+                let pushed = self.try_push(&first) && self.try_push(&second);
+                debug_assert!(pushed, "room for two was checked");
+                return Ok(());
+            }
+        }
+        self.backlog.push_back(Queued::Pair(first, second));
+        Ok(())
+    }
+
+    /// Moves backlogged entries into the submission queue, submitting to make room. Stops
+    /// when the kernel pushes back (e.g. EBUSY while completions wait to be reaped).
+    fn move_backlog(&mut self) {
+        while let Some(front) = self.backlog.front() {
+            let needed = match front {
+                Queued::One(_) => 1,
+                Queued::Pair(..) => 2,
+            };
+            if self.room() < needed {
+                match self.ring.submit() {
+                    Ok(_) if self.room() >= needed => {}
+                    _ => return,
                 }
             }
-            self.ring.submit()?;
+            match self.backlog.pop_front() {
+                Some(Queued::One(entry)) => {
+                    self.try_push(&entry);
+                }
+                Some(Queued::Pair(first, second)) => {
+                    self.try_push(&first);
+                    self.try_push(&second);
+                }
+                None => return,
+            }
         }
     }
 
-    /// Arms a multishot accept on a listening socket.
+    /// Arms a multishot accept on a listening socket. Its completions' descriptors are taken
+    /// with `Completion::accepted_fd`.
     pub fn accept_multishot(&mut self, listener: RawFd, user_data: u64) -> io::Result<()> {
         let entry = opcode::AcceptMulti::new(types::Fd(listener))
             .flags(libc::SOCK_CLOEXEC)
             .build()
-            .user_data(user_data);
+            .user_data((user_data & USER_DATA_BITS) | ACCEPT_BIT);
         self.push(entry)
     }
 
-    /// Arms a multishot receive into buffers of `buffers`' group.
-    pub fn recv_multishot(
-        &mut self,
-        fd: RawFd,
-        buffers: &BufRing,
-        user_data: u64,
-    ) -> io::Result<()> {
-        let entry = opcode::RecvMulti::new(types::Fd(fd), buffers.group())
+    /// Arms one receive into one buffer of this ring's buffer group: the receive can never
+    /// take more than that one buffer. `poll_first` skips the first attempt when data is
+    /// unlikely to be waiting already (a request/response peer).
+    pub fn recv(&mut self, fd: RawFd, user_data: u64, poll_first: bool) -> io::Result<()> {
+        let ioprio = if poll_first { RECVSEND_POLL_FIRST } else { 0 };
+        let entry = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), 0)
+            .buf_group(self.buffers.group())
+            .ioprio(ioprio)
             .build()
-            .user_data(user_data);
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(user_data & USER_DATA_BITS);
+        self.push(entry)
+    }
+
+    /// Arms a multishot receive into buffers of this ring's buffer group. It takes as many
+    /// buffers as the socket holds at a wake-up: only for peers the caller trusts to be read.
+    pub fn recv_multishot(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
+        let entry = opcode::RecvMulti::new(types::Fd(fd), self.buffers.group())
+            .build()
+            .user_data(user_data & USER_DATA_BITS);
         self.push(entry)
     }
 
@@ -126,17 +271,51 @@ impl Ring {
     pub fn send(
         &mut self,
         fd: RawFd,
-        buffers: &mut BufRing,
         token: &BufToken,
         offset: u32,
         user_data: u64,
     ) -> io::Result<()> {
-        let (start, len) = buffers.send_range(token, offset);
-        buffers.mark_sending(token);
+        let Some((start, len)) = self.buffers.send_range(token, offset) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a buffer token of another ring",
+            ));
+        };
+        self.buffers.mark_sending(token);
         let entry = opcode::Send::new(types::Fd(fd), start, len)
             .flags(libc::MSG_NOSIGNAL)
             .build()
-            .user_data(user_data);
+            .user_data(user_data & USER_DATA_BITS);
+        self.push(entry)
+    }
+
+    /// Sends `data[start..end]`; the ring holds `data` until the send completes and hands it
+    /// back in that completion (`Completion::take_owned`). One such send per `user_data` at a
+    /// time: a second is refused (and its data dropped) while the first is in flight.
+    pub fn send_owned(
+        &mut self,
+        fd: RawFd,
+        data: Box<[u8]>,
+        start: usize,
+        end: usize,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let key = (user_data & USER_DATA_BITS) | OWNED_BIT;
+        if self.owned.contains_key(&key) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a send of owned memory with this user_data is in flight",
+            ));
+        }
+        let end = end.min(data.len());
+        let start = start.min(end);
+        let len = u32::try_from(end - start).unwrap_or(u32::MAX);
+        let entry = opcode::Send::new(types::Fd(fd), data[start..].as_ptr(), len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(key);
+        // The boxed bytes do not move when the box does; the map keeps them alive.
+        self.owned.insert(key, data);
         self.push(entry)
     }
 
@@ -151,7 +330,7 @@ impl Ring {
         let entry = opcode::Send::new(types::Fd(fd), bytes.as_ptr(), len)
             .flags(libc::MSG_NOSIGNAL)
             .build()
-            .user_data(user_data);
+            .user_data(user_data & USER_DATA_BITS);
         self.push(entry)
     }
 
@@ -172,7 +351,7 @@ impl Ring {
         let connect = opcode::Connect::new(types::Fd(fd), sockaddr.as_ptr().cast(), sockaddr.len())
             .build()
             .flags(squeue::Flags::IO_LINK)
-            .user_data(user_data);
+            .user_data(user_data & USER_DATA_BITS);
         let timespec_index = match self.timespecs.iter().position(|(d, _)| *d == timeout) {
             Some(index) => index,
             None => {
@@ -186,22 +365,28 @@ impl Ring {
         let timespec: *const types::Timespec = &*self.timespecs[timespec_index].1;
         let link_timeout = opcode::LinkTimeout::new(timespec)
             .build()
-            .user_data(timeout_user_data);
+            .user_data(timeout_user_data & USER_DATA_BITS);
         self.push_pair(connect, link_timeout)
     }
 
-    /// Half-closes the sending side of `fd` (a FIN toward its peer).
+    /// Half-closes the sending side of `fd` (a FIN toward its peer). The kernel runs this on an
+    /// io-wq worker thread; the proxy's loop uses `socket::shutdown` instead.
     pub fn shutdown_write(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
         let entry = opcode::Shutdown::new(types::Fd(fd), libc::SHUT_WR)
             .build()
-            .user_data(user_data);
+            .user_data(user_data & USER_DATA_BITS);
         self.push(entry)
     }
 
-    pub fn close(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
-        let entry = opcode::Close::new(types::Fd(fd))
+    /// Closes a descriptor through the ring; the ring takes it over. With `quiet`, a successful
+    /// close posts no completion.
+    pub fn close(&mut self, fd: OwnedFd, user_data: u64, quiet: bool) -> io::Result<()> {
+        let mut entry = opcode::Close::new(types::Fd(fd.into_raw_fd()))
             .build()
-            .user_data(user_data);
+            .user_data(user_data & USER_DATA_BITS);
+        if quiet {
+            entry = entry.flags(squeue::Flags::SKIP_SUCCESS);
+        }
         self.push(entry)
     }
 
@@ -209,15 +394,15 @@ impl Ring {
     pub fn cancel_fd(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
         let entry = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
             .build()
-            .user_data(user_data);
+            .user_data(user_data & USER_DATA_BITS);
         self.push(entry)
     }
 
     /// Cancels the operation submitted with `target` as its user_data.
     pub fn cancel(&mut self, target: u64, user_data: u64) -> io::Result<()> {
-        let entry = opcode::AsyncCancel::new(target)
+        let entry = opcode::AsyncCancel::new(target & USER_DATA_BITS)
             .build()
-            .user_data(user_data);
+            .user_data(user_data & USER_DATA_BITS);
         self.push(entry)
     }
 
@@ -225,53 +410,87 @@ impl Ring {
     pub fn read_eventfd(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
         let entry = opcode::Read::new(types::Fd(fd), self.wake_buffer.as_mut_ptr(), 8)
             .build()
-            .user_data(user_data);
+            .user_data(user_data & USER_DATA_BITS);
         self.push(entry)
     }
 
     /// Submits what is queued without waiting.
     pub fn flush(&mut self) -> io::Result<()> {
-        self.ring.submit().map(drop)
+        self.move_backlog();
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(error) if is_retry(&error) => Ok(()),
+            Err(error) => Err(error),
+        }
     }
 
-    /// Submits what is queued and waits for at least one completion or `timeout`.
+    /// Submits what is queued and waits for at least one completion or `timeout`. Does not
+    /// wait while submissions are still backlogged.
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.move_backlog();
+        let want = usize::from(self.backlog.is_empty());
         let result = match timeout {
             Some(timeout) => {
                 let timespec = types::Timespec::new()
                     .sec(timeout.as_secs())
                     .nsec(timeout.subsec_nanos());
                 let args = types::SubmitArgs::new().timespec(&timespec);
-                self.ring.submitter().submit_with_args(1, &args)
+                self.ring.submitter().submit_with_args(want, &args)
             }
-            None => self.ring.submitter().submit_and_wait(1),
+            None => self.ring.submitter().submit_and_wait(want),
         };
         match result {
             Ok(_) => Ok(()),
-            Err(error) => match error.raw_os_error() {
-                // Timed out, interrupted, or completions to reap first: all mean "look".
-                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN) => Ok(()),
-                _ => Err(error),
-            },
+            Err(error) if is_retry(&error) => Ok(()),
+            Err(error) => Err(error),
         }
     }
 
     /// Moves every ready completion into `into` (which the caller reuses across turns).
     pub fn drain_completions(&mut self, into: &mut Vec<Completion>) {
-        into.extend(self.ring.completion().map(|entry| Completion {
-            user_data: entry.user_data(),
-            result: entry.result(),
-            flags: entry.flags(),
+        let ring = self.id;
+        let owned = &mut self.owned;
+        into.extend(self.ring.completion().map(|entry| {
+            let user_data = entry.user_data();
+            Completion {
+                user_data,
+                result: entry.result(),
+                flags: entry.flags(),
+                ring,
+                owned: if user_data & OWNED_BIT != 0 {
+                    owned.remove(&user_data)
+                } else {
+                    None
+                },
+            }
         }));
     }
 }
 
+/// Errors of io_uring_enter that mean "reap completions and come back", not failure.
+fn is_retry(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        // Timed out, interrupted, or completions to reap first.
+        Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+    )
+}
+
 impl Drop for Ring {
     fn drop(&mut self) {
+        // Stop the kernel selecting our buffers before anything is freed; if that fails, the
+        // buffer memory stays mapped for the rest of the process.
+        if !self.buffers.unregister(&self.ring) {
+            self.buffers.leak();
+        }
         // The kernel tears requests down after the ring fd closes, asynchronously: an eventfd
-        // read could still target this buffer, so it is leaked (8 bytes per shard) not freed.
+        // read could still target this buffer, so it is leaked (8 bytes per ring) not freed.
         let buffer = std::mem::replace(&mut self.wake_buffer, Box::new([0; 8]));
         Box::leak(buffer);
+        // Likewise memory that sends in flight read.
+        for (_, data) in self.owned.drain() {
+            Box::leak(data);
+        }
     }
 }
 

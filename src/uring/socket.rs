@@ -3,56 +3,112 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
-fn with_socket<T>(fd: RawFd, action: impl FnOnce(SockRef<'_>) -> io::Result<T>) -> io::Result<T> {
-    if fd < 0 {
-        return Err(io::Error::from_raw_os_error(libc::EBADF));
+use crate::config::TcpOptions;
+
+/// Applies keepalive and user-timeout options to a socket (a listening socket passes them on
+/// to the connections it accepts).
+pub fn apply_tcp_options(socket: SockRef<'_>, options: &TcpOptions) -> io::Result<()> {
+    if let Some(keepalive) = options.keepalive {
+        let params = TcpKeepalive::new()
+            .with_time(keepalive.idle)
+            .with_interval(keepalive.interval)
+            .with_retries(keepalive.count);
+        socket.set_tcp_keepalive(&params)?;
     }
-    // SAFETY: the caller (the shard) owns `fd` and keeps it open for this call; it closes its
-    // descriptors only through the ring after every operation on them completed.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    action(SockRef::from(&borrowed))
+    if let Some(timeout) = options.user_timeout {
+        socket.set_tcp_user_timeout(Some(timeout))?;
+    }
+    Ok(())
 }
 
-/// A new TCP socket for connecting to `addr`, with TCP_NODELAY set. Returned as a raw fd the
-/// caller owns (it is closed through the ring).
-pub fn tcp_socket_for(addr: &SocketAddr) -> io::Result<RawFd> {
+/// A new TCP socket for connecting to `addr`, with TCP_NODELAY and `options` set, bound first
+/// to `source` (any port) when given: with IP_BIND_ADDRESS_NO_PORT the port is chosen at
+/// connect time per destination, so one source address can reach many destinations without
+/// running out of ports.
+pub fn tcp_socket(
+    addr: &SocketAddr,
+    source: Option<IpAddr>,
+    options: &TcpOptions,
+) -> io::Result<OwnedFd> {
     let socket = Socket::new(
         Domain::for_address(*addr),
         Type::STREAM,
         Some(Protocol::TCP),
     )?;
     socket.set_tcp_nodelay(true)?;
-    Ok(socket.into_raw_fd())
+    apply_tcp_options(SockRef::from(&socket), options)?;
+    if let Some(source) = source {
+        bind_address_no_port(&socket)?;
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+    }
+    Ok(OwnedFd::from(socket))
+}
+
+/// A new TCP socket for connecting to `addr`, with TCP_NODELAY set.
+pub fn tcp_socket_for(addr: &SocketAddr) -> io::Result<OwnedFd> {
+    tcp_socket(addr, None, &TcpOptions::default())
+}
+
+/// A new TCP socket for connecting to `target` from `source` (any port).
+pub fn tcp_socket_from(source: IpAddr, target: &SocketAddr) -> io::Result<OwnedFd> {
+    tcp_socket(target, Some(source), &TcpOptions::default())
+}
+
+fn bind_address_no_port(socket: &Socket) -> io::Result<()> {
+    let enable: libc::c_int = 1;
+    // IP_BIND_ADDRESS_NO_PORT is an IPPROTO_IP option that also applies to IPv6 sockets.
+    // SAFETY: setsockopt reads sizeof(c_int) bytes from a live stack value; the socket is
+    // owned by `socket` for the whole call.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&enable as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Makes the next close of `fd` send a RST instead of a FIN (used to pass a reset through).
-pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
-    with_socket(fd, |socket| {
-        socket.set_linger(Some(std::time::Duration::ZERO))
-    })
+pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
+    SockRef::from(&fd).set_linger(Some(Duration::ZERO))
 }
 
-pub fn peer_ip(fd: RawFd) -> io::Result<IpAddr> {
-    with_socket(fd, |socket| {
-        socket
-            .peer_addr()?
-            .as_socket()
-            .map(|addr| addr.ip())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an IP socket"))
-    })
+pub fn peer_ip(fd: BorrowedFd<'_>) -> io::Result<IpAddr> {
+    SockRef::from(&fd)
+        .peer_addr()?
+        .as_socket()
+        .map(|addr| addr.ip())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an IP socket"))
 }
 
-/// Closes a descriptor no io_uring operation has ever referenced (a just-accepted socket that
-/// admission turned away).
-pub fn close_unused(fd: RawFd) {
-    if fd >= 0 {
-        // SAFETY: the caller owns fd and no operation refers to it; taking ownership closes it.
-        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+/// shutdown(2), synchronously: cheap (no io-wq hand-off, which IORING_OP_SHUTDOWN takes), and
+/// it wakes every operation waiting on the socket (a receive sees EOF, a send fails), which is
+/// how the loop ends a session's pending operations without one cancellation each.
+pub fn shutdown(fd: BorrowedFd<'_>, how: std::net::Shutdown) -> io::Result<()> {
+    SockRef::from(&fd).shutdown(how)
+}
+
+/// Bytes sent on `fd` that the peer has not acknowledged yet (SIOCOUTQ).
+pub fn unacknowledged_bytes(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut pending: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one c_int into a live stack value; `fd` is borrowed
+    // for the call.
+    let result = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut pending) };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(u32::try_from(pending).unwrap_or(0))
 }
 
 /// A non-blocking eventfd, to wake a shard's ring from another thread.
@@ -67,10 +123,10 @@ pub fn eventfd() -> io::Result<OwnedFd> {
 }
 
 /// Adds 1 to an eventfd (wakes the ring that reads it).
-pub fn eventfd_signal(fd: &OwnedFd) -> io::Result<()> {
+pub fn eventfd_signal(fd: &impl AsFd) -> io::Result<()> {
     let one = 1u64.to_ne_bytes();
     // SAFETY: writes 8 bytes from a live stack buffer to a descriptor we borrow.
-    let written = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    let written = unsafe { libc::write(fd.as_fd().as_raw_fd(), one.as_ptr().cast(), one.len()) };
     if written == 8 {
         Ok(())
     } else {
@@ -82,37 +138,6 @@ pub fn eventfd_signal(fd: &OwnedFd) -> io::Result<()> {
             Err(error)
         }
     }
-}
-
-/// A new TCP socket for connecting to `target` from `source` (any port): bound before connect
-/// with IP_BIND_ADDRESS_NO_PORT, so the port is chosen at connect time per destination and one
-/// source address can reach many destinations without running out of ports.
-pub fn tcp_socket_from(source: IpAddr, target: &SocketAddr) -> io::Result<RawFd> {
-    let socket = Socket::new(
-        Domain::for_address(*target),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
-    socket.set_tcp_nodelay(true)?;
-    if source.is_ipv4() {
-        let enable: libc::c_int = 1;
-        // SAFETY: setsockopt reads sizeof(c_int) bytes from a live stack value; the socket is
-        // owned by `socket` for the whole call.
-        let result = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                (&enable as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if result != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    socket.bind(&SocketAddr::new(source, 0).into())?;
-    Ok(socket.into_raw_fd())
 }
 
 /// The soft limit on open descriptors of this process (RLIMIT_NOFILE).

@@ -1,0 +1,310 @@
+//! One direction of a session: bytes read from a source socket, waiting to be written to the
+//! destination socket.
+//!
+//! Owns the received buffers not yet sent, and the copy-out ("spill") buffer that takes their
+//! bytes when the destination stalls while receive buffers are scarce. Invariants: a flow holds
+//! at most `queued_buffers` ring buffers, counting the one its armed receive may fill; bytes go
+//! out in the order they came in (spilled bytes are always older than queued buffers); the
+//! spill buffer never grows past `queued_buffers x buffer_size` bytes and is freed once it
+//! drains.
+
+use std::collections::VecDeque;
+
+/// The buffers a flow holds come from a pool it can read and give back to.
+pub trait BufferPool<B> {
+    fn bytes<'a>(&'a self, buffer: &'a B) -> &'a [u8];
+    fn recycle(&mut self, buffer: B);
+}
+
+/// A received buffer not yet fully sent on.
+#[derive(Debug)]
+pub struct Pending<B> {
+    pub buffer: B,
+    /// Bytes of it already sent.
+    pub sent: u32,
+    pub len: u32,
+}
+
+/// Where the send in flight reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendFrom {
+    /// The head of the queue: a ring buffer, zero copy.
+    Queue,
+    /// The spill buffer (lent to the ring while the send is in flight).
+    Spill,
+}
+
+/// Bytes copied out of ring buffers into memory of the session's own.
+#[derive(Debug)]
+pub struct Spill {
+    /// `None` while lent to a send in flight.
+    data: Option<Box<[u8]>>,
+    start: usize,
+    end: usize,
+}
+
+impl Spill {
+    fn new(capacity: usize) -> Spill {
+        Spill {
+            data: Some(vec![0; capacity].into_boxed_slice()),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// Copies as much of `bytes` as fits; returns how much. Nothing while lent.
+    fn push(&mut self, bytes: &[u8]) -> usize {
+        let Some(data) = self.data.as_mut() else {
+            return 0;
+        };
+        if self.start > 0 && data.len() - self.end < bytes.len() {
+            data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let count = bytes.len().min(data.len() - self.end);
+        data[self.end..self.end + count].copy_from_slice(&bytes[..count]);
+        self.end += count;
+        count
+    }
+}
+
+#[derive(Debug)]
+pub struct Flow<B> {
+    pub queue: VecDeque<Pending<B>>,
+    pub spill: Option<Spill>,
+    /// A send toward the destination is in flight, and from where.
+    pub sending: Option<SendFrom>,
+    /// The in-flight send was cancelled so its buffer can be copied out.
+    pub cancelling: bool,
+    /// A receive on the source is armed.
+    pub receiving: bool,
+    /// The source's receive found no buffer; the loop re-arms it when buffers return.
+    pub starved: bool,
+    /// The source sent FIN.
+    pub eof: bool,
+    /// The FIN was passed on (shutdown of the destination's write side).
+    pub shut: bool,
+    /// The destination is gone (reset or failed): nothing more is sent, received bytes are
+    /// dropped.
+    pub abandoned: bool,
+    /// The last receive filled its whole buffer (more is likely waiting in the socket).
+    pub last_receive_full: bool,
+    /// The source reset or failed: it is not read any more.
+    pub source_failed: bool,
+    /// Tick since which bytes have been waiting without the destination taking any (for
+    /// `write_timeout`); `None` when nothing waits.
+    pub waiting_since: Option<u64>,
+    /// Bytes received from the source.
+    pub received: u64,
+    /// Bytes the destination accepted.
+    pub delivered: u64,
+}
+
+impl<B> Default for Flow<B> {
+    fn default() -> Self {
+        Flow {
+            queue: VecDeque::new(),
+            spill: None,
+            sending: None,
+            cancelling: false,
+            receiving: false,
+            starved: false,
+            eof: false,
+            shut: false,
+            abandoned: false,
+            source_failed: false,
+            last_receive_full: false,
+            waiting_since: None,
+            received: 0,
+            delivered: 0,
+        }
+    }
+}
+
+impl<B> Flow<B> {
+    /// Nothing is waiting to be sent and no send is in flight.
+    pub fn is_flushed(&self) -> bool {
+        self.queue.is_empty()
+            && self.sending.is_none()
+            && self.spill.as_ref().is_none_or(Spill::is_empty)
+    }
+
+    /// Everything received has been delivered and the FIN passed on (or the destination is
+    /// gone).
+    pub fn finished(&self) -> bool {
+        (self.eof && self.shut) || self.abandoned
+    }
+
+    /// Bytes waiting for the destination (queued and spilled).
+    pub fn waiting_bytes(&self) -> u64 {
+        let queued: u64 = self
+            .queue
+            .iter()
+            .map(|pending| u64::from(pending.len - pending.sent))
+            .sum();
+        queued + self.spill.as_ref().map_or(0, |spill| spill.len() as u64)
+    }
+
+    /// Whether the source's receive should be (re)armed now, given the ring-buffer bound.
+    pub fn wants_receive(&self, queued_buffers: usize, buffer_size: usize) -> bool {
+        if self.receiving || self.starved || self.eof || self.abandoned || self.source_failed {
+            return false;
+        }
+        match &self.spill {
+            // Spilled: a receive's buffer is copied out at once, so read only while the spill
+            // is at hand and has room for a whole buffer.
+            Some(spill) => match &spill.data {
+                Some(data) => self.queue.is_empty() && data.len() - spill.len() >= buffer_size,
+                None => false,
+            },
+            None => self.queue.len() < queued_buffers,
+        }
+    }
+
+    /// What the next send should read, if a send may start now.
+    pub fn next_send(&self) -> Option<SendFrom> {
+        if self.sending.is_some() || self.cancelling || self.abandoned {
+            return None;
+        }
+        match &self.spill {
+            Some(spill) if !spill.is_empty() => spill.data.as_ref().map(|_| SendFrom::Spill),
+            Some(_) => None,
+            None => (!self.queue.is_empty()).then_some(SendFrom::Queue),
+        }
+    }
+
+    /// Takes a received buffer of `len` bytes.
+    pub fn push(&mut self, buffer: B, len: u32, now: u64, pool: &mut impl BufferPool<B>) {
+        self.received += u64::from(len);
+        if self.abandoned {
+            pool.recycle(buffer);
+            return;
+        }
+        if self.waiting_since.is_none() {
+            self.waiting_since = Some(now);
+        }
+        self.queue.push_back(Pending {
+            buffer,
+            sent: 0,
+            len,
+        });
+        if self.spill.is_some() {
+            self.copy_out(pool);
+        }
+    }
+
+    /// Moves queued bytes into the spill buffer (creating it with `capacity` bytes), returning
+    /// the emptied ring buffers to the pool. A buffer that does not fit whole stays queued.
+    pub fn spill_queue(&mut self, capacity: usize, pool: &mut impl BufferPool<B>) {
+        if self.spill.is_none() {
+            self.spill = Some(Spill::new(capacity));
+        }
+        self.copy_out(pool);
+    }
+
+    fn copy_out(&mut self, pool: &mut impl BufferPool<B>) {
+        let Some(spill) = self.spill.as_mut() else {
+            return;
+        };
+        while let Some(head) = self.queue.front_mut() {
+            let bytes = pool.bytes(&head.buffer);
+            let rest = &bytes[(head.sent as usize).min(bytes.len())..];
+            let copied = spill.push(rest);
+            head.sent += copied as u32;
+            if copied < rest.len() {
+                break;
+            }
+            if let Some(done) = self.queue.pop_front() {
+                pool.recycle(done.buffer);
+            }
+        }
+    }
+
+    /// The spill buffer's bytes to send, lent out until `restore_spill`.
+    pub fn lend_spill(&mut self) -> Option<(Box<[u8]>, usize, usize)> {
+        let spill = self.spill.as_mut()?;
+        let data = spill.data.take()?;
+        Some((data, spill.start, spill.end))
+    }
+
+    pub fn restore_spill(&mut self, data: Box<[u8]>) {
+        if let Some(spill) = self.spill.as_mut()
+            && spill.data.is_none()
+        {
+            spill.data = Some(data);
+        }
+    }
+
+    /// The destination accepted `count` bytes of the send in flight.
+    pub fn sent(&mut self, from: SendFrom, count: u32, now: u64, pool: &mut impl BufferPool<B>) {
+        self.delivered += u64::from(count);
+        match from {
+            SendFrom::Queue => {
+                if let Some(head) = self.queue.front_mut() {
+                    head.sent = (head.sent + count).min(head.len);
+                    if head.sent >= head.len
+                        && let Some(done) = self.queue.pop_front()
+                    {
+                        pool.recycle(done.buffer);
+                    }
+                }
+            }
+            SendFrom::Spill => {
+                if let Some(spill) = self.spill.as_mut() {
+                    spill.start = (spill.start + count as usize).min(spill.end);
+                    if spill.is_empty() {
+                        spill.start = 0;
+                        spill.end = 0;
+                    }
+                }
+            }
+        }
+        if count > 0 {
+            self.waiting_since = Some(now);
+        }
+        if let Some(spill) = &self.spill
+            && spill.data.is_some()
+        {
+            if !self.queue.is_empty() {
+                self.copy_out(pool);
+            }
+            if self.queue.is_empty() && self.spill.as_ref().is_some_and(Spill::is_empty) {
+                // Drained: back to zero copy, and the memory goes back.
+                self.spill = None;
+            }
+        }
+        if self.is_flushed() {
+            self.waiting_since = None;
+        }
+    }
+
+    /// Drops everything waiting (the destination is gone), returning buffers to the pool.
+    pub fn abandon(&mut self, pool: &mut impl BufferPool<B>) {
+        self.abandoned = true;
+        self.waiting_since = None;
+        self.release(pool);
+    }
+
+    /// Returns every held buffer to the pool (the session is being freed).
+    pub fn release(&mut self, pool: &mut impl BufferPool<B>) {
+        for pending in self.queue.drain(..) {
+            pool.recycle(pending.buffer);
+        }
+        // A spill lent to a send in flight is owned by the ring until that send completes.
+        self.spill = None;
+    }
+
+    /// Ring buffers held now.
+    pub fn ring_buffers(&self) -> usize {
+        self.queue.len()
+    }
+}

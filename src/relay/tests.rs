@@ -1,0 +1,428 @@
+//! Every transition of the relay machine, without a ring: buffers are plain vectors from a
+//! pool that counts what it lent and got back.
+
+use super::*;
+
+#[derive(Debug)]
+struct TestBuffer {
+    bytes: Vec<u8>,
+}
+
+#[derive(Default)]
+struct TestPool {
+    lent: usize,
+    recycled: usize,
+}
+
+impl TestPool {
+    fn buffer(&mut self, bytes: &[u8]) -> (TestBuffer, u32) {
+        self.lent += 1;
+        (
+            TestBuffer {
+                bytes: bytes.to_vec(),
+            },
+            bytes.len() as u32,
+        )
+    }
+
+    fn outstanding(&self) -> usize {
+        self.lent - self.recycled
+    }
+}
+
+impl BufferPool<TestBuffer> for TestPool {
+    fn bytes<'a>(&'a self, buffer: &'a TestBuffer) -> &'a [u8] {
+        &buffer.bytes
+    }
+
+    fn recycle(&mut self, _buffer: TestBuffer) {
+        self.recycled += 1;
+    }
+}
+
+const LIMITS: Limits = Limits {
+    queued_buffers: 4,
+    buffer_size: 8,
+    idle_ticks: 100,
+    write_ticks: 20,
+};
+
+fn started() -> (Relay<TestBuffer>, TestPool) {
+    let mut relay = Relay::new(LIMITS, 0);
+    let mut out = Vec::new();
+    relay.start(&mut out);
+    assert_eq!(
+        out,
+        [Action::Receive(Side::Client), Action::Receive(Side::Server)]
+    );
+    (relay, TestPool::default())
+}
+
+fn receive(
+    relay: &mut Relay<TestBuffer>,
+    pool: &mut TestPool,
+    source: Side,
+    bytes: &[u8],
+    now: u64,
+) -> Actions {
+    let (buffer, len) = pool.buffer(bytes);
+    let mut out = Vec::new();
+    relay.on_received(source, buffer, len, now, pool, &mut out);
+    out
+}
+
+fn sent(
+    relay: &mut Relay<TestBuffer>,
+    pool: &mut TestPool,
+    destination: Side,
+    result: Result<u32, SendError>,
+    now: u64,
+) -> Actions {
+    let mut out = Vec::new();
+    relay.on_sent(destination, result, now, pool, &mut out);
+    out
+}
+
+#[test]
+fn received_bytes_are_sent_on_and_the_receive_rearmed() {
+    let (mut relay, mut pool) = started();
+    let out = receive(&mut relay, &mut pool, Side::Client, b"hello", 1);
+    assert_eq!(
+        out,
+        [Action::Send(Side::Server), Action::Receive(Side::Client)]
+    );
+    assert_eq!(relay.upstream.sending, Some(SendFrom::Queue));
+    let out = sent(&mut relay, &mut pool, Side::Server, Ok(5), 1);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(pool.outstanding(), 0, "the sent buffer went back");
+    assert_eq!(relay.delivered(), (5, 0));
+    assert!(relay.upstream.is_flushed());
+}
+
+#[test]
+fn a_direction_never_holds_more_than_queued_buffers() {
+    let (mut relay, mut pool) = started();
+    // The server takes nothing: the client keeps sending.
+    let mut armed = true;
+    for round in 0..10 {
+        if !armed {
+            break;
+        }
+        let out = receive(&mut relay, &mut pool, Side::Client, b"12345678", round);
+        armed = out.contains(&Action::Receive(Side::Client));
+    }
+    assert_eq!(relay.upstream.ring_buffers(), LIMITS.queued_buffers);
+    assert_eq!(pool.outstanding(), LIMITS.queued_buffers);
+    assert!(!relay.upstream.receiving, "no receive armed past the bound");
+    // One buffer sent: room again, so the receive comes back (exactly one).
+    let out = sent(&mut relay, &mut pool, Side::Server, Ok(8), 10);
+    assert_eq!(
+        out,
+        [Action::Send(Side::Server), Action::Receive(Side::Client)]
+    );
+}
+
+#[test]
+fn a_partial_send_continues_from_where_it_stopped() {
+    let (mut relay, mut pool) = started();
+    receive(&mut relay, &mut pool, Side::Server, b"abcdefgh", 1);
+    let out = sent(&mut relay, &mut pool, Side::Client, Ok(3), 2);
+    assert_eq!(out, [Action::Send(Side::Client)]);
+    let head = relay.downstream.queue.front().expect("still queued");
+    assert_eq!(head.sent, 3);
+    assert_eq!(pool.outstanding(), 1);
+    sent(&mut relay, &mut pool, Side::Client, Ok(5), 3);
+    assert_eq!(pool.outstanding(), 0);
+}
+
+#[test]
+fn a_fin_is_passed_on_only_after_everything_before_it() {
+    let (mut relay, mut pool) = started();
+    receive(&mut relay, &mut pool, Side::Client, b"last", 1);
+    let mut out = Vec::new();
+    relay.on_eof(Side::Client, &mut out);
+    assert!(
+        out.is_empty(),
+        "FIN must wait for the queued bytes: {out:?}"
+    );
+    let out = sent(&mut relay, &mut pool, Side::Server, Ok(4), 2);
+    assert_eq!(out, [Action::ShutdownWrite(Side::Server)]);
+    // The other direction keeps flowing after the half-close.
+    let out = receive(&mut relay, &mut pool, Side::Server, b"reply", 3);
+    assert_eq!(
+        out,
+        [Action::Send(Side::Client), Action::Receive(Side::Server)]
+    );
+    sent(&mut relay, &mut pool, Side::Client, Ok(5), 4);
+    let mut out = Vec::new();
+    relay.on_eof(Side::Server, &mut out);
+    assert_eq!(
+        out,
+        [
+            Action::ShutdownWrite(Side::Client),
+            Action::Close(CloseMode::Graceful, CloseReason::Completed)
+        ]
+    );
+    assert!(relay.is_closing());
+}
+
+#[test]
+fn a_starved_receive_is_rearmed_when_buffers_return() {
+    let (mut relay, mut pool) = started();
+    let mut out = Vec::new();
+    relay.on_receive_failed(Side::Client, ReceiveError::NoBuffers, &mut pool, &mut out);
+    assert!(out.is_empty());
+    assert!(relay.upstream.starved);
+    assert!(relay.on_buffers_available(Side::Client, &mut out));
+    assert_eq!(out, [Action::Receive(Side::Client)]);
+    out.clear();
+    assert!(
+        !relay.on_buffers_available(Side::Client, &mut out),
+        "only a starved receive is re-armed"
+    );
+}
+
+#[test]
+fn a_server_reset_still_delivers_what_was_held_then_resets_the_client() {
+    let (mut relay, mut pool) = started();
+    receive(&mut relay, &mut pool, Side::Server, b"abcdefgh", 1);
+    receive(&mut relay, &mut pool, Side::Server, b"ijkl", 1);
+    let mut out = Vec::new();
+    relay.on_receive_failed(Side::Server, ReceiveError::Failed, &mut pool, &mut out);
+    assert!(out.is_empty(), "held bytes go first: {out:?}");
+    let out = sent(&mut relay, &mut pool, Side::Client, Ok(8), 2);
+    assert_eq!(out, [Action::Send(Side::Client)]);
+    let out = sent(&mut relay, &mut pool, Side::Client, Ok(4), 3);
+    assert_eq!(out, [Action::ResetWhenDrained(Side::Client)]);
+    assert_eq!(relay.lingering(), Some(Side::Client));
+    assert_eq!(relay.delivered(), (0, 12));
+    // The client's socket still holds bytes for its peer: wait; then reset.
+    let mut out = Vec::new();
+    relay.on_unacknowledged(5_000, 4, &mut out);
+    relay.on_unacknowledged(100, 5, &mut out);
+    assert!(out.is_empty());
+    relay.on_unacknowledged(0, 6, &mut out);
+    assert_eq!(
+        out,
+        [Action::Close(
+            CloseMode::Reset(Side::Client),
+            CloseReason::PeerFailed(Side::Server)
+        )]
+    );
+    assert_eq!(pool.outstanding(), 0);
+}
+
+#[test]
+fn a_peer_that_never_drains_after_a_reset_is_cut_at_the_write_timeout() {
+    let (mut relay, mut pool) = started();
+    let mut out = Vec::new();
+    relay.on_receive_failed(Side::Server, ReceiveError::Failed, &mut pool, &mut out);
+    assert_eq!(out, [Action::ResetWhenDrained(Side::Client)]);
+    out.clear();
+    relay.on_unacknowledged(700, 1, &mut out);
+    relay.on_unacknowledged(700, 1 + LIMITS.write_ticks - 1, &mut out);
+    assert!(out.is_empty());
+    relay.on_unacknowledged(700, 1 + LIMITS.write_ticks, &mut out);
+    assert_eq!(
+        out,
+        [Action::Close(
+            CloseMode::Reset(Side::Client),
+            CloseReason::WriteTimeout(Side::Client)
+        )]
+    );
+}
+
+#[test]
+fn a_failed_send_to_the_client_drops_its_bytes_but_delivers_the_servers() {
+    let (mut relay, mut pool) = started();
+    receive(&mut relay, &mut pool, Side::Client, b"to-srv", 1);
+    receive(&mut relay, &mut pool, Side::Server, b"to-cli", 1);
+    // The client is gone: what was for it is dropped (its buffer goes back at once).
+    let out = sent(
+        &mut relay,
+        &mut pool,
+        Side::Client,
+        Err(SendError::Failed),
+        2,
+    );
+    assert!(out.is_empty(), "{out:?}");
+    assert!(relay.downstream.abandoned);
+    assert_eq!(pool.outstanding(), 1);
+    // A late receive from the server is dropped too.
+    let out = receive(&mut relay, &mut pool, Side::Server, b"more", 2);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(pool.outstanding(), 1);
+    // The client's bytes still reach the server, then the server is reset.
+    let out = sent(&mut relay, &mut pool, Side::Server, Ok(6), 3);
+    assert_eq!(out, [Action::ResetWhenDrained(Side::Server)]);
+    assert_eq!(pool.outstanding(), 0);
+}
+
+#[test]
+fn a_zero_byte_send_completion_is_a_failure() {
+    let (mut relay, mut pool) = started();
+    receive(&mut relay, &mut pool, Side::Server, b"x", 1);
+    let out = sent(&mut relay, &mut pool, Side::Client, Ok(0), 2);
+    assert_eq!(out, [Action::ResetWhenDrained(Side::Server)]);
+}
+
+#[test]
+fn both_sides_failing_resets_both() {
+    let (mut relay, mut pool) = started();
+    receive(&mut relay, &mut pool, Side::Client, b"x", 1);
+    let mut out = Vec::new();
+    relay.on_receive_failed(Side::Server, ReceiveError::Failed, &mut pool, &mut out);
+    let out = sent(
+        &mut relay,
+        &mut pool,
+        Side::Server,
+        Err(SendError::Failed),
+        2,
+    );
+    assert_eq!(
+        out,
+        [Action::Close(
+            CloseMode::ResetBoth,
+            CloseReason::PeerFailed(Side::Server)
+        )]
+    );
+}
+
+#[test]
+fn the_write_timeout_counts_from_the_last_byte_the_destination_took() {
+    let (mut relay, mut pool) = started();
+    receive(&mut relay, &mut pool, Side::Server, b"abcdefgh", 10);
+    let mut out = Vec::new();
+    relay.on_tick(10 + LIMITS.write_ticks - 1, &mut out);
+    assert!(out.is_empty());
+    // Progress: the clock starts again.
+    sent(&mut relay, &mut pool, Side::Client, Ok(2), 25);
+    relay.on_tick(25 + LIMITS.write_ticks - 1, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(relay.next_deadline(), 25 + LIMITS.write_ticks);
+    relay.on_tick(25 + LIMITS.write_ticks, &mut out);
+    assert_eq!(
+        out,
+        [Action::Close(
+            CloseMode::ResetBoth,
+            CloseReason::WriteTimeout(Side::Client)
+        )]
+    );
+}
+
+#[test]
+fn the_idle_timeout_counts_from_the_last_byte_moved() {
+    let (mut relay, mut pool) = started();
+    let mut out = Vec::new();
+    relay.on_tick(LIMITS.idle_ticks - 1, &mut out);
+    assert!(out.is_empty());
+    receive(&mut relay, &mut pool, Side::Client, b"a", 50);
+    sent(&mut relay, &mut pool, Side::Server, Ok(1), 50);
+    assert_eq!(relay.next_deadline(), 50 + LIMITS.idle_ticks);
+    relay.on_tick(LIMITS.idle_ticks, &mut out);
+    assert!(out.is_empty());
+    relay.on_tick(50 + LIMITS.idle_ticks, &mut out);
+    assert_eq!(
+        out,
+        [Action::Close(CloseMode::Graceful, CloseReason::IdleTimeout)]
+    );
+}
+
+#[test]
+fn a_stalled_direction_is_copied_out_and_its_ring_buffers_return() {
+    let (mut relay, mut pool) = started();
+    for _ in 0..LIMITS.queued_buffers {
+        receive(&mut relay, &mut pool, Side::Server, b"12345678", 1);
+    }
+    assert_eq!(pool.outstanding(), LIMITS.queued_buffers);
+    let mut out = Vec::new();
+    // Not stalled long enough yet.
+    relay.spill_if_stalled(0, &mut pool, &mut out);
+    assert!(out.is_empty());
+    relay.spill_if_stalled(1, &mut pool, &mut out);
+    assert_eq!(out, [Action::CancelSend(Side::Client)]);
+    // The cancelled send completes; every byte is copied out, every ring buffer returned.
+    let out = sent(
+        &mut relay,
+        &mut pool,
+        Side::Client,
+        Err(SendError::Cancelled),
+        3,
+    );
+    // The spill is full (queued_buffers x buffer_size): no receive until it drains.
+    assert_eq!(out, [Action::Send(Side::Client)]);
+    assert_eq!(pool.outstanding(), 0);
+    assert_eq!(relay.ring_buffers(), 0);
+    assert_eq!(relay.downstream.sending, Some(SendFrom::Spill));
+    let (data, start, end) = relay.downstream.lend_spill().expect("spill to send");
+    assert_eq!(&data[start..end], b"12345678123456781234567812345678");
+    // While the spill is out with the send, nothing more is read into ring buffers.
+    relay.downstream.restore_spill(data);
+    let out = sent(&mut relay, &mut pool, Side::Client, Ok(32), 4);
+    assert!(
+        relay.downstream.spill.is_none(),
+        "drained: back to zero copy"
+    );
+    assert!(
+        out.is_empty() || out == [Action::Receive(Side::Server)],
+        "{out:?}"
+    );
+    assert_eq!(relay.delivered(), (0, 32));
+}
+
+#[test]
+fn while_spilled_received_buffers_are_copied_at_once() {
+    let (mut relay, mut pool) = started();
+    receive(&mut relay, &mut pool, Side::Server, b"abcdefgh", 1);
+    let mut out = Vec::new();
+    relay.spill_if_stalled(5, &mut pool, &mut out);
+    sent(&mut relay, &mut pool, Side::Client, Ok(3), 6);
+    // The partial send left "defgh" queued; it was copied out.
+    assert_eq!(pool.outstanding(), 0);
+    let (data, start, end) = relay.downstream.lend_spill().expect("spill");
+    assert_eq!(&data[start..end], b"defgh");
+    relay.downstream.restore_spill(data);
+    relay.downstream.sending = None;
+    let out = receive(&mut relay, &mut pool, Side::Server, b"ijkl", 7);
+    assert_eq!(pool.outstanding(), 0, "copied and returned on arrival");
+    assert!(out.contains(&Action::Send(Side::Client)), "{out:?}");
+    let (data, start, end) = relay.downstream.lend_spill().expect("spill");
+    assert_eq!(&data[start..end], b"defghijkl");
+    assert!(end - start <= LIMITS.queued_buffers * LIMITS.buffer_size);
+}
+
+#[test]
+fn a_closing_session_ignores_events_and_returns_buffers() {
+    let (mut relay, mut pool) = started();
+    receive(&mut relay, &mut pool, Side::Client, b"abc", 1);
+    relay.set_closing();
+    let out = receive(&mut relay, &mut pool, Side::Server, b"late", 2);
+    assert!(out.is_empty());
+    let out = sent(
+        &mut relay,
+        &mut pool,
+        Side::Server,
+        Err(SendError::Cancelled),
+        2,
+    );
+    assert!(out.is_empty());
+    let mut out = Vec::new();
+    relay.on_eof(Side::Client, &mut out);
+    relay.on_receive_failed(Side::Server, ReceiveError::Cancelled, &mut pool, &mut out);
+    assert!(out.is_empty());
+    assert!(relay.is_idle(), "no operation left in flight");
+    relay.release(&mut pool);
+    assert_eq!(pool.outstanding(), 0);
+}
+
+#[test]
+fn idle_means_no_receive_and_no_send_in_flight() {
+    let (mut relay, mut pool) = started();
+    assert!(!relay.is_idle());
+    let mut out = Vec::new();
+    relay.on_eof(Side::Client, &mut out);
+    relay.on_eof(Side::Server, &mut out);
+    assert!(relay.is_idle());
+    assert!(relay.is_closing());
+    let _ = &mut pool;
+}

@@ -1,0 +1,141 @@
+//! A session as the shard loop holds it: the sockets, the server it is connected to, its
+//! place in the timer wheel, and the sans-IO relay machine that decides what happens next.
+//!
+//! Also owns the encoding of `user_data`: the operation, the session's slot and the slot's
+//! generation, so a completion that arrives after its session is gone is recognised instead
+//! of reaching the slot's next session.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use crate::balance::{ServerIndex, TriedServers};
+use crate::config::PoolId;
+use crate::relay::{CloseMode, Relay, Side};
+use crate::uring::BufToken;
+use crate::uring::timer::TimerId;
+
+/// Generations wrap within 22 bits (bits 40-61 of `user_data`; the ring keeps 62 and 63).
+pub const GENERATION_MASK: u32 = (1 << 22) - 1;
+
+/// What a completion belongs to: the low byte of `user_data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Op {
+    /// Close, cancel and linked-timeout completions carry nothing to act on.
+    Ignored = 0,
+    Accept = 1,
+    ClientRecv = 2,
+    ServerRecv = 3,
+    SendToServer = 4,
+    SendToClient = 5,
+    Connect = 6,
+    Wake = 7,
+}
+
+impl Op {
+    fn from_tag(tag: u8) -> Op {
+        match tag {
+            1 => Op::Accept,
+            2 => Op::ClientRecv,
+            3 => Op::ServerRecv,
+            4 => Op::SendToServer,
+            5 => Op::SendToClient,
+            6 => Op::Connect,
+            7 => Op::Wake,
+            _ => Op::Ignored,
+        }
+    }
+
+    pub fn recv_from(side: Side) -> Op {
+        match side {
+            Side::Client => Op::ClientRecv,
+            Side::Server => Op::ServerRecv,
+        }
+    }
+
+    pub fn send_to(side: Side) -> Op {
+        match side {
+            Side::Client => Op::SendToClient,
+            Side::Server => Op::SendToServer,
+        }
+    }
+}
+
+/// `user_data` for an operation of slot `index` in its `generation`.
+pub fn user_data(op: Op, index: usize, generation: u32) -> u64 {
+    (u64::from(generation & GENERATION_MASK) << 40)
+        | ((index as u64 & 0xffff_ffff) << 8)
+        | op as u64
+}
+
+pub struct Session {
+    /// Distinguishes this session from earlier ones in the same slot.
+    pub generation: u32,
+    pub listener: usize,
+    pub pool: PoolId,
+    pub client: OwnedFd,
+    pub server: Option<OwnedFd>,
+    pub server_index: Option<ServerIndex>,
+    pub tried: TriedServers,
+    pub attempts: u32,
+    pub client_key: u64,
+    /// A connect is in flight.
+    pub connecting: bool,
+    /// The session is ending; freed once no operation is in flight.
+    pub closing: bool,
+    pub close_mode: CloseMode,
+    pub relay: Relay<BufToken>,
+    pub timer: Option<TimerId>,
+}
+
+impl Session {
+    /// (operation, slot, generation) of a completion's `user_data`.
+    pub fn decode(user_data: u64) -> (Op, usize, u32) {
+        (
+            Op::from_tag(user_data as u8),
+            ((user_data >> 8) & 0xffff_ffff) as usize,
+            ((user_data >> 40) as u32) & GENERATION_MASK,
+        )
+    }
+
+    pub fn fd(&self, side: Side) -> Option<RawFd> {
+        match side {
+            Side::Client => Some(self.client.as_raw_fd()),
+            Side::Server => self.server.as_ref().map(AsRawFd::as_raw_fd),
+        }
+    }
+
+    pub fn borrow_fd(&self, side: Side) -> Option<BorrowedFd<'_>> {
+        match side {
+            Side::Client => Some(self.client.as_fd()),
+            Side::Server => self.server.as_ref().map(AsFd::as_fd),
+        }
+    }
+
+    /// No operation refers to this session.
+    pub fn is_idle(&self) -> bool {
+        !self.connecting && self.relay.is_idle()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_data_round_trips_and_leaves_the_ring_bits_alone() {
+        for (op, index, generation) in [
+            (Op::ClientRecv, 0, 0),
+            (Op::SendToClient, 123_456, 77),
+            (Op::Connect, u32::MAX as usize, GENERATION_MASK),
+        ] {
+            let data = user_data(op, index, generation);
+            assert_eq!(data & !crate::uring::USER_DATA_BITS, 0, "{data:#x}");
+            assert_eq!(Session::decode(data), (op, index, generation));
+        }
+        // The generation wraps inside its bits instead of spilling into the ring's.
+        assert_eq!(
+            Session::decode(user_data(Op::Wake, 5, GENERATION_MASK + 2)),
+            (Op::Wake, 5, 1)
+        );
+    }
+}
