@@ -4,8 +4,10 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,19 +42,45 @@ impl Proxy {
         Self::try_start(config).unwrap_or_else(|error| panic!("proxy did not start: {error}"))
     }
 
+    /// Starts the proxy with RLIMIT_NOFILE (soft and hard) set to `limit` in the child only.
+    pub fn start_with_nofile(config: &str, limit: u64) -> Proxy {
+        Self::try_start_with(config, Some(limit))
+            .unwrap_or_else(|error| panic!("proxy did not start: {error}"))
+    }
+
     pub fn try_start(config: &str) -> Result<Proxy, String> {
+        Self::try_start_with(config, None)
+    }
+
+    fn try_start_with(config: &str, nofile: Option<u64>) -> Result<Proxy, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let path = dir.path().join("ringproxy.toml");
         std::fs::write(&path, config).map_err(|e| e.to_string())?;
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(["--log-format", "json", "run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| e.to_string())?;
+            .stderr(Stdio::piped());
+        if let Some(limit) = nofile {
+            // SAFETY: the closure runs in the forked child before exec and calls only
+            // setrlimit, which is async-signal-safe; lowering a limit is always allowed.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().map_err(|e| e.to_string())?;
         let stderr = child.stderr.take().ok_or("no stderr")?;
         let logs = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&logs);
@@ -76,7 +104,15 @@ impl Proxy {
         });
         proxy.listeners = proxy.ready_listeners();
         if !ready || proxy.listeners.len() < listener_count {
-            return Err(format!("not ready; logs: {:?}", proxy.logs()));
+            if proxy.has_exited() {
+                // The log reader may lag the exit by a moment; the last line says why.
+                wait_for(Duration::from_secs(1), || !proxy.logs().is_empty());
+            }
+            return Err(format!(
+                "not ready (exit status {:?}); logs: {:?}",
+                proxy.exit,
+                proxy.logs()
+            ));
         }
         Ok(proxy)
     }
@@ -117,6 +153,12 @@ impl Proxy {
             self.exit = self.child.try_wait().ok().flatten();
         }
         self.exit.is_some()
+    }
+
+    /// The exit status, once the process has exited.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.has_exited();
+        self.exit
     }
 
     /// Waits for the process to exit, up to `timeout`.
@@ -163,9 +205,25 @@ impl Drop for Proxy {
 
 /// A config with one listener "front" on an ephemeral port and one pool "app".
 pub fn config(shards: u32, pool_extra: &str, servers: &[String]) -> String {
+    config_with(shards, "", pool_extra, servers)
+}
+
+/// As `config`, with extra lines (`key = value`, newline separated) in the listener's table.
+pub fn config_with(
+    shards: u32,
+    listener_extra: &str,
+    pool_extra: &str,
+    servers: &[String],
+) -> String {
+    let listener_extra = if listener_extra.is_empty() {
+        String::new()
+    } else {
+        format!("{}\n", listener_extra.trim_end())
+    };
     format!(
         "[runtime]\nshards = {shards}\ndrain_timeout = \"5s\"\n\n\
-         [[listener]]\nname = \"front\"\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\n\
+         [[listener]]\nname = \"front\"\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\
+         {listener_extra}\n\
          [[pool]]\nname = \"app\"\n{pool_extra}\nservers = [\n{}\n]\n",
         servers.join(",\n")
     )
@@ -196,6 +254,8 @@ pub enum Behaviour {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub accepted: Arc<AtomicU64>,
+    /// Connections accepted whose handler has not returned yet (the peer is still there).
+    pub active: Arc<AtomicU64>,
     /// Bytes counted by `CountUntilFin` / `GreetThenCount` connections.
     pub counted: Arc<Mutex<Vec<u64>>>,
     stop: Arc<AtomicBool>,
@@ -207,10 +267,12 @@ impl TestServer {
         let listener = listen_loopback(4096);
         let addr = listener.local_addr().expect("local addr");
         let accepted = Arc::new(AtomicU64::new(0));
+        let active = Arc::new(AtomicU64::new(0));
         let counted = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (accepts, counts, stopping) = (
+        let (accepts, actives, counts, stopping) = (
             Arc::clone(&accepted),
+            Arc::clone(&active),
             Arc::clone(&counted),
             Arc::clone(&stop),
         );
@@ -221,17 +283,23 @@ impl TestServer {
                 }
                 let Ok(stream) = stream else { continue };
                 accepts.fetch_add(1, Ordering::SeqCst);
+                actives.fetch_add(1, Ordering::SeqCst);
                 let counts = Arc::clone(&counts);
+                let actives = Arc::clone(&actives);
                 let stopping = Arc::clone(&stopping);
                 thread::Builder::new()
                     .stack_size(128 * 1024)
-                    .spawn(move || serve(stream, behaviour, &counts, &stopping))
+                    .spawn(move || {
+                        serve(stream, behaviour, &counts, &stopping);
+                        actives.fetch_sub(1, Ordering::SeqCst);
+                    })
                     .expect("spawn connection thread");
             }
         });
         TestServer {
             addr,
             accepted,
+            active,
             counted,
             stop,
             accept_thread: Some(accept_thread),
@@ -240,6 +308,10 @@ impl TestServer {
 
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::SeqCst)
     }
 }
 
@@ -396,4 +468,387 @@ pub fn read_tag(stream: &mut TcpStream) -> Option<u8> {
     let mut line = [0u8; 2];
     stream.read_exact(&mut line).ok()?;
     (line[1] == b'\n').then_some(line[0])
+}
+
+// ---- process and socket measurements ----------------------------------------------------------
+
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit (the proxy, a child, inherits it);
+/// returns the soft limit now in force.
+pub fn raise_nofile_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit struct on our stack.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+/// Resident memory of a process, from /proc/PID/status.
+pub fn rss_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .expect("VmRSS")
+        * 1024
+}
+
+/// Open descriptors of a process (entries of /proc/PID/fd).
+pub fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| entries.count())
+        .unwrap_or(0)
+}
+
+/// Kernel memory held by all TCP sockets of the host, from /proc/net/sockstat (pages x 4 KiB).
+pub fn tcp_kernel_memory() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    text.lines()
+        .find(|line| line.starts_with("TCP:"))
+        .and_then(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let at = words.iter().position(|&word| word == "mem")?;
+            words.get(at + 1)?.parse::<u64>().ok()
+        })
+        .unwrap_or(0)
+        * 4096
+}
+
+/// Bytes waiting in a socket's receive queue (FIONREAD / SIOCINQ).
+pub fn socket_inq(fd: RawFd) -> usize {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int into a live stack value; fd is a socket we hold.
+    let result = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) };
+    if result == 0 { queued as usize } else { 0 }
+}
+
+/// Bytes in a socket's send queue not yet acknowledged by the peer (TIOCOUTQ == SIOCOUTQ).
+pub fn socket_outq(fd: RawFd) -> usize {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one c_int into a live stack value; fd is a socket we hold.
+    let result = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+    if result == 0 { queued as usize } else { 0 }
+}
+
+/// The `index`-th client source address, cycling through 127.0.0.2..=127.0.0.254, so many
+/// connections to one proxy port do not run one source address out of ports.
+pub fn source_ip(index: u64) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 2 + (index % 253) as u8)
+}
+
+/// A TCP socket bound to `source` (port chosen at connect time, IP_BIND_ADDRESS_NO_PORT),
+/// with an optional receive buffer size set before connecting; not yet connected.
+pub fn client_socket(source: Ipv4Addr, recv_buffer: Option<usize>) -> io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let enable: libc::c_int = 1;
+    // SAFETY: setsockopt reads one c_int from a live stack value; the socket is ours.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&enable as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size)?;
+    }
+    socket.bind(&SocketAddr::new(IpAddr::V4(source), 0).into())?;
+    Ok(socket)
+}
+
+/// Connects to `addr` from `source` with 5 s read/write timeouts (see `client_socket`).
+pub fn connect_from(
+    addr: SocketAddr,
+    source: Ipv4Addr,
+    recv_buffer: Option<usize>,
+) -> io::Result<TcpStream> {
+    let socket = client_socket(source, recv_buffer)?;
+    socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    socket.set_write_timeout(Some(Duration::from_secs(5)))?;
+    Ok(socket.into())
+}
+
+/// A nonblocking peek at whether the peer has closed: `Some(true)` on EOF or reset,
+/// `Some(false)` while open with nothing to read, `None` when bytes are waiting.
+pub fn peer_closed(stream: &TcpStream) -> Option<bool> {
+    let mut byte = [0u8; 1];
+    // SAFETY: recv writes at most one byte into a live stack buffer; the socket is ours.
+    let result = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            byte.as_mut_ptr().cast(),
+            1,
+            libc::MSG_DONTWAIT | libc::MSG_PEEK,
+        )
+    };
+    match result {
+        0 => Some(true),
+        1.. => None,
+        _ => {
+            let error = io::Error::last_os_error();
+            match error.kind() {
+                ErrorKind::WouldBlock | ErrorKind::Interrupted => Some(false),
+                _ => Some(true),
+            }
+        }
+    }
+}
+
+// ---- an epoll test server for many connections -------------------------------------------------
+
+/// What an `EventServer` does with each connection.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum EventMode {
+    /// Echo every byte; close after the peer's FIN.
+    Echo,
+    /// Read and drop; close after the peer's FIN. Holds idle connections indefinitely.
+    Discard,
+    /// Reset every connection as soon as it is accepted (SO_LINGER 0, close).
+    Reset,
+}
+
+/// A single-threaded epoll server for thousands of connections (one thread per connection
+/// would not fit 8,000 sessions or 100,000 short ones on a 2-core box). Stops on drop.
+pub struct EventServer {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+    closed: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl EventServer {
+    pub fn start(mode: EventMode) -> EventServer {
+        let listener = listen_loopback(4096);
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("local addr");
+        let accepted = Arc::new(AtomicU64::new(0));
+        let closed = Arc::new(AtomicU64::new(0));
+        let received = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters = EventCounters {
+            accepted: Arc::clone(&accepted),
+            closed: Arc::clone(&closed),
+            received: Arc::clone(&received),
+            stop: Arc::clone(&stop),
+        };
+        let thread = thread::Builder::new()
+            .name("event-server".into())
+            .spawn(move || run_event_server(listener, mode, &counters))
+            .expect("spawn event server");
+        EventServer {
+            addr,
+            accepted,
+            closed,
+            received,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections that ended (peer FIN or reset; in `Reset` mode, every accepted one).
+    pub fn closed(&self) -> u64 {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Bytes read from all connections.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for EventServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct EventCounters {
+    accepted: Arc<AtomicU64>,
+    closed: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+struct EventConnection {
+    stream: TcpStream,
+    /// Echo bytes the socket did not take yet; reads pause until they are written.
+    pending: Vec<u8>,
+}
+
+const LISTENER_TOKEN: u64 = u64::MAX;
+
+fn epoll_control(epoll: &OwnedFd, op: libc::c_int, fd: RawFd, events: u32) {
+    let mut event = libc::epoll_event {
+        events,
+        u64: fd as u64,
+    };
+    // SAFETY: epoll_ctl reads one epoll_event from a live stack value.
+    unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd, &mut event) };
+}
+
+fn run_event_server(listener: TcpListener, mode: EventMode, counters: &EventCounters) {
+    // SAFETY: epoll_create1 takes no pointers; the result is checked before use.
+    let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(raw >= 0, "epoll_create1: {}", io::Error::last_os_error());
+    // SAFETY: raw was just created and is owned by nobody else.
+    let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
+    let readable = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+    let writable = libc::EPOLLOUT as u32;
+    // The listener's token is LISTENER_TOKEN; a connection's is its fd.
+    {
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: LISTENER_TOKEN,
+        };
+        // SAFETY: as in epoll_control.
+        unsafe {
+            libc::epoll_ctl(
+                epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                listener.as_raw_fd(),
+                &mut event,
+            )
+        };
+    }
+    let mut connections: HashMap<RawFd, EventConnection> = HashMap::new();
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
+    let mut buffer = vec![0u8; 64 * 1024];
+    while !counters.stop.load(Ordering::SeqCst) {
+        // SAFETY: epoll_wait writes at most events.len() entries into the live vector.
+        let ready = unsafe {
+            libc::epoll_wait(
+                epoll.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as libc::c_int,
+                50,
+            )
+        };
+        if ready < 0 {
+            if io::Error::last_os_error().kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        for event in &events[..ready as usize] {
+            let token = event.u64;
+            if token == LISTENER_TOKEN {
+                loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            counters.accepted.fetch_add(1, Ordering::SeqCst);
+                            if mode == EventMode::Reset {
+                                let _ = socket2::SockRef::from(&stream)
+                                    .set_linger(Some(Duration::ZERO));
+                                drop(stream);
+                                counters.closed.fetch_add(1, Ordering::SeqCst);
+                                continue;
+                            }
+                            let _ = stream.set_nonblocking(true);
+                            let fd = stream.as_raw_fd();
+                            epoll_control(&epoll, libc::EPOLL_CTL_ADD, fd, readable);
+                            connections.insert(
+                                fd,
+                                EventConnection {
+                                    stream,
+                                    pending: Vec::new(),
+                                },
+                            );
+                        }
+                        Err(error) if error.kind() == ErrorKind::WouldBlock => break,
+                        Err(_) => {
+                            // Out of descriptors or similar: let the backlog hold them.
+                            thread::sleep(Duration::from_millis(5));
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
+            let fd = token as RawFd;
+            let Some(connection) = connections.get_mut(&fd) else {
+                continue;
+            };
+            let mut done = false;
+            if !connection.pending.is_empty() {
+                match connection.stream.write(&connection.pending) {
+                    Ok(n) => {
+                        connection.pending.drain(..n);
+                    }
+                    Err(error) if error.kind() == ErrorKind::WouldBlock => {}
+                    Err(_) => done = true,
+                }
+                if !done && connection.pending.is_empty() {
+                    epoll_control(&epoll, libc::EPOLL_CTL_MOD, fd, readable);
+                }
+            }
+            while !done && connection.pending.is_empty() {
+                match connection.stream.read(&mut buffer) {
+                    Ok(0) => done = true,
+                    Ok(n) => {
+                        counters.received.fetch_add(n as u64, Ordering::SeqCst);
+                        if mode != EventMode::Echo {
+                            continue;
+                        }
+                        let written = match connection.stream.write(&buffer[..n]) {
+                            Ok(written) => written,
+                            Err(error) if error.kind() == ErrorKind::WouldBlock => 0,
+                            Err(_) => {
+                                done = true;
+                                break;
+                            }
+                        };
+                        if written < n {
+                            connection.pending.extend_from_slice(&buffer[written..n]);
+                            epoll_control(&epoll, libc::EPOLL_CTL_MOD, fd, writable);
+                        }
+                    }
+                    Err(error) if error.kind() == ErrorKind::WouldBlock => break,
+                    Err(error) if error.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => done = true,
+                }
+            }
+            if done {
+                epoll_control(&epoll, libc::EPOLL_CTL_DEL, fd, 0);
+                connections.remove(&fd);
+                counters.closed.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
 }
