@@ -243,17 +243,43 @@ fn least_conn_and_two_choices_avoid_the_busy_server() {
         let servers = tagged_servers(2);
         let entries: Vec<String> = servers.iter().map(|s| server(s.addr)).collect();
         let proxy = Proxy::start(&config(1, &format!("balance = \"{algorithm}\""), &entries));
-        // Hold ten sessions; the shard spreads them, then every new one goes to the lighter.
+        // Hold twenty sessions: the shard spreads them evenly.
         let mut held = Vec::new();
-        let mut per_server: HashMap<u8, u32> = HashMap::new();
-        for _ in 0..10 {
+        for _ in 0..20 {
             let mut stream = connect(proxy.addr());
             let tag = read_tag(&mut stream).expect("tag");
-            *per_server.entry(tag).or_default() += 1;
-            held.push(stream);
+            held.push((tag, stream));
         }
-        let spread = per_server.values().copied().max().unwrap_or(0)
-            - per_server.values().copied().min().unwrap_or(0);
-        assert!(spread <= 2, "{algorithm}: {per_server:?}");
+        let on_a = held.iter().filter(|(tag, _)| *tag == b'a').count();
+        let on_b = held.len() - on_a;
+        assert!(on_a.abs_diff(on_b) <= 2, "{algorithm}: a {on_a}, b {on_b}");
+        // Make `a` the busy server: end every session on `b` (with a reset, so the proxy frees
+        // it at once) and wait until `b` holds no connection.
+        let (busy, idle): (Vec<_>, Vec<_>) = held.into_iter().partition(|(tag, _)| *tag == b'a');
+        for (_, stream) in idle {
+            socket2::SockRef::from(&stream)
+                .set_linger(Some(Duration::ZERO))
+                .expect("linger");
+        }
+        assert!(
+            wait_for(Duration::from_secs(5), || servers[1].active() == 0),
+            "{algorithm}: b still holds {} connections",
+            servers[1].active()
+        );
+        assert_eq!(servers[0].active(), busy.len() as u64, "{algorithm}");
+        // Every new session now goes to the idle server, until the two are even again.
+        let mut fresh = Vec::new();
+        let mut tags = Vec::new();
+        for _ in 0..busy.len() {
+            let mut stream = connect(proxy.addr());
+            tags.push(read_tag(&mut stream).expect("tag"));
+            fresh.push(stream);
+        }
+        assert!(
+            tags.iter().all(|&tag| tag == b'b'),
+            "{algorithm}: with {} sessions on a and none on b, new sessions went to {:?}",
+            busy.len(),
+            String::from_utf8_lossy(&tags)
+        );
     }
 }

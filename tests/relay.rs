@@ -180,23 +180,6 @@ fn idle_timeout_closes_quiet_sessions_only() {
     assert_eq!(&echo, b"pong");
 }
 
-/// Resident memory of a process, from /proc/PID/status.
-fn rss_bytes(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .expect("VmRSS")
-        * 1024
-}
-
 #[test]
 fn slow_server_stops_client_reads_and_memory_stays_bounded() {
     let silent = TestServer::start(Behaviour::Silent);
@@ -230,21 +213,36 @@ fn slow_server_stops_client_reads_and_memory_stays_bounded() {
         blocked,
         "the client was never pushed back ({written} bytes accepted)"
     );
+    let growth = rss_bytes(proxy.pid()).saturating_sub(rss_before);
+    eprintln!("client blocked after {written} bytes; proxy RSS grew {growth} bytes");
+    // Before the client is pushed back its bytes fill the kernel's socket buffers on the way:
+    // the client's send buffer (up to tcp_wmem's 4 MiB), the proxy's receive buffer, the
+    // proxy's send buffer to the server and the silent server's receive buffer. On loopback
+    // that is several MB (about 9 MB measured on the 2-core dev VM); 16 MiB leaves margin, and
+    // a proxy without backpressure would take in its whole 128 MiB ring and more.
     assert!(
-        written < 64 << 20,
+        written < 16 << 20,
         "{written} bytes accepted before the client was pushed back"
     );
-    let growth = rss_bytes(proxy.pid()).saturating_sub(rss_before);
-    // With backpressure a session holds about queued_buffers x buffer_size per direction (plus
-    // what one receive burst brings); the rest waits in socket buffers and TCP windows.
-    assert!(growth < 32 << 20, "proxy RSS grew by {growth} bytes");
-    eprintln!("client blocked after {written} bytes; proxy RSS grew {growth} bytes");
+    // The proxy holds at most 2 x queued_buffers x buffer_size of user-space data per session
+    // (2 x 8 x 16 KiB = 256 KiB here); the rest waits in socket buffers and TCP windows. 4 MiB
+    // leaves room for allocator and page granularity, but not for buffers touched beyond that
+    // bound.
+    assert!(
+        growth < 4 << 20,
+        "proxy RSS grew by {growth} bytes for one session (bound: 256 KiB of held data)"
+    );
 }
 
 #[test]
 fn relays_over_ipv6_loopback() {
     let Ok(server) = std::net::TcpListener::bind("[::1]:0") else {
-        eprintln!("no IPv6 loopback on this host; skipping");
+        // CI must exercise IPv6: a CI host without ::1 is a broken host, not a pass.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "no IPv6 loopback (::1) on this CI host: relays_over_ipv6_loopback cannot run"
+        );
+        eprintln!("SKIPPED relays_over_ipv6_loopback: no IPv6 loopback (::1) on this host");
         return;
     };
     let server_addr = server.local_addr().expect("addr");
