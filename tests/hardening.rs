@@ -294,6 +294,20 @@ fn non_reading_clients_cannot_starve_a_shard() {
     latencies.sort_unstable();
     let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     let rss = rss_bytes(pid).max(rss_filled);
+    let mut proxy = proxy;
+    proxy.signal(libc::SIGTERM);
+    proxy.wait_exit(Duration::from_secs(10));
+    wait_for(Duration::from_secs(2), || {
+        proxy
+            .logs()
+            .iter()
+            .any(|line| line["fields"]["message"] == "shard stopped")
+    });
+    for line in proxy.logs() {
+        if line["fields"]["message"] == "shard stopped" {
+            eprintln!("shard summary: {}", line["fields"]);
+        }
+    }
     eprintln!(
         "honest clients: {} of {HONEST} answered; p50 {:?}, p99 {:?}, max {:?}; proxy RSS {} MiB",
         latencies.len(),

@@ -103,6 +103,10 @@ pub struct Flow<B> {
     /// Tick since which bytes have been waiting without the destination taking any (for
     /// `write_timeout`); `None` when nothing waits.
     pub waiting_since: Option<u64>,
+    /// The destination socket's unacknowledged bytes at the last write-timeout check: when
+    /// they shrink, the destination is taking bytes even if no send has completed (a socket
+    /// with a large send buffer reports writable again only once a third of it is free).
+    pub last_unacknowledged: Option<u32>,
     /// Bytes received from the source.
     pub received: u64,
     /// Bytes the destination accepted.
@@ -124,6 +128,7 @@ impl<B> Default for Flow<B> {
             source_failed: false,
             last_receive_full: false,
             waiting_since: None,
+            last_unacknowledged: None,
             received: 0,
             delivered: 0,
         }
@@ -284,6 +289,7 @@ impl<B> Flow<B> {
         }
         if self.is_flushed() {
             self.waiting_since = None;
+            self.last_unacknowledged = None;
         }
     }
 

@@ -471,15 +471,55 @@ impl<B> Relay<B> {
         idle.min(write)
     }
 
-    /// Checks the idle and write deadlines at tick `now`.
-    pub fn on_tick(&mut self, now: u64, out: &mut Actions) {
+    /// Whether bytes wait for `destination` (the loop then reads its socket's unacknowledged
+    /// bytes for `on_tick`).
+    pub fn waiting_toward(&self, destination: Side) -> bool {
+        self.flow_ref(destination.other()).waiting_since.is_some()
+    }
+
+    /// How often the loop should call `on_tick` at least: four times per write timeout, so a
+    /// destination that takes bytes between completions is seen to.
+    pub fn check_period(&self) -> u64 {
+        self.limits
+            .idle_ticks
+            .min(self.limits.write_ticks / 4)
+            .max(1)
+    }
+
+    /// Checks the idle and write deadlines at tick `now`. `unacknowledged` tells, for a
+    /// destination bytes wait for, how many bytes its socket still holds unacknowledged: when
+    /// that shrank since the last check, the destination is making progress.
+    pub fn on_tick(
+        &mut self,
+        now: u64,
+        mut unacknowledged: impl FnMut(Side) -> Option<u32>,
+        out: &mut Actions,
+    ) {
         if self.phase == Phase::Closing {
             return;
         }
+        let write_ticks = self.limits.write_ticks;
         for destination in [Side::Client, Side::Server] {
-            let flow = self.flow_ref(destination.other());
+            if !self.waiting_toward(destination) {
+                continue;
+            }
+            let held = unacknowledged(destination);
+            let flow = self.flow_to(destination);
+            let mut progress = false;
+            if let Some(held) = held {
+                if flow.last_unacknowledged.is_some_and(|last| held < last) {
+                    flow.waiting_since = Some(now);
+                    progress = true;
+                }
+                flow.last_unacknowledged = Some(held);
+            }
+            if progress {
+                // Bytes are moving: not idle either.
+                self.last_active = now;
+            }
+            let flow = self.flow_to(destination);
             if let Some(since) = flow.waiting_since
-                && now >= since + self.limits.write_ticks
+                && now >= since + write_ticks
             {
                 self.close(
                     CloseMode::ResetBoth,

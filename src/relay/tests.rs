@@ -293,14 +293,39 @@ fn the_write_timeout_counts_from_the_last_byte_the_destination_took() {
     let (mut relay, mut pool) = started();
     receive(&mut relay, &mut pool, Side::Server, b"abcdefgh", 10);
     let mut out = Vec::new();
-    relay.on_tick(10 + LIMITS.write_ticks - 1, &mut out);
+    relay.on_tick(10 + LIMITS.write_ticks - 1, |_| None, &mut out);
     assert!(out.is_empty());
     // Progress: the clock starts again.
     sent(&mut relay, &mut pool, Side::Client, Ok(2), 25);
-    relay.on_tick(25 + LIMITS.write_ticks - 1, &mut out);
+    relay.on_tick(25 + LIMITS.write_ticks - 1, |_| None, &mut out);
     assert!(out.is_empty(), "{out:?}");
     assert_eq!(relay.next_deadline(), 25 + LIMITS.write_ticks);
-    relay.on_tick(25 + LIMITS.write_ticks, &mut out);
+    relay.on_tick(25 + LIMITS.write_ticks, |_| None, &mut out);
+    assert_eq!(
+        out,
+        [Action::Close(
+            CloseMode::ResetBoth,
+            CloseReason::WriteTimeout(Side::Client)
+        )]
+    );
+}
+
+#[test]
+fn a_destination_whose_socket_keeps_draining_is_not_cut() {
+    let (mut relay, mut pool) = started();
+    receive(&mut relay, &mut pool, Side::Server, b"abcdefgh", 0);
+    let mut out = Vec::new();
+    // No send completes, but the client's socket hands bytes on between the checks.
+    let mut held = 1_000_000;
+    for now in (5..=100).step_by(5) {
+        held -= 1_000;
+        relay.on_tick(now, |side| (side == Side::Client).then_some(held), &mut out);
+    }
+    assert!(out.is_empty(), "{out:?}");
+    // Then it stops taking bytes: cut one write timeout after the last progress.
+    relay.on_tick(100 + LIMITS.write_ticks - 1, |_| Some(held), &mut out);
+    assert!(out.is_empty());
+    relay.on_tick(100 + LIMITS.write_ticks, |_| Some(held), &mut out);
     assert_eq!(
         out,
         [Action::Close(
@@ -314,14 +339,14 @@ fn the_write_timeout_counts_from_the_last_byte_the_destination_took() {
 fn the_idle_timeout_counts_from_the_last_byte_moved() {
     let (mut relay, mut pool) = started();
     let mut out = Vec::new();
-    relay.on_tick(LIMITS.idle_ticks - 1, &mut out);
+    relay.on_tick(LIMITS.idle_ticks - 1, |_| None, &mut out);
     assert!(out.is_empty());
     receive(&mut relay, &mut pool, Side::Client, b"a", 50);
     sent(&mut relay, &mut pool, Side::Server, Ok(1), 50);
     assert_eq!(relay.next_deadline(), 50 + LIMITS.idle_ticks);
-    relay.on_tick(LIMITS.idle_ticks, &mut out);
+    relay.on_tick(LIMITS.idle_ticks, |_| None, &mut out);
     assert!(out.is_empty());
-    relay.on_tick(50 + LIMITS.idle_ticks, &mut out);
+    relay.on_tick(50 + LIMITS.idle_ticks, |_| None, &mut out);
     assert_eq!(
         out,
         [Action::Close(CloseMode::Graceful, CloseReason::IdleTimeout)]

@@ -108,6 +108,12 @@ pub struct Shard {
     starved: VecDeque<(usize, u32, Side)>,
     /// Sessions (index, generation) waiting for a side's socket to drain before a reset.
     lingering: Vec<(usize, u32)>,
+    /// A session started lingering this turn: check the lingering ones before waiting.
+    linger_check_now: bool,
+    /// A receive found the buffer ring empty this turn.
+    starved_this_turn: bool,
+    /// The tick of the last pass over stalled directions.
+    pressure_relieved_tick: u64,
     /// Closing sessions (index, generation, tick) whose operations are still finishing.
     cutting: VecDeque<(usize, u32, u64)>,
     control: Arc<ShardControl>,
@@ -174,6 +180,9 @@ impl Shard {
             actions: Vec::with_capacity(8),
             starved: VecDeque::new(),
             lingering: Vec::new(),
+            linger_check_now: false,
+            starved_this_turn: false,
+            pressure_relieved_tick: 0,
             cutting: VecDeque::new(),
             control: setup.control,
             wake_pending: false,
@@ -226,10 +235,22 @@ impl Shard {
                 self.expire_timers();
                 self.poll_lingering();
                 self.relieve_buffer_pressure();
+                self.pressure_relieved_tick = self.now_tick;
                 self.finish_cutting();
                 if self.wake_pending {
                     self.arm_wake();
                 }
+            }
+            if std::mem::take(&mut self.starved_this_turn)
+                && self.pressure_relieved_tick != self.now_tick
+            {
+                // A receive found no buffer: free stalled directions' buffers now rather than at
+                // the next tick (at most once per tick: the pass walks every session).
+                self.relieve_buffer_pressure();
+                self.pressure_relieved_tick = self.now_tick;
+            }
+            if std::mem::take(&mut self.linger_check_now) {
+                self.poll_lingering();
             }
             self.rearm_starved();
             self.retry_accepts();
@@ -251,6 +272,10 @@ impl Shard {
             write_timeouts = stats.write_timeouts,
             buffer_starvation = stats.buffer_starvation,
             spills = stats.spills,
+            stale_completions = stats.stale_completions,
+            buffers_free = self.ring.buffers().available(),
+            buffer_window = self.ring.buffers().window(),
+            starved_waiting = self.starved.len(),
             bytes_to_server = stats.bytes_to_server,
             bytes_to_client = stats.bytes_to_client,
             loop_turns = stats.loop_turns,
@@ -670,6 +695,7 @@ impl Shard {
                             &mut actions,
                         );
                         self.stats.buffer_starvation += 1;
+                        self.starved_this_turn = true;
                         self.starved.push_back((index, session.generation, source));
                     }
                     error if error == -libc::ECANCELED => session.relay.on_receive_failed(
@@ -788,7 +814,11 @@ impl Shard {
                     }
                     self.close_session(index, mode, reason);
                 }
-                Action::ResetWhenDrained(_) => self.lingering.push((index, generation)),
+                Action::ResetWhenDrained(_) => {
+                    // Often already drained (a reset with nothing held): check now, then per tick.
+                    self.lingering.push((index, generation));
+                    self.linger_check_now = true;
+                }
             }
         }
     }
@@ -928,8 +958,7 @@ impl Shard {
     fn arm_timer(&mut self, index: usize) {
         let now = self.now_tick;
         let session = &mut self.sessions[index];
-        let limits = session.relay.limits();
-        let period = limits.idle_ticks.min(limits.write_ticks).max(1);
+        let period = session.relay.check_period();
         let deadline = session.relay.next_deadline().min(now + period);
         if let Some(old) = session.timer.take() {
             self.timers.cancel(old);
@@ -954,7 +983,18 @@ impl Shard {
             if session.closing {
                 continue;
             }
-            session.relay.on_tick(tick, &mut actions);
+            let (client, server) = (&session.client, &session.server);
+            session.relay.on_tick(
+                tick,
+                |side| {
+                    let fd = match side {
+                        Side::Client => Some(client.as_fd()),
+                        Side::Server => server.as_ref().map(AsFd::as_fd),
+                    };
+                    fd.and_then(|fd| socket::unacknowledged_bytes(fd).ok())
+                },
+                &mut actions,
+            );
             self.execute(index, &mut actions);
             if self.sessions.get(index).is_some_and(|s| !s.closing) {
                 self.arm_timer(index);

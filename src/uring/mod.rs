@@ -524,7 +524,10 @@ pub fn check_kernel(major: u32, minor: u32) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::kernel_version;
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
 
     #[test]
     fn kernel_versions_parse() {
@@ -535,5 +538,52 @@ mod tests {
         assert!(kernel_version("6.0") < (6, 1));
         assert_eq!(kernel_version("garbage"), (0, 0));
         assert_eq!(kernel_version(""), (0, 0));
+    }
+
+    fn wait_one(ring: &mut Ring) -> Completion {
+        let mut completions = Vec::new();
+        for _ in 0..100 {
+            ring.submit_and_wait(Some(Duration::from_millis(50)))
+                .expect("enter");
+            ring.drain_completions(&mut completions);
+            if let Some(completion) = completions.pop() {
+                return completion;
+            }
+        }
+        panic!("no completion");
+    }
+
+    /// A receive fills one buffer; its token is minted once, reads the received bytes, and
+    /// goes back to the free buffers; a completion from another ring mints nothing here.
+    #[test]
+    fn a_received_buffer_is_taken_once_and_recycled() {
+        let mut ring = Ring::with_buffers(64, 256, 1024).expect("ring");
+        assert_eq!(ring.buffers().available(), 256);
+        assert_eq!(ring.buffers().window(), 64);
+        let (mut peer, local) = UnixStream::pair().expect("socketpair");
+        peer.write_all(b"hello ring").expect("write");
+        ring.recv(local.as_raw_fd(), 7, false).expect("recv");
+        let mut completion = wait_one(&mut ring);
+        assert_eq!(completion.user_data(), 7);
+        assert_eq!(completion.result(), 10);
+        assert!(completion.has_buffer());
+        let token = ring.buffers_mut().take(&mut completion).expect("token");
+        assert!(
+            ring.buffers_mut().take(&mut completion).is_none(),
+            "minted twice"
+        );
+        assert!(completion.accepted_fd().is_none(), "a receive is no accept");
+        assert_eq!(ring.buffers().bytes(&token), b"hello ring");
+        assert_eq!(ring.buffers().available(), 255);
+        let mut other = Ring::with_buffers(64, 64, 1024).expect("other ring");
+        peer.write_all(b"x").expect("write");
+        other.recv(local.as_raw_fd(), 9, false).expect("recv");
+        let mut foreign = wait_one(&mut other);
+        assert!(
+            ring.buffers_mut().take(&mut foreign).is_none(),
+            "another ring's buffer"
+        );
+        ring.buffers_mut().recycle(token);
+        assert_eq!(ring.buffers().available(), 256);
     }
 }
