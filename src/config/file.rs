@@ -25,6 +25,15 @@ pub struct FileConfig {
 pub struct FileRuntime {
     pub shards: Option<Spanned<FileShards>>,
     pub drain_timeout: Option<Spanned<String>>,
+    pub pin: Option<Spanned<FilePin>>,
+}
+
+/// `pin = "auto" | "none" | [0, 1]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum FilePin {
+    Word(String),
+    Cores(Vec<i64>),
 }
 
 #[derive(Debug, Deserialize)]

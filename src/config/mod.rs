@@ -21,7 +21,7 @@ use std::time::Duration;
 
 pub use connection::{Keepalive, MAX_SOURCE_ADDRESSES, TcpOptions, format_source_addresses};
 pub use duration::{format_duration, parse_duration};
-use file::{FileConfig, FileProfile, FileShards, FileTuning};
+use file::{FileConfig, FilePin, FileProfile, FileShards, FileTuning};
 use toml::Spanned;
 
 use crate::balance::Algorithm;
@@ -43,10 +43,22 @@ pub enum Shards {
     Count(NonZeroU32),
 }
 
+/// Which core each shard's thread is pinned to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pinning {
+    /// Shard i on core i mod cores.
+    Auto,
+    /// No pinning: the kernel schedules the shards.
+    None,
+    /// Shard i on `cores[i mod len]`.
+    Cores(Vec<usize>),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeSettings {
     pub shards: Shards,
     pub drain_timeout: Duration,
+    pub pin: Pinning,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,6 +264,11 @@ impl Config {
             "drain_timeout = \"{}\"",
             format_duration(self.runtime.drain_timeout)
         )?;
+        match &self.runtime.pin {
+            Pinning::Auto => writeln!(out, "pin = \"auto\"")?,
+            Pinning::None => writeln!(out, "pin = \"none\"")?,
+            Pinning::Cores(cores) => writeln!(out, "pin = {cores:?}")?,
+        }
         if let Some(admin) = &self.admin {
             writeln!(out, "\n[admin]\nbind = \"{}\"", admin.bind)?;
         }
@@ -463,9 +480,43 @@ fn resolve_runtime(
         None => DEFAULT_DRAIN_TIMEOUT,
         Some(text) => duration_at(source, text, "drain_timeout")?,
     };
+    let pin = match &runtime.pin {
+        None => Pinning::Auto,
+        Some(spanned) => match spanned.get_ref() {
+            FilePin::Word(word) if word == "auto" => Pinning::Auto,
+            FilePin::Word(word) if word == "none" => Pinning::None,
+            FilePin::Word(word) => {
+                return Err(source.at(
+                    spanned,
+                    format!(
+                        "pin must be \"auto\", \"none\" or a list of core numbers, not {word:?}"
+                    ),
+                ));
+            }
+            FilePin::Cores(cores) => {
+                if cores.is_empty() || cores.len() > 1024 {
+                    return Err(source.at(spanned, "pin lists 1 to 1024 core numbers"));
+                }
+                let mut list = Vec::with_capacity(cores.len());
+                for &core in cores {
+                    match usize::try_from(core) {
+                        Ok(core) if core < 4096 => list.push(core),
+                        _ => {
+                            return Err(source.at(
+                                spanned,
+                                format!("pin: core numbers run from 0 to 4095, not {core}"),
+                            ));
+                        }
+                    }
+                }
+                Pinning::Cores(list)
+            }
+        },
+    };
     Ok(RuntimeSettings {
         shards,
         drain_timeout,
+        pin,
     })
 }
 

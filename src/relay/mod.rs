@@ -22,7 +22,7 @@
 
 mod flow;
 
-pub use flow::{BufferPool, Flow, Pending, SendFrom, Spill};
+pub use flow::{BufferPool, Flow, Measured, Pending, SendFrom, Spill};
 
 /// Which side of a session an event concerns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,7 +180,7 @@ impl<B> Relay<B> {
     pub fn is_idle(&self) -> bool {
         [&self.upstream, &self.downstream]
             .iter()
-            .all(|flow| !flow.receiving && flow.sending.is_none())
+            .all(|flow| flow.receiving == 0 && flow.sending.is_none())
     }
 
     /// Ring buffers held by both directions.
@@ -205,8 +205,8 @@ impl<B> Relay<B> {
             ..
         } = self.limits;
         let flow = self.flow_from(source);
-        if flow.wants_receive(queued_buffers, buffer_size) {
-            flow.receiving = true;
+        for _ in 0..flow.receives_wanted(queued_buffers, buffer_size) {
+            flow.receiving += 1;
             out.push(Action::Receive(source));
         }
     }
@@ -232,16 +232,49 @@ impl<B> Relay<B> {
         pool: &mut impl BufferPool<B>,
         out: &mut Actions,
     ) {
+        let mut batch = vec![buffer];
+        let _ = len;
+        self.receive_into(source, &mut batch, |_| len, now, pool, out);
+    }
+
+    /// A receive from `source` filled `buffers` (in order); drains the vector.
+    pub fn on_received_batch(
+        &mut self,
+        source: Side,
+        buffers: &mut Vec<B>,
+        now: u64,
+        pool: &mut impl BufferPool<B>,
+        out: &mut Actions,
+    ) where
+        B: Measured,
+    {
+        self.receive_into(source, buffers, |buffer| buffer.byte_len(), now, pool, out);
+    }
+
+    fn receive_into(
+        &mut self,
+        source: Side,
+        buffers: &mut Vec<B>,
+        len_of: impl Fn(&B) -> u32,
+        now: u64,
+        pool: &mut impl BufferPool<B>,
+        out: &mut Actions,
+    ) {
         let closing = self.phase == Phase::Closing;
-        let full = len as usize >= self.limits.buffer_size;
+        let buffer_size = self.limits.buffer_size;
         let flow = self.flow_from(source);
-        flow.receiving = false;
+        flow.receiving = flow.receiving.saturating_sub(1);
         if closing {
-            pool.recycle(buffer);
+            for buffer in buffers.drain(..) {
+                pool.recycle(buffer);
+            }
             return;
         }
-        flow.last_receive_full = full;
-        flow.push(buffer, len, now, pool);
+        for buffer in buffers.drain(..) {
+            let len = len_of(&buffer);
+            flow.last_receive_full = len as usize >= buffer_size;
+            flow.push(buffer, len, now, pool);
+        }
         self.last_active = now;
         self.start_send(source.other(), out);
         self.arm_receive(source, out);
@@ -250,7 +283,7 @@ impl<B> Relay<B> {
     /// `source` sent FIN.
     pub fn on_eof(&mut self, source: Side, out: &mut Actions) {
         let flow = self.flow_from(source);
-        flow.receiving = false;
+        flow.receiving = flow.receiving.saturating_sub(1);
         if self.phase == Phase::Closing {
             return;
         }
@@ -267,13 +300,15 @@ impl<B> Relay<B> {
         out: &mut Actions,
     ) {
         let flow = self.flow_from(source);
-        flow.receiving = false;
+        flow.receiving = flow.receiving.saturating_sub(1);
         if self.phase == Phase::Closing {
             return;
         }
         match error {
             ReceiveError::NoBuffers => self.flow_from(source).starved = true,
             ReceiveError::Cancelled => {}
+            // Several receives may report the same failure: the first one counts.
+            ReceiveError::Failed if self.flow_from(source).source_failed => {}
             ReceiveError::Failed => self.side_failed(source, pool, out),
         }
     }
@@ -309,6 +344,7 @@ impl<B> Relay<B> {
         let Some(from) = flow.sending.take() else {
             return;
         };
+        flow.sending_buffers = 0;
         let count = match result {
             Ok(count) => count,
             Err(SendError::Cancelled) => 0,

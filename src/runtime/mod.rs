@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use tracing::{error, info};
 
 use crate::admission::shard_share;
-use crate::config::{Config, Shards};
+use crate::config::{Config, Pinning, Shards};
 use crate::listener;
 use crate::uring::{self, socket};
 use shard::{Shard, ShardSetup};
@@ -39,6 +39,10 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "runtime.pin names core {core}, which this process may not run on (cores: {available:?})"
+    )]
+    Pin { core: usize, available: Vec<usize> },
     #[error("cannot start a shard thread: {0}")]
     Thread(#[source] io::Error),
 }
@@ -177,6 +181,12 @@ impl Runtime {
             }
         }
         let cores = core_affinity::get_core_ids().unwrap_or_default();
+        if let Pinning::Cores(list) = &config.runtime.pin {
+            let available: Vec<usize> = cores.iter().map(|core| core.id).collect();
+            if let Some(&core) = list.iter().find(|core| !available.contains(core)) {
+                return Err(StartError::Pin { core, available });
+            }
+        }
         let (ready_tx, ready_rx) = mpsc::channel::<(usize, io::Result<()>)>();
         let (done_tx, done_rx) = mpsc::channel::<usize>();
         let mut threads = Vec::with_capacity(shards);
@@ -190,7 +200,14 @@ impl Runtime {
                 listeners,
                 control,
             };
-            let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
+            let core = match &config.runtime.pin {
+                Pinning::Auto => (!cores.is_empty()).then(|| cores[index % cores.len()]),
+                Pinning::None => None,
+                Pinning::Cores(list) => {
+                    let wanted = list[index % list.len()];
+                    cores.iter().copied().find(|core| core.id == wanted)
+                }
+            };
             let ready = ready_tx.clone();
             let done = done_tx.clone();
             let thread = std::thread::Builder::new()

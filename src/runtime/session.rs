@@ -80,6 +80,8 @@ pub struct Session {
     pub client_key: u64,
     /// A connect is in flight.
     pub connecting: bool,
+    /// Server sockets that could not be created for lack of descriptors, retried.
+    pub socket_retries: u8,
     /// The session is ending; freed once no operation is in flight.
     pub closing: bool,
     pub close_mode: CloseMode,

@@ -28,8 +28,8 @@ use crate::admission::{self, Admission, RejectReason};
 use crate::balance::{PoolBalancer, client_key};
 use crate::config::Config;
 use crate::relay::{
-    Action, Actions, BufferPool, CloseMode, CloseReason, Limits, ReceiveError, Relay, SendError,
-    SendFrom, Side,
+    Action, Actions, BufferPool, CloseMode, CloseReason, Limits, Measured, ReceiveError, Relay,
+    SendError, SendFrom, Side,
 };
 use crate::uring::timer::{TimerEntry, TimerWheel};
 use crate::uring::{BufRing, BufToken, Completion, Ring, socket};
@@ -40,6 +40,11 @@ pub(super) use super::session::{GENERATION_MASK, Op};
 pub const TICK: Duration = Duration::from_millis(100);
 /// How long accepting pauses after an accept error that is not a client's own doing.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How often a session retries creating its server socket when descriptors ran out (every
+/// `ACCEPT_BACKOFF`, so for about 2 s) before its client is closed.
+const SOCKET_RETRIES: u8 = 20;
+/// Queued buffers one sendmsg covers at most.
+const MAX_SEND_BUFFERS: usize = 64;
 /// Accept errors in a row (each re-armed at once) before accepting backs off anyway.
 const ACCEPT_ERRORS_BEFORE_BACKOFF: u32 = 64;
 /// After a session was closed, how long its operations may take to finish before they are
@@ -57,6 +62,12 @@ const IGNORED: u64 = Op::Ignored as u64;
 const LOG_CONNECT_FAILED: u8 = 1;
 const LOG_ACCEPT_FAILED: u8 = 2;
 const LOG_SOCKET_FAILED: u8 = 3;
+
+impl Measured for BufToken {
+    fn byte_len(&self) -> u32 {
+        self.len()
+    }
+}
 
 impl BufferPool<BufToken> for BufRing {
     fn bytes<'a>(&'a self, buffer: &'a BufToken) -> &'a [u8] {
@@ -104,6 +115,8 @@ pub struct Shard {
     expired: Vec<TimerEntry>,
     completions: Vec<Completion>,
     actions: Actions,
+    /// The buffers of one receive completion (reused).
+    received: Vec<BufToken>,
     /// Sessions (index, generation, source side) whose receive found no buffer.
     starved: VecDeque<(usize, u32, Side)>,
     /// Sessions (index, generation) waiting for a side's socket to drain before a reset.
@@ -114,6 +127,9 @@ pub struct Shard {
     starved_this_turn: bool,
     /// The tick of the last pass over stalled directions.
     pressure_relieved_tick: u64,
+    /// Sessions (index, generation, when) waiting to retry a server socket that could not be
+    /// created for lack of descriptors.
+    connect_retry: VecDeque<(usize, u32, Instant)>,
     /// Closing sessions (index, generation, tick) whose operations are still finishing.
     cutting: VecDeque<(usize, u32, u64)>,
     control: Arc<ShardControl>,
@@ -178,12 +194,14 @@ impl Shard {
             expired: Vec::new(),
             completions: Vec::with_capacity(1024),
             actions: Vec::with_capacity(8),
+            received: Vec::with_capacity(64),
             starved: VecDeque::new(),
             lingering: Vec::new(),
             linger_check_now: false,
             starved_this_turn: false,
             pressure_relieved_tick: 0,
             cutting: VecDeque::new(),
+            connect_retry: VecDeque::new(),
             control: setup.control,
             wake_pending: false,
             logs: LogLimiter::new(LOG_INTERVAL_TICKS),
@@ -253,6 +271,7 @@ impl Shard {
                 self.poll_lingering();
             }
             self.rearm_starved();
+            self.retry_connects();
             self.retry_accepts();
             if self.drain_progress() {
                 break;
@@ -276,6 +295,8 @@ impl Shard {
             buffers_free = self.ring.buffers().available(),
             buffer_window = self.ring.buffers().window(),
             starved_waiting = self.starved.len(),
+            timers_armed = self.timers.len(),
+            timer_nodes = self.timers.capacity(),
             bytes_to_server = stats.bytes_to_server,
             bytes_to_client = stats.bytes_to_client,
             loop_turns = stats.loop_turns,
@@ -531,6 +552,7 @@ impl Shard {
             attempts: 0,
             client_key: key,
             connecting: false,
+            socket_retries: 0,
             closing: false,
             close_mode: CloseMode::Graceful,
             relay: Relay::new(limits, tick),
@@ -589,7 +611,22 @@ impl Shard {
                 {
                     warn!(shard = self.index, pool = %pool.name, server = %addr, ?source, %error, suppressed, "cannot create a server socket");
                 }
-                self.close_session(index, CloseMode::Graceful, CloseReason::Cut);
+                let out_of_resources = matches!(
+                    error.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                );
+                let session = &mut self.sessions[index];
+                if out_of_resources && session.socket_retries < SOCKET_RETRIES {
+                    // Out of descriptors: this client waits for one (and new clients wait in
+                    // the backlog) rather than being accepted only to be dropped.
+                    session.socket_retries += 1;
+                    let generation = session.generation;
+                    self.connect_retry
+                        .push_back((index, generation, self.now + ACCEPT_BACKOFF));
+                    self.pause_accepts();
+                } else {
+                    self.close_session(index, CloseMode::Graceful, CloseReason::Cut);
+                }
                 return;
             }
         };
@@ -605,6 +642,40 @@ impl Shard {
         let _ = self
             .ring
             .connect(raw, addr, pool.connect_timeout, connect_data, IGNORED);
+    }
+
+    /// Stops accepting for `ACCEPT_BACKOFF` (the multishot accepts are cancelled; their final
+    /// completion and `retry_accepts` re-arm them).
+    fn pause_accepts(&mut self) {
+        let resume = self.now + ACCEPT_BACKOFF;
+        for index in 0..self.listeners.len() {
+            let listener = &mut self.listeners[index];
+            if listener.fd.is_none() {
+                continue;
+            }
+            if listener.retry_at.is_none() && listener.accepting {
+                let _ = self.ring.cancel(user_data(Op::Accept, index, 0), IGNORED);
+            }
+            listener.retry_at = Some(resume);
+        }
+    }
+
+    /// Sessions that waited for a descriptor try their connect again.
+    fn retry_connects(&mut self) {
+        while let Some(&(index, generation, at)) = self.connect_retry.front() {
+            if self.now < at {
+                break;
+            }
+            self.connect_retry.pop_front();
+            let current = self
+                .sessions
+                .get(index)
+                .is_some_and(|session| session.generation == generation && !session.closing);
+            if current {
+                self.connect_next(index);
+                self.finish_if_done(index);
+            }
+        }
     }
 
     fn on_connect(&mut self, index: usize, result: i32) {
@@ -669,20 +740,22 @@ impl Shard {
 
     fn on_receive(&mut self, index: usize, source: Side, mut completion: Completion) {
         let tick = self.now_tick;
-        let token = self.ring.buffers_mut().take(&mut completion);
+        let mut tokens = std::mem::take(&mut self.received);
+        if let Some(token) = self.ring.buffers_mut().take(&mut completion) {
+            tokens.push(token);
+        }
         let result = completion.result();
         let mut actions = std::mem::take(&mut self.actions);
         let session = &mut self.sessions[index];
         let buffers = self.ring.buffers_mut();
-        match (result, token) {
-            (1.., Some(token)) => {
-                let len = token.len();
+        match result {
+            1.. if !tokens.is_empty() => {
                 session
                     .relay
-                    .on_received(source, token, len, tick, buffers, &mut actions);
+                    .on_received_batch(source, &mut tokens, tick, buffers, &mut actions);
             }
-            (_, token) => {
-                if let Some(token) = token {
+            _ => {
+                for token in tokens.drain(..) {
                     buffers.recycle(token);
                 }
                 match result {
@@ -719,6 +792,7 @@ impl Shard {
                 }
             }
         }
+        self.received = tokens;
         self.execute(index, &mut actions);
         self.actions = actions;
     }
@@ -731,10 +805,11 @@ impl Shard {
         let flow = session.relay.flow_to(destination);
         if let Some(data) = completion.take_owned() {
             flow.restore_spill(data);
-        } else if flow.sending == Some(SendFrom::Queue)
-            && let Some(head) = flow.queue.front()
-        {
-            self.ring.buffers_mut().send_completed(&head.buffer);
+        } else if flow.sending == Some(SendFrom::Queue) {
+            let count = flow.sending_buffers.max(1);
+            for pending in flow.queue.iter().take(count) {
+                self.ring.buffers_mut().send_completed(&pending.buffer);
+            }
         }
         let outcome = match result {
             count if count >= 0 => {
@@ -786,8 +861,13 @@ impl Shard {
                 }
                 Action::Send(side) => self.submit_send(index, side),
                 Action::CancelSend(side) => {
+                    let several = session.relay.flow_to(side).sending_buffers > 1;
                     let target = user_data(Op::send_to(side), index, generation);
-                    let _ = self.ring.cancel(target, IGNORED);
+                    let _ = if several {
+                        self.ring.cancel_owned(target, IGNORED)
+                    } else {
+                        self.ring.cancel(target, IGNORED)
+                    };
                     self.stats.spills += 1;
                 }
                 Action::ShutdownWrite(side) => {
@@ -831,9 +911,23 @@ impl Shard {
         let send_data = user_data(Op::send_to(destination), index, session.generation);
         let flow = session.relay.flow_to(destination);
         let submitted = match flow.sending {
-            Some(SendFrom::Queue) => match flow.queue.front() {
-                Some(head) => self.ring.send(fd, &head.buffer, head.sent, send_data),
-                None => Err(io::Error::other("nothing queued to send")),
+            Some(SendFrom::Queue) => match flow.queue.len() {
+                0 => Err(io::Error::other("nothing queued to send")),
+                1 => {
+                    flow.sending_buffers = 1;
+                    let head = &flow.queue[0];
+                    self.ring.send(fd, &head.buffer, head.sent, send_data)
+                }
+                queued => {
+                    // Everything queued goes in one sendmsg: fewer sends and completions per
+                    // byte when the source streams.
+                    let count = queued.min(MAX_SEND_BUFFERS);
+                    flow.sending_buffers = count;
+                    let tokens: Vec<&BufToken> =
+                        flow.queue.iter().take(count).map(|p| &p.buffer).collect();
+                    let offset = flow.queue[0].sent;
+                    self.ring.send_buffers(fd, &tokens, offset, send_data)
+                }
             },
             Some(SendFrom::Spill) => match flow.lend_spill() {
                 Some((data, start, end)) => self.ring.send_owned(fd, data, start, end, send_data),
@@ -873,7 +967,9 @@ impl Shard {
                 CloseMode::Reset(reset_side) => reset_side == side,
                 CloseMode::ResetBoth => true,
             };
-            let sending = session.relay.flow_to(side).sending.is_some();
+            let flow = session.relay.flow_to(side);
+            let sending = flow.sending.is_some();
+            let owned_send = flow.sending == Some(SendFrom::Spill) || flow.sending_buffers > 1;
             let Some(fd) = session.borrow_fd(side) else {
                 continue;
             };
@@ -889,7 +985,11 @@ impl Shard {
                 let _ = socket::shutdown(fd, std::net::Shutdown::Read);
                 if sending {
                     let target = user_data(Op::send_to(side), index, generation);
-                    let _ = self.ring.cancel(target, IGNORED);
+                    let _ = if owned_send {
+                        self.ring.cancel_owned(target, IGNORED)
+                    } else {
+                        self.ring.cancel(target, IGNORED)
+                    };
                 }
             } else {
                 // FIN now; a pending receive sees EOF and a pending send fails.

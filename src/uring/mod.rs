@@ -115,8 +115,22 @@ pub struct Ring {
     timespecs: Vec<(Duration, Box<types::Timespec>)>,
     /// Target of the eventfd read that wakes the shard.
     wake_buffer: Box<[u8; 8]>,
-    /// Memory read by sends in flight (`send_owned`), by their user_data.
-    owned: HashMap<u64, Box<[u8]>>,
+    /// Memory read by sends in flight (`send_owned`, `send_buffers`), by their user_data.
+    owned: HashMap<u64, Owned>,
+}
+
+/// Memory the ring holds for a send in flight.
+enum Owned {
+    /// Bytes the caller lent (`send_owned`); handed back by the completion.
+    Bytes(Box<[u8]>),
+    /// The message header and iovecs of a `send_buffers`; freed by the completion.
+    Vector(Box<SendVector>),
+}
+
+/// A sendmsg's header and the iovecs it points to, kept together at a stable address.
+struct SendVector {
+    header: libc::msghdr,
+    iovecs: Vec<libc::iovec>,
 }
 
 impl Ring {
@@ -244,8 +258,10 @@ impl Ring {
     }
 
     /// Arms one receive into one buffer of this ring's buffer group: the receive can never
-    /// take more than that one buffer. `poll_first` skips the first attempt when data is
-    /// unlikely to be waiting already (a request/response peer).
+    /// take more than that one buffer. (Receive bundles would fill several, but the kernel
+    /// retries a bundle past its length cap while the socket holds more, so they give no
+    /// bound.) `poll_first` skips the first attempt when data is unlikely to be waiting
+    /// already (a request/response peer).
     pub fn recv(&mut self, fd: RawFd, user_data: u64, poll_first: bool) -> io::Result<()> {
         let ioprio = if poll_first { RECVSEND_POLL_FIRST } else { 0 };
         let entry = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), 0)
@@ -315,7 +331,55 @@ impl Ring {
             .build()
             .user_data(key);
         // The boxed bytes do not move when the box does; the map keeps them alive.
-        self.owned.insert(key, data);
+        self.owned.insert(key, Owned::Bytes(data));
+        self.push(entry)
+    }
+
+    /// Sends several buffers in one sendmsg: `buffers` in order, the first from `offset` on.
+    /// Each is marked in flight as by `send`. One such send per `user_data` at a time.
+    pub fn send_buffers(
+        &mut self,
+        fd: RawFd,
+        buffers: &[&BufToken],
+        offset: u32,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let key = (user_data & USER_DATA_BITS) | OWNED_BIT;
+        if self.owned.contains_key(&key) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a send of owned memory with this user_data is in flight",
+            ));
+        }
+        let mut iovecs = Vec::with_capacity(buffers.len());
+        for (index, token) in buffers.iter().enumerate() {
+            let from = if index == 0 { offset } else { 0 };
+            let Some((start, len)) = self.buffers.send_range(token, from) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a buffer token of another ring",
+                ));
+            };
+            iovecs.push(libc::iovec {
+                iov_base: start.cast_mut().cast(),
+                iov_len: len as usize,
+            });
+        }
+        for token in buffers {
+            self.buffers.mark_sending(token);
+        }
+        // SAFETY: msghdr is a plain C struct for which all zeroes is a valid (empty) value.
+        let header: libc::msghdr = unsafe { std::mem::zeroed() };
+        let mut vector = Box::new(SendVector { header, iovecs });
+        vector.header.msg_iov = vector.iovecs.as_mut_ptr();
+        vector.header.msg_iovlen = vector.iovecs.len();
+        let entry = opcode::SendMsg::new(types::Fd(fd), &vector.header)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(key);
+        // The header and the iovec array stay at their heap addresses while the box lives in
+        // the map; the buffers they point to are marked in flight until send_completed.
+        self.owned.insert(key, Owned::Vector(vector));
         self.push(entry)
     }
 
@@ -406,6 +470,14 @@ impl Ring {
         self.push(entry)
     }
 
+    /// Cancels a `send_owned` or `send_buffers` submitted with `target` as its user_data.
+    pub fn cancel_owned(&mut self, target: u64, user_data: u64) -> io::Result<()> {
+        let entry = opcode::AsyncCancel::new((target & USER_DATA_BITS) | OWNED_BIT)
+            .build()
+            .user_data(user_data & USER_DATA_BITS);
+        self.push(entry)
+    }
+
     /// Reads the 8-byte counter of an eventfd (the completion is the wake-up).
     pub fn read_eventfd(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
         let entry = opcode::Read::new(types::Fd(fd), self.wake_buffer.as_mut_ptr(), 8)
@@ -458,7 +530,10 @@ impl Ring {
                 flags: entry.flags(),
                 ring,
                 owned: if user_data & OWNED_BIT != 0 {
-                    owned.remove(&user_data)
+                    match owned.remove(&user_data) {
+                        Some(Owned::Bytes(data)) => Some(data),
+                        _ => None,
+                    }
                 } else {
                     None
                 },
@@ -488,8 +563,15 @@ impl Drop for Ring {
         let buffer = std::mem::replace(&mut self.wake_buffer, Box::new([0; 8]));
         Box::leak(buffer);
         // Likewise memory that sends in flight read.
-        for (_, data) in self.owned.drain() {
-            Box::leak(data);
+        for (_, owned) in self.owned.drain() {
+            match owned {
+                Owned::Bytes(data) => {
+                    Box::leak(data);
+                }
+                Owned::Vector(vector) => {
+                    Box::leak(vector);
+                }
+            }
         }
     }
 }
