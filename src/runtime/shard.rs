@@ -611,12 +611,12 @@ impl Shard {
                 {
                     warn!(shard = self.index, pool = %pool.name, server = %addr, ?source, %error, suppressed, "cannot create a server socket");
                 }
-                let out_of_resources = matches!(
-                    error.raw_os_error(),
-                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-                );
                 let session = &mut self.sessions[index];
-                if out_of_resources && session.socket_retries < SOCKET_RETRIES {
+                // Waiting for a descriptor deadlocks when every descriptor is held by clients
+                // waiting the same way, so only memory shortage (ENOBUFS/ENOMEM) is waited
+                // out (accepting pauses meanwhile); out of descriptors, the client is closed.
+                let transient = matches!(error.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM));
+                if transient && session.socket_retries < SOCKET_RETRIES {
                     // Out of descriptors: this client waits for one (and new clients wait in
                     // the backlog) rather than being accepted only to be dropped.
                     session.socket_retries += 1;
