@@ -1040,6 +1040,19 @@ fn fd_exhausted_shard_keeps_serving_what_fits_and_recovers() {
         open_fds(pid)
     );
 
+    // The clients still queued in the listen backlog when they closed are accepted and ended
+    // by the proxy now; wait until that is over (idle descriptors for a whole second).
+    let mut quiet_since = Instant::now();
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_secs(15)
+        && quiet_since.elapsed() < Duration::from_secs(1)
+    {
+        if open_fds(pid) > fds_idle {
+            quiet_since = Instant::now();
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+
     // Recovery: a new batch that fits is served in full.
     let begun = Instant::now();
     let batch: Vec<(TcpStream, [u8; 4])> = (0..MUST_FIT as u64)
