@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use tracing::{error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::admission::shard_share;
 use crate::config::{Config, Pinning, Shards};
@@ -158,11 +158,29 @@ pub fn shard_count(config: &Config) -> usize {
     }
 }
 
+/// Sizes the descriptor table once for what the config can hold (two descriptors per session,
+/// plus listeners, rings and slack), before any shard thread runs.
+fn reserve_descriptors(config: &Config, shards: usize) {
+    let sessions: u64 = config
+        .listeners
+        .iter()
+        .map(|listener| u64::from(listener.max_connections.get()))
+        .sum();
+    let wanted = sessions
+        .saturating_mul(2)
+        .saturating_add(64 * shards as u64 + 256);
+    match socket::reserve_descriptor_table(wanted) {
+        Ok(reserved) => debug!(reserved, wanted, "descriptor table reserved"),
+        Err(error) => warn!(%error, "cannot reserve the descriptor table; it grows on demand"),
+    }
+}
+
 impl Runtime {
     /// Binds every listener, starts one pinned shard per core and returns once all are running.
     pub fn start(config: Arc<Config>) -> Result<Runtime, StartError> {
         uring::check_kernel(MIN_KERNEL.0, MIN_KERNEL.1).map_err(StartError::Kernel)?;
         let shards = shard_count(&config);
+        reserve_descriptors(&config, shards);
         let mut bound = Vec::with_capacity(config.listeners.len());
         for listener in &config.listeners {
             bound.push(listener::bind(listener, shards)?);

@@ -130,8 +130,6 @@ pub struct Shard {
     /// Sessions (index, generation, when) waiting to retry a server socket that could not be
     /// created for lack of descriptors.
     connect_retry: VecDeque<(usize, u32, Instant)>,
-    /// Closing sessions (index, generation, tick) whose operations are still finishing.
-    cutting: VecDeque<(usize, u32, u64)>,
     control: Arc<ShardControl>,
     /// The eventfd read must be re-armed (it failed; retried at the next tick, not in a spin).
     wake_pending: bool,
@@ -200,7 +198,6 @@ impl Shard {
             linger_check_now: false,
             starved_this_turn: false,
             pressure_relieved_tick: 0,
-            cutting: VecDeque::new(),
             connect_retry: VecDeque::new(),
             control: setup.control,
             wake_pending: false,
@@ -254,7 +251,6 @@ impl Shard {
                 self.poll_lingering();
                 self.relieve_buffer_pressure();
                 self.pressure_relieved_tick = self.now_tick;
-                self.finish_cutting();
                 if self.wake_pending {
                     self.arm_wake();
                 }
@@ -997,7 +993,13 @@ impl Shard {
             }
         }
         if !idle {
-            self.cutting.push_back((index, generation, self.now_tick));
+            // Its timer now guards the cut: operations still pending when it fires are
+            // cancelled explicitly (`expire_timers`).
+            let deadline = self.now_tick + ticks(CUT_GRACE);
+            if let Some(old) = session.timer.take() {
+                self.timers.cancel(old);
+            }
+            session.timer = Some(self.timers.arm(index as u32, generation, deadline));
         }
     }
 
@@ -1026,31 +1028,24 @@ impl Shard {
         self.stats.closed += 1;
     }
 
-    /// Sessions whose operations have not finished a while after their sockets were shut down
-    /// get an explicit cancellation (a socket shut down before its connect even started, say).
-    fn finish_cutting(&mut self) {
-        let grace = ticks(CUT_GRACE);
-        while let Some(&(index, generation, since)) = self.cutting.front() {
-            if self.now_tick < since + grace {
-                break;
-            }
-            self.cutting.pop_front();
-            let Some(session) = self.sessions.get(index) else {
-                continue;
-            };
-            if session.generation != generation {
-                continue;
-            }
-            for fd in [
-                Some(session.client.as_raw_fd()),
-                session.server.as_ref().map(AsRawFd::as_raw_fd),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                let _ = self.ring.cancel_fd(fd, IGNORED);
-            }
+    /// A closed session's operations have not finished a while after its sockets were shut
+    /// down (a socket shut down before its connect even started, say): cancel them explicitly,
+    /// and look again after another grace period.
+    fn cancel_stuck_operations(&mut self, index: usize) {
+        let Some(session) = self.sessions.get_mut(index) else {
+            return;
+        };
+        for fd in [
+            Some(session.client.as_raw_fd()),
+            session.server.as_ref().map(AsRawFd::as_raw_fd),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let _ = self.ring.cancel_fd(fd, IGNORED);
         }
+        let deadline = self.now_tick + ticks(CUT_GRACE);
+        session.timer = Some(self.timers.arm(index as u32, session.generation, deadline));
     }
 
     // ---- timers and pressure ---------------------------------------------------------------
@@ -1081,6 +1076,7 @@ impl Shard {
             }
             session.timer = None;
             if session.closing {
+                self.cancel_stuck_operations(index);
                 continue;
             }
             let (client, server) = (&session.client, &session.server);

@@ -474,7 +474,17 @@ pub fn read_tag(stream: &mut TcpStream) -> Option<u8> {
 
 /// Raises this process's soft RLIMIT_NOFILE to its hard limit (the proxy, a child, inherits it);
 /// returns the soft limit now in force.
+/// Raises the soft descriptor limit to the hard one and grows this test process's descriptor
+/// table to it at once: a growth while many threads run waits for an RCU grace period, which
+/// would freeze whichever test thread opened the descriptor (see
+/// `ringproxy::uring::socket::reserve_descriptor_table`).
 pub fn raise_nofile_limit() -> u64 {
+    let limit = raise_soft_nofile_limit();
+    let _ = ringproxy::uring::socket::reserve_descriptor_table(limit);
+    limit
+}
+
+fn raise_soft_nofile_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -519,6 +529,15 @@ pub fn open_fds(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|entries| entries.count())
         .unwrap_or(0)
+}
+
+/// A `/proc/PID/status` field as a number (the first word after the colon).
+pub fn proc_status_number(pid: i32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
 /// Kernel memory held by all TCP sockets of the host, from /proc/net/sockstat (pages x 4 KiB).
