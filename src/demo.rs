@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use crate::admin::ctl;
 use crate::config::Config;
-use crate::runtime::{Runtime, ShardReport};
+use crate::control::{Proxy, ProxyOptions};
+use crate::runtime::ShardReport;
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -43,6 +45,8 @@ pub struct DemoReport {
     pub elapsed: Duration,
     pub latency: Histogram<u64>,
     pub shards: Vec<ShardReport>,
+    /// Where the admin API listened, and the connections its `/status` counted.
+    pub admin: Option<(SocketAddr, u64)>,
 }
 
 impl DemoReport {
@@ -150,8 +154,12 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
         }
     }
     config.runtime.drain_timeout = Duration::from_secs(5);
-    let runtime = Runtime::start(Arc::new(config))?;
-    let listener = runtime.listener_addrs()[0].1;
+    if let Some(admin) = &mut config.admin {
+        admin.bind = "127.0.0.1:0".parse()?;
+        admin.state_file = None;
+    }
+    let proxy = Proxy::start(config, ProxyOptions::default())?;
+    let listener = proxy.listener_addrs()[0].1;
 
     let started = Instant::now();
     let clients: Vec<_> = (0..options.connections)
@@ -177,8 +185,12 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
         }
     }
     let elapsed = started.elapsed();
-    runtime.control().drain();
-    let shards = runtime.join()?;
+    let expected = options.connections as u64;
+    let admin = proxy
+        .admin_addr()
+        .map(|addr| (addr, accepted_per_status(addr, expected)));
+    proxy.handle().drain();
+    let shards = proxy.join()?;
     Ok(DemoReport {
         listener,
         servers: servers
@@ -191,7 +203,32 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
         elapsed,
         latency,
         shards,
+        admin,
     })
+}
+
+/// The connections the admin API's `/status` counted on every listener (shards publish their
+/// counters once a second, so this waits up to 3 s for them to reach `expected`).
+fn accepted_per_status(admin: SocketAddr, expected: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut accepted = 0;
+    while Instant::now() < deadline {
+        if let Ok(answer) = ctl::send(admin, None, &ctl::Call::get("/status"))
+            && let Ok(status) = answer.body
+        {
+            accepted = status["listeners"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|listener| listener["accepted"].as_u64())
+                .sum();
+            if accepted >= expected {
+                break;
+            }
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    accepted
 }
 
 struct ClientResult {

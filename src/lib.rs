@@ -5,11 +5,16 @@
 //! loop drives all of it, `uring` holds the io_uring plumbing and every `unsafe` of the data
 //! plane, and `config` turns a TOML file into the immutable settings the shards share.
 
+pub mod admin;
 pub mod admission;
 pub mod balance;
 pub mod config;
+pub mod control;
 pub mod demo;
+pub mod health;
 pub mod listener;
+pub mod metrics;
 pub mod relay;
 pub mod runtime;
+pub mod snapshot;
 pub mod uring;

@@ -10,9 +10,10 @@ use signal_hook::iterator::Signals;
 use tracing::{error, info, warn};
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 
+use ringproxy::admin::ctl::{self, Call};
 use ringproxy::config::{Config, DEFAULT_CONFIG};
+use ringproxy::control::{ConfigPaths, Proxy, ProxyOptions};
 use ringproxy::demo::{self, DemoOptions};
-use ringproxy::runtime::Runtime;
 
 /// Exit status for a config that does not validate.
 const EXIT_CONFIG: u8 = 2;
@@ -70,6 +71,56 @@ enum Command {
         #[arg(long, default_value_t = 65536)]
         max_size: usize,
     },
+    /// Talk to a running proxy's admin API: status, drain, maint, enable, weight, add, remove,
+    /// shutdown-sessions, reload.
+    Ctl {
+        /// The admin API's address.
+        #[arg(long, default_value = "127.0.0.1:9900")]
+        admin: std::net::SocketAddr,
+        /// File holding the bearer token (default: the RINGPROXY_ADMIN_TOKEN variable).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Print the API's JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlAction {
+    /// Listeners, pools and servers with their states and counters.
+    Status,
+    /// No new sessions for the server; its live sessions finish.
+    Drain { pool: String, server: String },
+    /// Maintenance: no new sessions for the server.
+    Maint { pool: String, server: String },
+    /// Back to normal after drain or maint.
+    Enable { pool: String, server: String },
+    /// Set the server's weight (1-10000).
+    Weight {
+        pool: String,
+        server: String,
+        weight: u32,
+    },
+    /// Register a new server in a pool.
+    Add {
+        pool: String,
+        addr: String,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        #[arg(long)]
+        backup: bool,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Delete a server: no new sessions; it disappears once its last session ends.
+    Remove { pool: String, server: String },
+    /// Cut the server's live sessions now.
+    ShutdownSessions { pool: String, server: String },
+    /// Reload the config file (as SIGHUP does).
+    Reload,
 }
 
 /// Log lines waiting for the writer thread; past this, new lines are dropped (and counted)
@@ -107,6 +158,12 @@ fn main() -> ExitCode {
             default,
         } => check(config, profile, default),
         Command::Run { config, profile } => run(config, profile, &dropped_logs),
+        Command::Ctl {
+            admin,
+            token_file,
+            json,
+            action,
+        } => run_ctl(admin, token_file, json, action),
         Command::Demo {
             connections,
             requests,
@@ -157,13 +214,15 @@ fn run(
     if config_path.is_none() {
         info!("no --config given: using the embedded default config");
     }
+    let paths = ConfigPaths {
+        config: config_path.clone(),
+        profile: profile.clone(),
+    };
     let config = match load(config_path, profile) {
-        Ok(config) => Arc::new(config),
+        Ok(config) => config,
         Err(code) => return code,
     };
     // Registered before the shards start, so no signal is ever handled by the default action.
-    // SIGHUP is caught too: operators send it to reload, and its default action would kill the
-    // proxy without draining.
     let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(signals) => signals,
         Err(error) => {
@@ -171,23 +230,29 @@ fn run(
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match Runtime::start(Arc::clone(&config)) {
-        Ok(runtime) => runtime,
+    let counter = dropped_logs.clone();
+    let options = ProxyOptions {
+        paths,
+        dropped_logs: Arc::new(move || counter.dropped_lines() as u64),
+    };
+    let drain_timeout = config.runtime.drain_timeout;
+    let proxy = match Proxy::start(config, options) {
+        Ok(proxy) => proxy,
         Err(error) => {
             error!(%error, "cannot start");
             eprintln!("ringproxy: {error}");
             return ExitCode::FAILURE;
         }
     };
-    let control = runtime.control();
-    let drain_timeout = config.runtime.drain_timeout;
+    let handle = proxy.handle();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let mut received = 0;
             for signal in signals.forever() {
                 if signal == SIGHUP {
-                    warn!("SIGHUP: reloading is not supported yet; the running config stays");
+                    info!("SIGHUP: reloading the config");
+                    handle.reload();
                     continue;
                 }
                 received += 1;
@@ -197,7 +262,7 @@ fn run(
                         ?drain_timeout,
                         "draining: no new connections, live sessions may finish"
                     );
-                    control.drain();
+                    handle.drain();
                 } else {
                     warn!(
                         signal,
@@ -208,7 +273,7 @@ fn run(
             }
         })
         .ok();
-    match runtime.join() {
+    match proxy.join() {
         Ok(reports) => {
             let accepted: u64 = reports.iter().map(|r| r.stats.accepted).sum();
             info!(
@@ -224,6 +289,121 @@ fn run(
             ExitCode::FAILURE
         }
     }
+}
+
+/// Exit status of `ctl` when the API answered with an error.
+const EXIT_CTL_REFUSED: u8 = 1;
+/// Exit status of `ctl` when the API could not be reached.
+const EXIT_CTL_UNREACHABLE: u8 = 3;
+
+fn run_ctl(
+    admin: std::net::SocketAddr,
+    token_file: Option<PathBuf>,
+    json: bool,
+    action: CtlAction,
+) -> ExitCode {
+    let token = match &token_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => Some(text.trim().to_string()),
+            Err(error) => {
+                eprintln!("ringproxy ctl: cannot read {}: {error}", path.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => std::env::var(ringproxy::admin::TOKEN_VARIABLE)
+            .ok()
+            .map(|token| token.trim().to_string())
+            .filter(|token| !token.is_empty()),
+    };
+    use hyper::Method;
+    let is_status = matches!(action, CtlAction::Status);
+    let call = match action {
+        CtlAction::Status => Call::get("/status"),
+        CtlAction::Drain { pool, server } => {
+            Call::server(Method::POST, &pool, &server, Some("drain"))
+        }
+        CtlAction::Maint { pool, server } => {
+            Call::server(Method::POST, &pool, &server, Some("maint"))
+        }
+        CtlAction::Enable { pool, server } => {
+            Call::server(Method::POST, &pool, &server, Some("enable"))
+        }
+        CtlAction::ShutdownSessions { pool, server } => {
+            Call::server(Method::POST, &pool, &server, Some("shutdown-sessions"))
+        }
+        CtlAction::Weight {
+            pool,
+            server,
+            weight,
+        } => Call::server(Method::PUT, &pool, &server, Some("weight"))
+            .with_body(serde_json::json!({ "weight": weight })),
+        CtlAction::Add {
+            pool,
+            addr,
+            weight,
+            backup,
+            name,
+        } => {
+            let mut body = serde_json::json!({ "addr": addr, "weight": weight, "backup": backup });
+            if let Some(name) = name {
+                body["name"] = serde_json::Value::from(name);
+            }
+            Call {
+                method: Method::POST,
+                path: format!("/pools/{}/servers", ctl::encode(&pool)),
+                body: Some(body),
+            }
+        }
+        CtlAction::Remove { pool, server } => Call::server(Method::DELETE, &pool, &server, None),
+        CtlAction::Reload => Call {
+            method: Method::POST,
+            path: "/reload".to_string(),
+            body: None,
+        },
+    };
+    let answer = match ctl::send(admin, token.as_deref(), &call) {
+        Ok(answer) => answer,
+        Err(message) => {
+            eprintln!("ringproxy ctl: {message}");
+            return ExitCode::from(EXIT_CTL_UNREACHABLE);
+        }
+    };
+    let body = match answer.body {
+        Ok(body) => body,
+        Err(text) => {
+            eprintln!("ringproxy ctl: HTTP {}: {text}", answer.status);
+            return ExitCode::from(EXIT_CTL_REFUSED);
+        }
+    };
+    if !(200..300).contains(&answer.status) {
+        let message = body["error"]
+            .as_str()
+            .map_or_else(|| body.to_string(), str::to_string);
+        eprintln!("ringproxy ctl: HTTP {}: {message}", answer.status);
+        return ExitCode::from(EXIT_CTL_REFUSED);
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&body).unwrap_or_default()
+        );
+    } else if is_status {
+        print!("{}", ctl::format_status(&body));
+    } else if body.get("result").is_some() {
+        println!(
+            "reload: {} (generation {}){}",
+            body["result"].as_str().unwrap_or("?"),
+            body["generation"],
+            body["pending_restart"]
+                .as_array()
+                .filter(|keys| !keys.is_empty())
+                .map(|keys| format!("; pending restart: {keys:?}"))
+                .unwrap_or_default()
+        );
+    } else {
+        println!("{}", ctl::format_server(&body));
+    }
+    ExitCode::SUCCESS
 }
 
 fn run_demo(options: DemoOptions) -> ExitCode {
@@ -262,6 +442,9 @@ fn run_demo(options: DemoOptions) -> ExitCode {
     );
     for (addr, accepted) in &report.servers {
         println!("server {addr:<15} {accepted} connections");
+    }
+    if let Some((addr, accepted)) = report.admin {
+        println!("admin API          {addr} (/status counted {accepted} connections)");
     }
     for shard in &report.shards {
         println!(

@@ -5,12 +5,15 @@
 //! callers pass `now` (milliseconds on any monotonic scale) and the client's hash key.
 //!
 //! Selection order, for every algorithm: primaries that are up, then backups that are up, then
-//! (last resort, as NGINX does) servers marked down by passive failures. A server already tried
-//! by this session, or at its `max_connections`, is never picked.
+//! (last resort, as NGINX does) servers marked down by health checks or passive failures. A
+//! server that takes no new sessions (draining, maint, removing), one already tried by this
+//! session, or one at its `max_connections`, is never picked. A server ramping up after a
+//! return (slow start) weighs only its ramp's share of its weight.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
-use crate::config::PoolConfig;
+use crate::snapshot::{FULL_RAMP, PoolSnapshot, ServerId, ServerSnapshot, ServerState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algorithm {
@@ -96,9 +99,12 @@ fn mix64(mut value: u64) -> u64 {
 }
 
 #[derive(Debug, Clone)]
-struct ServerState {
+struct ServerSlot {
+    id: ServerId,
+    /// Weight in effect, in thousandths of a weight unit (slow start ramps it).
     weight: i64,
     backup: bool,
+    state: ServerState,
     /// 0 = unlimited.
     max_connections: u32,
     /// Stable identity for rendezvous hashing: derived from the address, not the position, so
@@ -111,11 +117,49 @@ struct ServerState {
     down_until_ms: u64,
 }
 
+impl ServerSlot {
+    fn new(server: &ServerSnapshot) -> ServerSlot {
+        let mut identity = 0xcbf2_9ce4_8422_2325u64;
+        for byte in server.addr.to_string().bytes() {
+            identity = (identity ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let mut slot = ServerSlot {
+            id: server.id,
+            weight: 0,
+            backup: false,
+            state: ServerState::Up,
+            max_connections: 0,
+            identity: mix64(identity),
+            active: 0,
+            current: 0,
+            recent_failures: 0,
+            down_until_ms: 0,
+        };
+        slot.update(server);
+        slot
+    }
+
+    /// Takes the server's new settings; keeps what this shard learned (load, failures).
+    fn update(&mut self, server: &ServerSnapshot) {
+        self.weight = i64::from(server.weight) * i64::from(server.ramp.clamp(1, FULL_RAMP));
+        self.backup = server.backup;
+        self.state = server.state;
+        self.max_connections = server.max_connections.map_or(0, |limit| limit.get());
+    }
+
+    /// Slow start: still ramping up.
+    fn ramping(&self, full: i64) -> bool {
+        self.weight < full
+    }
+}
+
 /// The per-shard balancing state of one pool.
 #[derive(Debug, Clone)]
 pub struct PoolBalancer {
     algorithm: Algorithm,
-    servers: Vec<ServerState>,
+    servers: Vec<ServerSlot>,
+    /// Each server's full weight (thousandths), to tell a ramping server.
+    full_weights: Vec<i64>,
     next: usize,
     rng: u64,
     max_fails: u32,
@@ -132,35 +176,48 @@ enum Tier {
 
 impl PoolBalancer {
     /// `seed` varies the starting point per shard so shards do not pick in lockstep.
-    pub fn new(pool: &PoolConfig, seed: u64) -> PoolBalancer {
-        let servers = pool
-            .servers
-            .iter()
-            .map(|server| {
-                let mut identity = 0xcbf2_9ce4_8422_2325u64;
-                for byte in server.addr.to_string().bytes() {
-                    identity = (identity ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
-                }
-                ServerState {
-                    weight: i64::from(server.weight.get()),
-                    backup: server.backup,
-                    max_connections: server.max_connections.map_or(0, |limit| limit.get()),
-                    identity: mix64(identity),
-                    active: 0,
-                    current: 0,
-                    recent_failures: 0,
-                    down_until_ms: 0,
-                }
-            })
-            .collect::<Vec<_>>();
-        let count = servers.len().max(1);
-        PoolBalancer {
+    pub fn new(pool: &PoolSnapshot, seed: u64) -> PoolBalancer {
+        let mut balancer = PoolBalancer {
             algorithm: pool.balance,
-            servers,
-            next: (seed as usize) % count,
+            servers: Vec::new(),
+            full_weights: Vec::new(),
+            next: 0,
             rng: mix64(seed ^ 0x9e37_79b9_7f4a_7c15) | 1,
             max_fails: pool.max_fails,
-            fail_timeout_ms: pool.fail_timeout.as_millis().min(u128::from(u64::MAX)) as u64,
+            fail_timeout_ms: 0,
+        };
+        balancer.adopt(pool);
+        balancer.next = (seed as usize) % balancer.servers.len().max(1);
+        balancer
+    }
+
+    /// Takes a new generation of the pool: settings, servers added, removed or changed. What
+    /// this shard knows of a server that stays (its sessions, failures, round-robin credit) is
+    /// kept, matched by id.
+    pub fn adopt(&mut self, pool: &PoolSnapshot) {
+        let mut previous: HashMap<ServerId, ServerSlot> =
+            self.servers.drain(..).map(|slot| (slot.id, slot)).collect();
+        self.algorithm = pool.balance;
+        self.max_fails = pool.max_fails;
+        self.fail_timeout_ms = pool.fail_timeout.as_millis().min(u128::from(u64::MAX)) as u64;
+        self.servers = pool
+            .servers
+            .iter()
+            .map(|server| match previous.remove(&server.id) {
+                Some(mut slot) => {
+                    slot.update(server);
+                    slot
+                }
+                None => ServerSlot::new(server),
+            })
+            .collect();
+        self.full_weights = pool
+            .servers
+            .iter()
+            .map(|server| i64::from(server.weight) * i64::from(FULL_RAMP))
+            .collect();
+        if self.next >= self.servers.len() {
+            self.next = 0;
         }
     }
 
@@ -168,13 +225,27 @@ impl PoolBalancer {
         self.servers.len()
     }
 
+    /// The id of the server at `server`.
+    pub fn server_id(&self, server: ServerIndex) -> ServerId {
+        self.servers[server].id
+    }
+
+    /// Where server `id` is now (`hint` is where it was when the session picked it).
+    pub fn position(&self, id: ServerId, hint: ServerIndex) -> Option<ServerIndex> {
+        if self.servers.get(hint).is_some_and(|slot| slot.id == id) {
+            return Some(hint);
+        }
+        self.servers.iter().position(|slot| slot.id == id)
+    }
+
     /// Active sessions this shard has on `server`.
     pub fn active(&self, server: ServerIndex) -> u32 {
         self.servers[server].active
     }
 
-    /// Picks a server for a new connection attempt, or `None` when every server has been tried
-    /// or is full. `client` is the `client_key` (0 when the algorithm does not need it).
+    /// Picks a server for a new connection attempt, or `None` when every server has been tried,
+    /// is full or takes no new sessions. `client` is the `client_key` (0 when the algorithm does
+    /// not need it).
     pub fn pick(&mut self, client: u64, tried: TriedServers, now_ms: u64) -> Option<ServerIndex> {
         [
             Tier::PrimaryUp,
@@ -190,10 +261,11 @@ impl PoolBalancer {
         let state = &self.servers[server];
         let wanted_backup = matches!(tier, Tier::BackupUp | Tier::BackupAny);
         let needs_up = matches!(tier, Tier::PrimaryUp | Tier::BackupUp);
-        state.backup == wanted_backup
+        state.state.takes_new_sessions()
+            && state.backup == wanted_backup
             && !tried.contains(server)
             && (state.max_connections == 0 || state.active < state.max_connections)
-            && (!needs_up || state.down_until_ms <= now_ms)
+            && (!needs_up || (state.state == ServerState::Up && state.down_until_ms <= now_ms))
     }
 
     fn pick_in_tier(
@@ -207,9 +279,28 @@ impl PoolBalancer {
         let eligible = |balancer: &Self, server| balancer.eligible(server, tier, tried, now_ms);
         match self.algorithm {
             Algorithm::RoundRobin => {
-                let found = (0..count)
-                    .map(|step| (self.next + step) % count)
-                    .find(|&server| eligible(self, server))?;
+                // A server ramping up (slow start) takes its turn only with the probability of
+                // its ramp; when every eligible server passes, the first eligible one is used.
+                let mut first = None;
+                let mut found = None;
+                for step in 0..count {
+                    let server = (self.next + step) % count;
+                    if !eligible(self, server) {
+                        continue;
+                    }
+                    first.get_or_insert(server);
+                    let slot = &self.servers[server];
+                    let full = self.full_weights[server];
+                    if slot.ramping(full) {
+                        let weight = slot.weight;
+                        if (self.random() % full.max(1) as u64) as i64 >= weight {
+                            continue;
+                        }
+                    }
+                    found = Some(server);
+                    break;
+                }
+                let found = found.or(first)?;
                 self.next = (found + 1) % count;
                 Some(found)
             }
@@ -301,7 +392,7 @@ impl PoolBalancer {
     /// Whether `a` carries less load per unit of weight than `b`.
     fn less_loaded(&self, a: ServerIndex, b: ServerIndex) -> bool {
         let (a, b) = (&self.servers[a], &self.servers[b]);
-        i64::from(a.active) * b.weight < i64::from(b.active) * a.weight
+        i64::from(a.active) * b.weight.max(1) < i64::from(b.active) * a.weight.max(1)
     }
 
     fn random(&mut self) -> u64 {
@@ -347,23 +438,56 @@ impl PoolBalancer {
     pub fn is_down(&self, server: ServerIndex, now_ms: u64) -> bool {
         self.servers[server].down_until_ms > now_ms
     }
+
+    /// Every server's id, this shard's active sessions on it and whether passive health skips
+    /// it now (what the shard publishes for `/status`).
+    pub fn servers(&self, now_ms: u64) -> impl Iterator<Item = (ServerId, u32, bool)> + '_ {
+        self.servers
+            .iter()
+            .map(move |slot| (slot.id, slot.active, slot.down_until_ms > now_ms))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::snapshot::PoolId;
     use std::net::Ipv4Addr;
 
-    fn pool(balance: &str, servers: &str) -> PoolConfig {
+    fn pool(balance: &str, servers: &str) -> PoolSnapshot {
         let text = format!(
             "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:1\"\npool = \"p\"\n\
              [[pool]]\nname = \"p\"\nbalance = \"{balance}\"\nservers = [{servers}]\n"
         );
-        Config::parse("test", &text)
-            .expect("test config is valid")
-            .pools
-            .remove(0)
+        let config = Config::parse("test", &text).expect("test config is valid");
+        let pool = &config.pools[0];
+        PoolSnapshot {
+            id: PoolId(1),
+            name: pool.name.clone(),
+            balance: pool.balance,
+            connect_timeout: pool.connect_timeout,
+            retries: pool.retries,
+            max_fails: pool.max_fails,
+            fail_timeout: pool.fail_timeout,
+            tcp: pool.tcp,
+            source_addresses: pool.source_addresses.clone(),
+            servers: pool
+                .servers
+                .iter()
+                .enumerate()
+                .map(|(index, server)| ServerSnapshot {
+                    id: ServerId(100 + index as u32),
+                    name: server.name.clone(),
+                    addr: server.addr,
+                    weight: server.weight.get(),
+                    ramp: FULL_RAMP,
+                    backup: server.backup,
+                    max_connections: server.max_connections,
+                    state: ServerState::Up,
+                })
+                .collect(),
+        }
     }
 
     fn addrs(count: usize) -> String {
@@ -517,5 +641,69 @@ mod tests {
         assert_eq!(balancer.pick(0, TriedServers::default(), 0), None);
         balancer.release(1);
         assert_eq!(balancer.pick(0, TriedServers::default(), 0), Some(1));
+    }
+
+    #[test]
+    fn states_decide_who_takes_new_sessions() {
+        let mut snapshot = pool("round_robin", &addrs(3));
+        snapshot.servers[0].state = ServerState::Draining;
+        snapshot.servers[1].state = ServerState::Maint;
+        let mut balancer = PoolBalancer::new(&snapshot, 0);
+        assert_eq!(tally(&mut balancer, 30), vec![0, 0, 30]);
+        snapshot.servers[2].state = ServerState::Removing;
+        balancer.adopt(&snapshot);
+        assert_eq!(balancer.pick(0, TriedServers::default(), 0), None);
+        // Down by health checks: used only when nothing is up, as a last resort.
+        snapshot.servers[0].state = ServerState::Down;
+        snapshot.servers[1].state = ServerState::Up;
+        snapshot.servers[2].state = ServerState::Up;
+        balancer.adopt(&snapshot);
+        assert_eq!(tally(&mut balancer, 20), vec![0, 10, 10]);
+        snapshot.servers[1].state = ServerState::Down;
+        snapshot.servers[2].state = ServerState::Maint;
+        balancer.adopt(&snapshot);
+        let counts = tally(&mut balancer, 20);
+        assert_eq!(counts[2], 0, "maint is never a last resort: {counts:?}");
+        assert_eq!(counts[0] + counts[1], 20);
+    }
+
+    #[test]
+    fn adopting_a_new_generation_keeps_what_the_shard_knows_by_id() {
+        let snapshot = pool("least_conn", &addrs(3));
+        let mut balancer = PoolBalancer::new(&snapshot, 0);
+        balancer.acquire(1);
+        balancer.acquire(1);
+        balancer.record_failure(2, 0);
+        // The server at position 0 is removed: the others move up and keep their state.
+        let mut next = snapshot.clone();
+        next.servers.remove(0);
+        balancer.adopt(&next);
+        assert_eq!(balancer.server_count(), 2);
+        let first = balancer.position(ServerId(101), 1).expect("still there");
+        assert_eq!(first, 0);
+        assert_eq!(balancer.active(first), 2);
+        assert!(balancer.is_down(1, 1));
+        assert_eq!(balancer.position(ServerId(100), 0), None, "gone");
+    }
+
+    #[test]
+    fn slow_start_gives_a_ramping_server_its_share() {
+        for algorithm in ["round_robin", "weighted"] {
+            let mut snapshot = pool(algorithm, &addrs(2));
+            snapshot.servers[1].ramp = FULL_RAMP / 4;
+            let mut balancer = PoolBalancer::new(&snapshot, 9);
+            let counts = tally(&mut balancer, 10_000);
+            let share = counts[1] as f64 / 10_000.0;
+            // Full weights 1:1 would give 0.5; a quarter ramp gives 0.25 / 1.25 = 0.2 with
+            // weighted, and about a quarter of its turns with round robin.
+            assert!(
+                (0.15..0.3).contains(&share),
+                "{algorithm}: ramping server took {share}"
+            );
+            snapshot.servers[1].ramp = FULL_RAMP;
+            balancer.adopt(&snapshot);
+            let counts = tally(&mut balancer, 10_000);
+            assert!(counts[1] >= 4_900, "{algorithm}: {counts:?}");
+        }
     }
 }

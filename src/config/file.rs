@@ -47,6 +47,11 @@ pub enum FileShards {
 #[serde(deny_unknown_fields)]
 pub struct FileAdmin {
     pub bind: Spanned<String>,
+    pub token_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub auth_reads: bool,
+    pub state_file: Option<Spanned<String>>,
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 /// Runtime knobs a tuning profile may overlay (`--profile`).
@@ -79,6 +84,8 @@ pub struct FileListener {
     pub write_timeout: Option<Spanned<String>>,
     pub tcp_keepalive: Option<Spanned<FileKeepalive>>,
     pub tcp_user_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub log: bool,
 }
 
 /// `tcp_keepalive = { idle = "60s", interval = "10s", count = 6 }`; absent keys take those
@@ -103,13 +110,34 @@ pub struct FilePool {
     pub tcp_keepalive: Option<Spanned<FileKeepalive>>,
     pub tcp_user_timeout: Option<Spanned<String>>,
     pub source_addresses: Option<Spanned<Vec<Spanned<String>>>>,
+    pub slow_start: Option<Spanned<String>>,
+    pub health: Option<Spanned<FileHealth>>,
     pub servers: Spanned<Vec<Spanned<FileServer>>>,
+}
+
+/// `[pool.health]`: active checks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHealth {
+    pub kind: Option<Spanned<String>>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub rise: Option<Spanned<i64>>,
+    pub fall: Option<Spanned<i64>>,
+    pub port: Option<Spanned<i64>>,
+    pub send: Option<Spanned<String>>,
+    pub expect: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub host: Option<Spanned<String>>,
+    pub expect_status: Option<Spanned<String>>,
+    pub start: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileServer {
     pub addr: Spanned<String>,
+    pub name: Option<Spanned<String>>,
     pub weight: Option<Spanned<i64>>,
     #[serde(default)]
     pub backup: bool,

@@ -10,18 +10,20 @@
 mod connection;
 mod duration;
 mod file;
+mod health;
+mod print;
 
 use std::collections::HashSet;
-use std::fmt::{self, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::ops::{Range, RangeInclusive};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use connection::{Keepalive, MAX_SOURCE_ADDRESSES, TcpOptions, format_source_addresses};
 pub use duration::{format_duration, parse_duration};
 use file::{FileConfig, FilePin, FileProfile, FileShards, FileTuning};
+pub use health::{HealthCheck, HealthKind, StartState, escape as escape_bytes, unescape};
 use toml::Spanned;
 
 use crate::balance::Algorithm;
@@ -31,9 +33,10 @@ pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
 /// The name under which errors in the embedded default are reported.
 pub const DEFAULT_CONFIG_NAME: &str = "<default config>";
 
-/// Index of a pool in `Config::pools`.
+/// Position of a pool in `Config::pools` (one config's, not stable across reloads: the
+/// running proxy refers to pools by the stable ids of `crate::snapshot`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PoolId(pub u16);
+pub struct PoolIndex(pub u16);
 
 /// How many shards to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +67,18 @@ pub struct RuntimeSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminSettings {
     pub bind: SocketAddr,
+    /// File holding the bearer token that mutating calls need (mode 0600 or stricter).
+    pub token_file: Option<PathBuf>,
+    /// Read-only endpoints need the token too (all but `/healthz` and `/ready`).
+    pub auth_reads: bool,
+    /// Runtime overrides (drain, maint, weights, added and deleted servers) are kept here
+    /// across restarts.
+    pub state_file: Option<PathBuf>,
+    /// Admin connections open at once; more are closed at accept.
+    pub max_connections: u32,
 }
+
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: u32 = 64;
 
 /// Knobs of the per-shard io_uring loop; overlaid by a tuning profile.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,7 +108,7 @@ impl Default for Tuning {
 pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,
-    pub pool: PoolId,
+    pub pool: PoolIndex,
     pub max_connections: NonZeroU32,
     pub backlog: u32,
     pub idle_timeout: Duration,
@@ -103,6 +117,8 @@ pub struct ListenerConfig {
     pub write_timeout: Duration,
     /// Options of accepted client connections.
     pub tcp: TcpOptions,
+    /// One connection-log line per session.
+    pub log: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,12 +133,17 @@ pub struct PoolConfig {
     pub tcp: TcpOptions,
     /// Addresses outgoing connections bind to, in turn (empty: the kernel chooses).
     pub source_addresses: Vec<IpAddr>,
+    /// A server coming back up ramps its weight from zero to full over this long.
+    pub slow_start: Option<Duration>,
+    pub health: Option<HealthCheck>,
     pub servers: Vec<ServerConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     pub addr: SocketAddr,
+    /// How the admin API and metrics name it (default: the address).
+    pub name: String,
     pub weight: NonZeroU32,
     pub backup: bool,
     /// Per shard; `None` is unlimited.
@@ -241,7 +262,7 @@ impl Config {
         Ok(())
     }
 
-    pub fn pool(&self, id: PoolId) -> &PoolConfig {
+    pub fn pool(&self, id: PoolIndex) -> &PoolConfig {
         &self.pools[usize::from(id.0)]
     }
 
@@ -251,91 +272,6 @@ impl Config {
         // Writing to a String cannot fail.
         let _ = self.write_toml(&mut out);
         out
-    }
-
-    fn write_toml(&self, out: &mut String) -> fmt::Result {
-        writeln!(out, "[runtime]")?;
-        match self.runtime.shards {
-            Shards::Auto => writeln!(out, "shards = \"auto\"")?,
-            Shards::Count(count) => writeln!(out, "shards = {count}")?,
-        }
-        writeln!(
-            out,
-            "drain_timeout = \"{}\"",
-            format_duration(self.runtime.drain_timeout)
-        )?;
-        match &self.runtime.pin {
-            Pinning::Auto => writeln!(out, "pin = \"auto\"")?,
-            Pinning::None => writeln!(out, "pin = \"none\"")?,
-            Pinning::Cores(cores) => writeln!(out, "pin = {cores:?}")?,
-        }
-        if let Some(admin) = &self.admin {
-            writeln!(out, "\n[admin]\nbind = \"{}\"", admin.bind)?;
-        }
-        let tuning = &self.tuning;
-        writeln!(out, "\n[tuning]")?;
-        writeln!(out, "ring_entries = {}", tuning.ring_entries)?;
-        writeln!(out, "buffer_size = {}", tuning.buffer_size)?;
-        writeln!(out, "buffer_count = {}", tuning.buffer_count)?;
-        writeln!(out, "queued_buffers = {}", tuning.queued_buffers)?;
-        for listener in &self.listeners {
-            writeln!(out, "\n[[listener]]")?;
-            writeln!(out, "name = {:?}", listener.name)?;
-            writeln!(out, "bind = \"{}\"", listener.bind)?;
-            writeln!(out, "pool = {:?}", self.pool(listener.pool).name)?;
-            writeln!(out, "max_connections = {}", listener.max_connections)?;
-            writeln!(out, "backlog = {}", listener.backlog)?;
-            writeln!(
-                out,
-                "idle_timeout = \"{}\"",
-                format_duration(listener.idle_timeout)
-            )?;
-            writeln!(
-                out,
-                "write_timeout = \"{}\"",
-                format_duration(listener.write_timeout)
-            )?;
-            listener.tcp.write_toml(out)?;
-        }
-        for pool in &self.pools {
-            writeln!(out, "\n[[pool]]")?;
-            writeln!(out, "name = {:?}", pool.name)?;
-            writeln!(out, "balance = \"{}\"", pool.balance.name())?;
-            writeln!(
-                out,
-                "connect_timeout = \"{}\"",
-                format_duration(pool.connect_timeout)
-            )?;
-            writeln!(out, "retries = {}", pool.retries)?;
-            writeln!(out, "max_fails = {}", pool.max_fails)?;
-            writeln!(
-                out,
-                "fail_timeout = \"{}\"",
-                format_duration(pool.fail_timeout)
-            )?;
-            pool.tcp.write_toml(out)?;
-            if !pool.source_addresses.is_empty() {
-                writeln!(
-                    out,
-                    "source_addresses = {}",
-                    format_source_addresses(&pool.source_addresses)
-                )?;
-            }
-            writeln!(out, "servers = [")?;
-            for server in &pool.servers {
-                write!(
-                    out,
-                    "  {{ addr = \"{}\", weight = {}, backup = {}",
-                    server.addr, server.weight, server.backup
-                )?;
-                if let Some(limit) = server.max_connections {
-                    write!(out, ", max_connections = {limit}")?;
-                }
-                writeln!(out, " }},")?;
-            }
-            writeln!(out, "]")?;
-        }
-        Ok(())
     }
 }
 
@@ -351,9 +287,7 @@ fn read_file(path: &Path) -> Result<String, ConfigError> {
 fn resolve(source: &Source, file: FileConfig) -> Result<Config, ConfigError> {
     let runtime = resolve_runtime(source, &file.runtime)?;
     let admin = match &file.admin {
-        Some(admin) => Some(AdminSettings {
-            bind: parse_addr(source, &admin.bind)?,
-        }),
+        Some(admin) => Some(resolve_admin(source, admin)?),
         None => None,
     };
     let tuning = resolve_tuning(source, &file.tuning, Tuning::default())?;
@@ -406,7 +340,7 @@ fn resolve(source: &Source, file: FileConfig) -> Result<Config, ConfigError> {
         listeners.push(ListenerConfig {
             name,
             bind,
-            pool: PoolId(pool as u16),
+            pool: PoolIndex(pool as u16),
             max_connections: positive(
                 source,
                 listener.max_connections.as_ref(),
@@ -439,6 +373,7 @@ fn resolve(source: &Source, file: FileConfig) -> Result<Config, ConfigError> {
                 listener.tcp_keepalive.as_ref(),
                 listener.tcp_user_timeout.as_ref(),
             )?,
+            log: listener.log,
         });
     }
 
@@ -448,6 +383,32 @@ fn resolve(source: &Source, file: FileConfig) -> Result<Config, ConfigError> {
         tuning,
         listeners,
         pools,
+    })
+}
+
+fn resolve_admin(source: &Source, admin: &file::FileAdmin) -> Result<AdminSettings, ConfigError> {
+    let path =
+        |text: &Option<Spanned<String>>, key: &str| -> Result<Option<PathBuf>, ConfigError> {
+            match text {
+                None => Ok(None),
+                Some(text) if text.get_ref().is_empty() => {
+                    Err(source.at(text, format!("admin.{key} must not be empty")))
+                }
+                Some(text) => Ok(Some(PathBuf::from(text.get_ref()))),
+            }
+        };
+    Ok(AdminSettings {
+        bind: parse_addr(source, &admin.bind)?,
+        token_file: path(&admin.token_file, "token_file")?,
+        auth_reads: admin.auth_reads,
+        state_file: path(&admin.state_file, "state_file")?,
+        max_connections: integer(
+            source,
+            admin.max_connections.as_ref(),
+            "admin.max_connections",
+            DEFAULT_ADMIN_MAX_CONNECTIONS,
+            1..=10_000,
+        )?,
     })
 }
 
@@ -630,9 +591,21 @@ fn resolve_pool(
     }
     let mut servers = Vec::with_capacity(server_list.len());
     let mut addrs = HashSet::new();
+    let mut names = HashSet::new();
     for server in server_list {
         let server = server.get_ref();
         let addr = parse_addr(source, &server.addr)?;
+        let server_name = match &server.name {
+            Some(text) => check_name(source, text, "server")?,
+            None => addr.to_string(),
+        };
+        if !names.insert(server_name.clone()) {
+            let at = server.name.as_ref().unwrap_or(&server.addr);
+            return Err(source.at(
+                at,
+                format!("server name {server_name:?} appears twice in pool {name:?}"),
+            ));
+        }
         if addr.port() == 0 {
             return Err(source.at(&server.addr, format!("server {addr} has port 0")));
         }
@@ -655,6 +628,7 @@ fn resolve_pool(
         };
         servers.push(ServerConfig {
             addr,
+            name: server_name,
             weight,
             backup: server.backup,
             max_connections,
@@ -677,6 +651,17 @@ fn resolve_pool(
         pool.source_addresses.as_ref(),
         &server_addrs,
     )?;
+    let slow_start = match &pool.slow_start {
+        None => None,
+        Some(text) => {
+            let duration = duration_at(source, text, "slow_start")?;
+            (!duration.is_zero()).then_some(duration)
+        }
+    };
+    let health = match &pool.health {
+        None => None,
+        Some(spanned) => Some(health::resolve_health(source, spanned)?),
+    };
     Ok(PoolConfig {
         name,
         balance,
@@ -686,6 +671,8 @@ fn resolve_pool(
         fail_timeout,
         tcp,
         source_addresses,
+        slow_start,
+        health,
         servers,
     })
 }
@@ -780,211 +767,4 @@ fn positive(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINIMAL: &str = r#"
-[[listener]]
-name = "front"
-bind = "127.0.0.1:8080"
-pool = "app"
-
-[[pool]]
-name = "app"
-servers = [ { addr = "127.0.0.1:9001" } ]
-"#;
-
-    #[test]
-    fn minimal_config_gets_defaults() {
-        let config = Config::parse("t.toml", MINIMAL).expect("valid");
-        assert_eq!(config.runtime.shards, Shards::Auto);
-        assert_eq!(config.runtime.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
-        let listener = &config.listeners[0];
-        assert_eq!(listener.max_connections.get(), DEFAULT_MAX_CONNECTIONS);
-        assert_eq!(listener.idle_timeout, DEFAULT_IDLE_TIMEOUT);
-        let pool = &config.pools[0];
-        assert_eq!(pool.balance, Algorithm::RoundRobin);
-        assert_eq!(pool.retries, DEFAULT_RETRIES);
-        assert_eq!(pool.servers[0].weight.get(), 1);
-    }
-
-    #[test]
-    fn connection_options_resolve_and_print_back() {
-        let text = MINIMAL
-            .replace(
-                "pool = \"app\"\n",
-                "pool = \"app\"\nwrite_timeout = \"2s\"\ntcp_keepalive = { idle = \"30s\" }\ntcp_user_timeout = \"20s\"\n",
-            )
-            .replace(
-                "name = \"app\"\n",
-                "name = \"app\"\nsource_addresses = [\"127.0.0.2-127.0.0.4\", \"127.0.0.9\"]\ntcp_keepalive = { idle = \"5s\", interval = \"1s\", count = 3 }\n",
-            );
-        let config = Config::parse("t.toml", &text).expect("valid");
-        let listener = &config.listeners[0];
-        assert_eq!(listener.write_timeout, Duration::from_secs(2));
-        assert_eq!(
-            listener.tcp.keepalive,
-            Some(Keepalive {
-                idle: Duration::from_secs(30),
-                interval: Duration::from_secs(10),
-                count: 6
-            })
-        );
-        assert_eq!(listener.tcp.user_timeout, Some(Duration::from_secs(20)));
-        let pool = &config.pools[0];
-        let sources: Vec<String> = pool
-            .source_addresses
-            .iter()
-            .map(|ip| ip.to_string())
-            .collect();
-        assert_eq!(
-            sources,
-            ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.9"]
-        );
-        assert_eq!(pool.tcp.keepalive.map(|k| k.count), Some(3));
-        let again = Config::parse("printed", &config.to_toml()).expect("printed parses");
-        assert_eq!(config, again);
-        assert_eq!(
-            Config::parse("t.toml", MINIMAL).expect("valid").listeners[0].write_timeout,
-            DEFAULT_WRITE_TIMEOUT
-        );
-    }
-
-    #[test]
-    fn bad_connection_options_are_located() {
-        for (needle, replacement, message) in [
-            (
-                "pool = \"app\"\n",
-                "pool = \"app\"\nwrite_timeout = \"0s\"\n",
-                "write_timeout must be greater than zero",
-            ),
-            (
-                "pool = \"app\"\n",
-                "pool = \"app\"\ntcp_keepalive = { idle = \"1500ms\" }\n",
-                "whole seconds",
-            ),
-            (
-                "pool = \"app\"\n",
-                "pool = \"app\"\ntcp_keepalive = { idel = \"1s\" }\n",
-                "unknown field",
-            ),
-            (
-                "pool = \"app\"\n",
-                "pool = \"app\"\ntcp_user_timeout = \"0s\"\n",
-                "tcp_user_timeout",
-            ),
-            (
-                "name = \"app\"\n",
-                "name = \"app\"\nsource_addresses = [\"127.0.0.9-127.0.0.2\"]\n",
-                "runs backwards",
-            ),
-            (
-                "name = \"app\"\n",
-                "name = \"app\"\nsource_addresses = [\"localhost\"]\n",
-                "invalid source address",
-            ),
-            (
-                "name = \"app\"\n",
-                "name = \"app\"\nsource_addresses = [\"::1\"]\n",
-                "no source address of its family",
-            ),
-            (
-                "name = \"app\"\n",
-                "name = \"app\"\nsource_addresses = [\"10.0.0.0-10.1.0.0\"]\n",
-                "larger than",
-            ),
-        ] {
-            let text = MINIMAL.replacen(needle, replacement, 1);
-            let error = Config::parse("t.toml", &text).expect_err(replacement);
-            assert!(error.message.contains(message), "{replacement}: {error}");
-            assert!(error.line > 1, "{error}");
-        }
-    }
-
-    #[test]
-    fn embedded_default_resolves() {
-        let config = Config::default_config().expect("embedded default is valid");
-        assert!(!config.listeners.is_empty());
-    }
-
-    #[test]
-    fn printed_config_parses_back_to_the_same() {
-        let config = Config::default_config().expect("valid");
-        let printed = config.to_toml();
-        let again = Config::parse("printed", &printed).expect("printed config parses");
-        assert_eq!(config, again);
-    }
-
-    #[test]
-    fn error_points_at_line_and_column() {
-        let text = MINIMAL.replace("127.0.0.1:9001", "nonsense");
-        let error = Config::parse("t.toml", &text).expect_err("bad addr");
-        assert_eq!((error.line, error.column), (9, 22), "{error}");
-        assert!(
-            error
-                .to_string()
-                .starts_with("t.toml:9:22: invalid address")
-        );
-    }
-
-    /// Mutated configs (bytes dropped, inserted, replaced) resolve or fail with a location
-    /// inside the text; none panics.
-    #[test]
-    fn mutated_configs_never_panic() {
-        let seed_text = include_str!("../../systemd/ringproxy.toml");
-        let alphabet = b"[]{}=\",.:0123456789abcdefghijklmnopqrstuvwxyz_ \n#-";
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        let (mut accepted, mut rejected) = (0, 0);
-        for _ in 0..3000 {
-            let mut bytes = seed_text.as_bytes().to_vec();
-            for _ in 0..1 + next() % 4 {
-                let at = (next() % bytes.len() as u64) as usize;
-                let byte = alphabet[(next() % alphabet.len() as u64) as usize];
-                match next() % 3 {
-                    0 => {
-                        bytes.remove(at);
-                    }
-                    1 => bytes.insert(at, byte),
-                    _ => bytes[at] = byte,
-                }
-            }
-            let text = String::from_utf8_lossy(&bytes);
-            match Config::parse("fuzz.toml", &text) {
-                Ok(_) => accepted += 1,
-                Err(error) => {
-                    rejected += 1;
-                    let lines = text.lines().count().max(1);
-                    assert!(
-                        error.line >= 1 && error.line <= lines + 1,
-                        "{error} in\n{text}"
-                    );
-                    assert!(!error.message.is_empty());
-                }
-            }
-        }
-        assert!(
-            accepted > 0 && rejected > 0,
-            "{accepted} accepted, {rejected} rejected"
-        );
-    }
-
-    #[test]
-    fn profile_overlays_only_tuning() {
-        let mut config = Config::parse("t.toml", MINIMAL).expect("valid");
-        config
-            .apply_profile_text("p.toml", "[tuning]\nbuffer_size = 65536\n")
-            .expect("valid profile");
-        assert_eq!(config.tuning.buffer_size, 65536);
-        assert_eq!(config.tuning.ring_entries, Tuning::default().ring_entries);
-        let error = config
-            .apply_profile_text("p.toml", "[runtime]\nshards = 2\n")
-            .expect_err("profiles carry only [tuning]");
-        assert_eq!(error.line, 1);
-    }
-}
+mod tests;

@@ -1,26 +1,25 @@
 //! Runtime: starting the shards, talking to them, and collecting what they did.
 //!
-//! Owns thread startup and pinning, listener binding before the shards start (so a bad address
-//! fails the start, not a shard later), and the control path: a command word per shard plus an
-//! eventfd its ring watches. Nothing here runs per connection.
+//! Owns thread startup and pinning, and the path to each shard: an inbox (a lock-free channel)
+//! plus an eventfd its ring watches, so a sleeping shard wakes; and the slot each shard
+//! publishes its counters into. Nothing here runs per connection, and nothing a shard does
+//! waits on the sender.
 
 mod log_limit;
 pub mod session;
 pub mod shard;
 
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, warn};
 
-use crate::admission::shard_share;
-use crate::config::{Config, Pinning, Shards};
-use crate::listener;
+use crate::config::{Config, Pinning, Shards, Tuning};
+use crate::metrics::ShardSlot;
+use crate::snapshot::{ListenerId, ServerId, Snapshot};
 use crate::uring::{self, socket};
 use shard::{Shard, ShardSetup};
 
@@ -31,8 +30,6 @@ pub const MIN_KERNEL: (u32, u32) = (6, 1);
 pub enum StartError {
     #[error("{0}")]
     Kernel(String),
-    #[error(transparent)]
-    Bind(#[from] listener::BindError),
     #[error("shard {shard}: cannot set up io_uring: {source}")]
     Ring {
         shard: usize,
@@ -47,39 +44,37 @@ pub enum StartError {
     Thread(#[source] io::Error),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShardCommand {
-    Run = 0,
-    Drain = 1,
-    Stop = 2,
+/// What the control side tells a shard.
+pub enum ShardMessage {
+    /// Run on this snapshot from now on.
+    Snapshot(Arc<Snapshot>),
+    /// Accept on this socket for listener `id` (replacing the socket it had for it, if any).
+    AddListener { id: ListenerId, fd: OwnedFd },
+    /// Stop accepting for listener `id` and close its socket; its sessions carry on.
+    RemoveListener(ListenerId),
+    /// Cut every session on this server now.
+    CutServer(ServerId),
+    /// Stop accepting, let sessions finish until the drain timeout, then cut them and stop.
+    Drain,
+    /// Stop accepting and cut every session now.
+    Stop,
 }
 
-/// The control thread's handle on one shard: a command word read only when the eventfd fires.
-pub struct ShardControl {
-    command: AtomicU8,
-    eventfd: OwnedFd,
+/// The control side's handle on one shard.
+pub struct ShardHandle {
+    inbox: mpsc::Sender<ShardMessage>,
+    eventfd: Arc<OwnedFd>,
+    pub slot: Arc<ShardSlot>,
 }
 
-impl ShardControl {
-    fn new() -> io::Result<ShardControl> {
-        Ok(ShardControl {
-            command: AtomicU8::new(ShardCommand::Run as u8),
-            eventfd: socket::eventfd()?,
-        })
-    }
-
-    pub fn command(&self) -> ShardCommand {
-        match self.command.load(Ordering::Acquire) {
-            1 => ShardCommand::Drain,
-            2 => ShardCommand::Stop,
-            _ => ShardCommand::Run,
+impl ShardHandle {
+    /// Queues a message and wakes the shard. Never blocks; a shard that has stopped just
+    /// does not read it.
+    pub fn send(&self, message: ShardMessage) {
+        if self.inbox.send(message).is_err() {
+            return;
         }
-    }
-
-    fn send(&self, command: ShardCommand) {
-        // A stop must not be downgraded to a drain by a later signal.
-        self.command.fetch_max(command as u8, Ordering::AcqRel);
-        if let Err(error) = socket::eventfd_signal(&self.eventfd) {
+        if let Err(error) = socket::eventfd_signal(&*self.eventfd) {
             error!(%error, "cannot wake a shard");
         }
     }
@@ -120,24 +115,66 @@ pub struct ShardReport {
     pub stats: ShardStats,
 }
 
-/// Sends commands to every shard; cheap to clone into a signal handler thread.
+/// Sends commands to every shard; cheap to clone into a signal handler or the control thread.
 #[derive(Clone)]
 pub struct RuntimeControl {
-    shards: Vec<Arc<ShardControl>>,
+    shards: Arc<Vec<ShardHandle>>,
 }
 
 impl RuntimeControl {
+    /// A control with no shards behind it (before the shards start).
+    pub fn detached() -> RuntimeControl {
+        RuntimeControl {
+            shards: Arc::new(Vec::new()),
+        }
+    }
+
     /// Stop accepting and let live sessions finish, up to `drain_timeout`.
     pub fn drain(&self) {
-        for shard in &self.shards {
-            shard.send(ShardCommand::Drain);
-        }
+        self.broadcast(|| ShardMessage::Drain);
     }
 
     /// Stop accepting and cut every session now.
     pub fn stop(&self) {
-        for shard in &self.shards {
-            shard.send(ShardCommand::Stop);
+        self.broadcast(|| ShardMessage::Stop);
+    }
+
+    /// Every shard runs on `snapshot` from its next wake-up on.
+    pub fn publish(&self, snapshot: &Arc<Snapshot>) {
+        self.broadcast(|| ShardMessage::Snapshot(Arc::clone(snapshot)));
+    }
+
+    /// Cuts the live sessions of a server on every shard.
+    pub fn cut_server(&self, server: ServerId) {
+        self.broadcast(|| ShardMessage::CutServer(server));
+    }
+
+    /// Hands each shard its socket of a listener (one per shard, in shard order).
+    pub fn add_listener(&self, id: ListenerId, sockets: Vec<OwnedFd>) {
+        for (shard, fd) in self.shards.iter().zip(sockets) {
+            shard.send(ShardMessage::AddListener { id, fd });
+        }
+    }
+
+    pub fn remove_listener(&self, id: ListenerId) {
+        self.broadcast(|| ShardMessage::RemoveListener(id));
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Each shard's counter slot, in shard order.
+    pub fn slots(&self) -> Vec<Arc<ShardSlot>> {
+        self.shards
+            .iter()
+            .map(|shard| Arc::clone(&shard.slot))
+            .collect()
+    }
+
+    fn broadcast(&self, message: impl Fn() -> ShardMessage) {
+        for shard in self.shards.iter() {
+            shard.send(message());
         }
     }
 }
@@ -145,7 +182,6 @@ impl RuntimeControl {
 pub struct Runtime {
     threads: Vec<JoinHandle<io::Result<ShardReport>>>,
     control: RuntimeControl,
-    listener_addrs: Vec<(String, SocketAddr)>,
     /// Each shard thread sends its index here when it ends, for whatever reason.
     done: mpsc::Receiver<usize>,
 }
@@ -160,7 +196,7 @@ pub fn shard_count(config: &Config) -> usize {
 
 /// Sizes the descriptor table once for what the config can hold (two descriptors per session,
 /// plus listeners, rings and slack), before any shard thread runs.
-fn reserve_descriptors(config: &Config, shards: usize) {
+pub fn reserve_descriptors(config: &Config, shards: usize) {
     let sessions: u64 = config
         .listeners
         .iter()
@@ -175,50 +211,72 @@ fn reserve_descriptors(config: &Config, shards: usize) {
     }
 }
 
+/// How many sessions each shard may hold with the descriptors this process has left: two per
+/// session, after those open now and a reserve for the control thread (admin connections,
+/// health probes), split evenly across the shards. A shard at its room stops accepting (new
+/// clients wait in the listen backlog) rather than accept clients it cannot connect.
+pub fn descriptor_room(shards: usize) -> usize {
+    let limit = socket::open_file_limit();
+    let open = socket::open_descriptors() as u64;
+    let reserve = (limit / 16).clamp(4, 256);
+    let free = limit.saturating_sub(open + reserve);
+    ((free / 2) as usize / shards.max(1)).max(1)
+}
+
 impl Runtime {
-    /// Binds every listener, starts one pinned shard per core and returns once all are running.
-    pub fn start(config: Arc<Config>) -> Result<Runtime, StartError> {
+    /// Starts one pinned shard per entry of `listeners`' socket lists (every listener has one
+    /// socket per shard) on `snapshot`, and returns once all are running.
+    pub fn start(
+        shards: usize,
+        tuning: &Tuning,
+        pin: &Pinning,
+        snapshot: Arc<Snapshot>,
+        listeners: Vec<(ListenerId, Vec<OwnedFd>)>,
+    ) -> Result<Runtime, StartError> {
         uring::check_kernel(MIN_KERNEL.0, MIN_KERNEL.1).map_err(StartError::Kernel)?;
-        let shards = shard_count(&config);
-        reserve_descriptors(&config, shards);
-        let mut bound = Vec::with_capacity(config.listeners.len());
-        for listener in &config.listeners {
-            bound.push(listener::bind(listener, shards)?);
-        }
-        let listener_addrs: Vec<(String, SocketAddr)> = config
-            .listeners
-            .iter()
-            .zip(&bound)
-            .map(|(listener, bound)| (listener.name.clone(), bound.addr))
-            .collect();
-        let mut per_shard: Vec<Vec<(OwnedFd, u32)>> = (0..shards).map(|_| Vec::new()).collect();
-        for (listener, bound) in config.listeners.iter().zip(bound) {
-            for (shard, socket) in bound.sockets.into_iter().enumerate() {
-                let share = shard_share(listener.max_connections.get(), shard, shards);
-                per_shard[shard].push((socket, share));
+        let mut per_shard: Vec<Vec<(ListenerId, OwnedFd)>> =
+            (0..shards).map(|_| Vec::new()).collect();
+        for (id, sockets) in listeners {
+            for (shard, socket) in sockets.into_iter().enumerate() {
+                if let Some(list) = per_shard.get_mut(shard) {
+                    list.push((id, socket));
+                }
             }
         }
         let cores = core_affinity::get_core_ids().unwrap_or_default();
-        if let Pinning::Cores(list) = &config.runtime.pin {
+        if let Pinning::Cores(list) = pin {
             let available: Vec<usize> = cores.iter().map(|core| core.id).collect();
             if let Some(&core) = list.iter().find(|core| !available.contains(core)) {
                 return Err(StartError::Pin { core, available });
             }
         }
+        let room = descriptor_room(shards);
+        debug!(sessions_per_shard = room, "descriptor room");
         let (ready_tx, ready_rx) = mpsc::channel::<(usize, io::Result<()>)>();
         let (done_tx, done_rx) = mpsc::channel::<usize>();
         let mut threads = Vec::with_capacity(shards);
-        let mut controls = Vec::with_capacity(shards);
+        let mut handles = Vec::with_capacity(shards);
         for (index, listeners) in per_shard.into_iter().enumerate() {
-            let control = Arc::new(ShardControl::new().map_err(StartError::Thread)?);
-            controls.push(Arc::clone(&control));
+            let eventfd = Arc::new(socket::eventfd().map_err(StartError::Thread)?);
+            let slot = Arc::new(ShardSlot::default());
+            let (inbox_tx, inbox_rx) = mpsc::channel();
+            handles.push(ShardHandle {
+                inbox: inbox_tx,
+                eventfd: Arc::clone(&eventfd),
+                slot: Arc::clone(&slot),
+            });
             let setup = ShardSetup {
                 index,
-                config: Arc::clone(&config),
+                shards,
+                descriptor_room: room,
+                tuning: tuning.clone(),
+                snapshot: Arc::clone(&snapshot),
                 listeners,
-                control,
+                eventfd,
+                inbox: inbox_rx,
+                slot,
             };
-            let core = match &config.runtime.pin {
+            let core = match pin {
                 Pinning::Auto => (!cores.is_empty()).then(|| cores[index % cores.len()]),
                 Pinning::None => None,
                 Pinning::Cores(list) => {
@@ -263,7 +321,9 @@ impl Runtime {
             threads.push(thread);
         }
         drop(ready_tx);
-        let control = RuntimeControl { shards: controls };
+        let control = RuntimeControl {
+            shards: Arc::new(handles),
+        };
         for _ in 0..shards {
             match ready_rx.recv() {
                 Ok((_, Ok(()))) => {}
@@ -277,20 +337,11 @@ impl Runtime {
                 Err(_) => break,
             }
         }
-        for (name, addr) in &listener_addrs {
-            info!(listener = %name, %addr, shards, "listener ready");
-        }
         Ok(Runtime {
             threads,
             control,
-            listener_addrs,
             done: done_rx,
         })
-    }
-
-    /// Each listener's name and the address it is bound to (the real port when 0 was asked).
-    pub fn listener_addrs(&self) -> &[(String, SocketAddr)] {
-        &self.listener_addrs
     }
 
     pub fn control(&self) -> RuntimeControl {

@@ -8,8 +8,9 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use crate::balance::{ServerIndex, TriedServers};
-use crate::config::PoolId;
+use crate::metrics::CloseKind;
 use crate::relay::{CloseMode, Relay, Side};
+use crate::snapshot::{ListenerId, PoolId, ServerId};
 use crate::uring::BufToken;
 use crate::uring::timer::TimerId;
 
@@ -29,6 +30,8 @@ pub enum Op {
     SendToClient = 5,
     Connect = 6,
     Wake = 7,
+    /// A single (not multishot) accept.
+    AcceptOnce = 8,
 }
 
 impl Op {
@@ -41,6 +44,7 @@ impl Op {
             5 => Op::SendToClient,
             6 => Op::Connect,
             7 => Op::Wake,
+            8 => Op::AcceptOnce,
             _ => Op::Ignored,
         }
     }
@@ -67,24 +71,48 @@ pub fn user_data(op: Op, index: usize, generation: u32) -> u64 {
         | op as u64
 }
 
+/// The server a session occupies (from its connect attempt on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerRef {
+    pub id: ServerId,
+    /// Its position in the pool's balancer when picked (checked against `id` before use: a
+    /// newer snapshot may have moved it).
+    pub index: ServerIndex,
+    /// Its counters' slot in the shard.
+    pub counters: usize,
+}
+
 pub struct Session {
     /// Distinguishes this session from earlier ones in the same slot.
     pub generation: u32,
-    pub listener: usize,
+    pub listener: ListenerId,
+    /// The listener's counters' slot in the shard.
+    pub listener_counters: usize,
     pub pool: PoolId,
+    /// The pool's counters' slot in the shard.
+    pub pool_counters: usize,
     pub client: OwnedFd,
     pub server: Option<OwnedFd>,
-    pub server_index: Option<ServerIndex>,
+    pub server_ref: Option<ServerRef>,
     pub tried: TriedServers,
     pub attempts: u32,
     pub client_key: u64,
     /// A connect is in flight.
     pub connecting: bool,
-    /// Server sockets that could not be created for lack of descriptors, retried.
+    /// Its listener writes a connection-log line when it ends.
+    pub log: bool,
+    /// Shard clock (microseconds) when it was accepted, and when its current connect began.
+    pub started_us: u64,
+    pub connect_started_us: u64,
+    /// How long the successful connect took.
+    pub connect_us: Option<u32>,
+    /// Server sockets that could not be created for lack of memory, retried.
     pub socket_retries: u8,
     /// The session is ending; freed once no operation is in flight.
     pub closing: bool,
     pub close_mode: CloseMode,
+    /// Why it ended (set once, by the first close).
+    pub close_kind: Option<CloseKind>,
     pub relay: Relay<BufToken>,
     pub timer: Option<TimerId>,
 }

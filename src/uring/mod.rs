@@ -257,6 +257,20 @@ impl Ring {
         self.push(entry)
     }
 
+    /// Arms one accept on a listening socket (one connection). Its completion's descriptor is
+    /// taken with `Completion::accepted_fd`.
+    pub fn accept(&mut self, listener: RawFd, user_data: u64) -> io::Result<()> {
+        let entry = opcode::Accept::new(
+            types::Fd(listener),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+        .flags(libc::SOCK_CLOEXEC)
+        .build()
+        .user_data((user_data & USER_DATA_BITS) | ACCEPT_BIT);
+        self.push(entry)
+    }
+
     /// Arms one receive into one buffer of this ring's buffer group: the receive can never
     /// take more than that one buffer. (Receive bundles would fill several, but the kernel
     /// retries a bundle past its length cap while the socket holds more, so they give no

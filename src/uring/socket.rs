@@ -26,6 +26,38 @@ pub fn apply_tcp_options(socket: SockRef<'_>, options: &TcpOptions) -> io::Resul
     Ok(())
 }
 
+/// Sets a listening socket's options to exactly `options` (a reload changed them): options
+/// turned off are turned off, not left as they were.
+pub fn replace_tcp_options(fd: BorrowedFd<'_>, options: &TcpOptions) -> io::Result<()> {
+    let socket = SockRef::from(&fd);
+    if options.keepalive.is_none() {
+        socket.set_keepalive(false)?;
+    }
+    if options.user_timeout.is_none() {
+        socket.set_tcp_user_timeout(None)?;
+    }
+    apply_tcp_options(socket, options)
+}
+
+/// Calls listen(2) again on a listening socket: Linux takes the new backlog in place.
+pub fn relisten(fd: BorrowedFd<'_>, backlog: u32) -> io::Result<()> {
+    SockRef::from(&fd).listen(i32::try_from(backlog).unwrap_or(i32::MAX))
+}
+
+/// Clock ticks per second (for /proc CPU times).
+pub fn clock_ticks() -> f64 {
+    // SAFETY: sysconf reads a system constant; no memory is involved.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// The memory page size (for /proc sizes given in pages).
+pub fn page_size() -> f64 {
+    // SAFETY: sysconf reads a system constant; no memory is involved.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 { size as f64 } else { 4096.0 }
+}
+
 /// A new TCP socket for connecting to `addr`, with TCP_NODELAY and `options` set, bound first
 /// to `source` (any port) when given: with IP_BIND_ADDRESS_NO_PORT the port is chosen at
 /// connect time per destination, so one source address can reach many destinations without
@@ -85,10 +117,13 @@ pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 pub fn peer_ip(fd: BorrowedFd<'_>) -> io::Result<IpAddr> {
+    peer_addr(fd).map(|addr| addr.ip())
+}
+
+pub fn peer_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
     SockRef::from(&fd)
         .peer_addr()?
         .as_socket()
-        .map(|addr| addr.ip())
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an IP socket"))
 }
 
@@ -159,6 +194,11 @@ pub fn reserve_descriptor_table(count: u64) -> io::Result<u64> {
     // SAFETY: the duplicate was just created and is owned by nobody else; dropping it closes it.
     drop(unsafe { OwnedFd::from_raw_fd(duplicate) });
     Ok(count)
+}
+
+/// How many descriptors this process has open now.
+pub fn open_descriptors() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |entries| entries.count().saturating_sub(1))
 }
 
 /// The soft limit on open descriptors of this process (RLIMIT_NOFILE).

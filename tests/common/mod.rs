@@ -60,7 +60,10 @@ impl Proxy {
         command
             .args(["--log-format", "json", "run", "--config"])
             .arg(&path)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_PROXY_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

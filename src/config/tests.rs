@@ -1,0 +1,208 @@
+//! Unit tests of config resolution.
+
+use super::*;
+
+const MINIMAL: &str = r#"
+[[listener]]
+name = "front"
+bind = "127.0.0.1:8080"
+pool = "app"
+
+[[pool]]
+name = "app"
+servers = [ { addr = "127.0.0.1:9001" } ]
+"#;
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let config = Config::parse("t.toml", MINIMAL).expect("valid");
+    assert_eq!(config.runtime.shards, Shards::Auto);
+    assert_eq!(config.runtime.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+    let listener = &config.listeners[0];
+    assert_eq!(listener.max_connections.get(), DEFAULT_MAX_CONNECTIONS);
+    assert_eq!(listener.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+    let pool = &config.pools[0];
+    assert_eq!(pool.balance, Algorithm::RoundRobin);
+    assert_eq!(pool.retries, DEFAULT_RETRIES);
+    assert_eq!(pool.servers[0].weight.get(), 1);
+}
+
+#[test]
+fn connection_options_resolve_and_print_back() {
+    let text = MINIMAL
+        .replace(
+            "pool = \"app\"\n",
+            "pool = \"app\"\nwrite_timeout = \"2s\"\ntcp_keepalive = { idle = \"30s\" }\ntcp_user_timeout = \"20s\"\n",
+        )
+        .replace(
+            "name = \"app\"\n",
+            "name = \"app\"\nsource_addresses = [\"127.0.0.2-127.0.0.4\", \"127.0.0.9\"]\ntcp_keepalive = { idle = \"5s\", interval = \"1s\", count = 3 }\n",
+        );
+    let config = Config::parse("t.toml", &text).expect("valid");
+    let listener = &config.listeners[0];
+    assert_eq!(listener.write_timeout, Duration::from_secs(2));
+    assert_eq!(
+        listener.tcp.keepalive,
+        Some(Keepalive {
+            idle: Duration::from_secs(30),
+            interval: Duration::from_secs(10),
+            count: 6
+        })
+    );
+    assert_eq!(listener.tcp.user_timeout, Some(Duration::from_secs(20)));
+    let pool = &config.pools[0];
+    let sources: Vec<String> = pool
+        .source_addresses
+        .iter()
+        .map(|ip| ip.to_string())
+        .collect();
+    assert_eq!(
+        sources,
+        ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.9"]
+    );
+    assert_eq!(pool.tcp.keepalive.map(|k| k.count), Some(3));
+    let again = Config::parse("printed", &config.to_toml()).expect("printed parses");
+    assert_eq!(config, again);
+    assert_eq!(
+        Config::parse("t.toml", MINIMAL).expect("valid").listeners[0].write_timeout,
+        DEFAULT_WRITE_TIMEOUT
+    );
+}
+
+#[test]
+fn bad_connection_options_are_located() {
+    for (needle, replacement, message) in [
+        (
+            "pool = \"app\"\n",
+            "pool = \"app\"\nwrite_timeout = \"0s\"\n",
+            "write_timeout must be greater than zero",
+        ),
+        (
+            "pool = \"app\"\n",
+            "pool = \"app\"\ntcp_keepalive = { idle = \"1500ms\" }\n",
+            "whole seconds",
+        ),
+        (
+            "pool = \"app\"\n",
+            "pool = \"app\"\ntcp_keepalive = { idel = \"1s\" }\n",
+            "unknown field",
+        ),
+        (
+            "pool = \"app\"\n",
+            "pool = \"app\"\ntcp_user_timeout = \"0s\"\n",
+            "tcp_user_timeout",
+        ),
+        (
+            "name = \"app\"\n",
+            "name = \"app\"\nsource_addresses = [\"127.0.0.9-127.0.0.2\"]\n",
+            "runs backwards",
+        ),
+        (
+            "name = \"app\"\n",
+            "name = \"app\"\nsource_addresses = [\"localhost\"]\n",
+            "invalid source address",
+        ),
+        (
+            "name = \"app\"\n",
+            "name = \"app\"\nsource_addresses = [\"::1\"]\n",
+            "no source address of its family",
+        ),
+        (
+            "name = \"app\"\n",
+            "name = \"app\"\nsource_addresses = [\"10.0.0.0-10.1.0.0\"]\n",
+            "larger than",
+        ),
+    ] {
+        let text = MINIMAL.replacen(needle, replacement, 1);
+        let error = Config::parse("t.toml", &text).expect_err(replacement);
+        assert!(error.message.contains(message), "{replacement}: {error}");
+        assert!(error.line > 1, "{error}");
+    }
+}
+
+#[test]
+fn embedded_default_resolves() {
+    let config = Config::default_config().expect("embedded default is valid");
+    assert!(!config.listeners.is_empty());
+}
+
+#[test]
+fn printed_config_parses_back_to_the_same() {
+    let config = Config::default_config().expect("valid");
+    let printed = config.to_toml();
+    let again = Config::parse("printed", &printed).expect("printed config parses");
+    assert_eq!(config, again);
+}
+
+#[test]
+fn error_points_at_line_and_column() {
+    let text = MINIMAL.replace("127.0.0.1:9001", "nonsense");
+    let error = Config::parse("t.toml", &text).expect_err("bad addr");
+    assert_eq!((error.line, error.column), (9, 22), "{error}");
+    assert!(
+        error
+            .to_string()
+            .starts_with("t.toml:9:22: invalid address")
+    );
+}
+
+/// Mutated configs (bytes dropped, inserted, replaced) resolve or fail with a location
+/// inside the text; none panics.
+#[test]
+fn mutated_configs_never_panic() {
+    let seed_text = include_str!("../../systemd/ringproxy.toml");
+    let alphabet = b"[]{}=\",.:0123456789abcdefghijklmnopqrstuvwxyz_ \n#-";
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (mut accepted, mut rejected) = (0, 0);
+    for _ in 0..3000 {
+        let mut bytes = seed_text.as_bytes().to_vec();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() % bytes.len() as u64) as usize;
+            let byte = alphabet[(next() % alphabet.len() as u64) as usize];
+            match next() % 3 {
+                0 => {
+                    bytes.remove(at);
+                }
+                1 => bytes.insert(at, byte),
+                _ => bytes[at] = byte,
+            }
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        match Config::parse("fuzz.toml", &text) {
+            Ok(_) => accepted += 1,
+            Err(error) => {
+                rejected += 1;
+                let lines = text.lines().count().max(1);
+                assert!(
+                    error.line >= 1 && error.line <= lines + 1,
+                    "{error} in\n{text}"
+                );
+                assert!(!error.message.is_empty());
+            }
+        }
+    }
+    assert!(
+        accepted > 0 && rejected > 0,
+        "{accepted} accepted, {rejected} rejected"
+    );
+}
+
+#[test]
+fn profile_overlays_only_tuning() {
+    let mut config = Config::parse("t.toml", MINIMAL).expect("valid");
+    config
+        .apply_profile_text("p.toml", "[tuning]\nbuffer_size = 65536\n")
+        .expect("valid profile");
+    assert_eq!(config.tuning.buffer_size, 65536);
+    assert_eq!(config.tuning.ring_entries, Tuning::default().ring_entries);
+    let error = config
+        .apply_profile_text("p.toml", "[runtime]\nshards = 2\n")
+        .expect_err("profiles carry only [tuning]");
+    assert_eq!(error.line, 1);
+}

@@ -1,0 +1,454 @@
+//! `/metrics`: every shard's slot summed, plus the control thread's own figures (health
+//! checks, reloads, server states) and the standard `process_*` metrics, as Prometheus text.
+
+use super::state::Control;
+use super::status::{all_down, unix_seconds};
+use crate::metrics::names::*;
+use crate::metrics::render::Exposition;
+use crate::metrics::{CloseKind, ConnectErrorKind, Histogram, RejectKind, SESSION_BUCKETS};
+use crate::snapshot::ServerState;
+
+/// The build's commit, when the build knew it.
+const COMMIT: &str = match option_env!("RINGPROXY_COMMIT") {
+    Some(commit) => commit,
+    None => "unknown",
+};
+
+pub fn render(control: &Control) -> String {
+    let merged = control.merged();
+    let snapshot = &control.snapshot;
+    let mut out = Exposition::default();
+
+    out.family(BUILD_INFO, "gauge", "Build information (always 1).");
+    out.sample(
+        BUILD_INFO,
+        &[("version", env!("CARGO_PKG_VERSION")), ("commit", COMMIT)],
+        1.0,
+    );
+
+    out.family(
+        CONNECTIONS_ACCEPTED,
+        "counter",
+        "Client connections accepted, per listener.",
+    );
+    for listener in &snapshot.listeners {
+        let accepted = merged.listeners.get(&listener.id).map_or(0, |l| l.accepted);
+        out.sample(
+            CONNECTIONS_ACCEPTED,
+            &[("listener", &listener.name)],
+            accepted as f64,
+        );
+    }
+    out.family(
+        CONNECTIONS_REJECTED,
+        "counter",
+        "Client connections turned away before becoming a session, per listener and reason.",
+    );
+    for listener in &snapshot.listeners {
+        let counters = merged.listeners.get(&listener.id);
+        for (index, kind) in RejectKind::ALL.iter().enumerate() {
+            let count = counters.map_or(0, |c| c.rejected[index]);
+            out.sample(
+                CONNECTIONS_REJECTED,
+                &[("listener", &listener.name), ("reason", kind.name())],
+                count as f64,
+            );
+        }
+    }
+    out.family(
+        CONNECTIONS_ACTIVE,
+        "gauge",
+        "Sessions open now, per listener.",
+    );
+    for listener in &snapshot.listeners {
+        let active = merged.listeners.get(&listener.id).map_or(0, |l| l.active);
+        out.sample(
+            CONNECTIONS_ACTIVE,
+            &[("listener", &listener.name)],
+            f64::from(active),
+        );
+    }
+    out.family(
+        SESSIONS_CLOSED,
+        "counter",
+        "Sessions ended, per listener and reason (the reason names the side).",
+    );
+    for listener in &snapshot.listeners {
+        let counters = merged.listeners.get(&listener.id);
+        for (index, kind) in CloseKind::ALL.iter().enumerate() {
+            let count = counters.map_or(0, |c| c.closed[index]);
+            out.sample(
+                SESSIONS_CLOSED,
+                &[("listener", &listener.name), ("reason", kind.name())],
+                count as f64,
+            );
+        }
+    }
+    out.family(
+        SESSION_DURATION,
+        "histogram",
+        "Session durations, per listener.",
+    );
+    let empty_sessions = Histogram::new(&SESSION_BUCKETS);
+    for listener in &snapshot.listeners {
+        let histogram = merged
+            .listeners
+            .get(&listener.id)
+            .map_or(&empty_sessions, |l| &l.session_duration);
+        out.histogram(SESSION_DURATION, &[("listener", &listener.name)], histogram);
+    }
+    out.family(
+        LISTENER_BYTES,
+        "counter",
+        "Bytes relayed, per listener and direction.",
+    );
+    for listener in &snapshot.listeners {
+        let counters = merged.listeners.get(&listener.id);
+        out.sample(
+            LISTENER_BYTES,
+            &[
+                ("listener", &listener.name),
+                ("direction", "client_to_server"),
+            ],
+            counters.map_or(0, |c| c.bytes_client_to_server) as f64,
+        );
+        out.sample(
+            LISTENER_BYTES,
+            &[
+                ("listener", &listener.name),
+                ("direction", "server_to_client"),
+            ],
+            counters.map_or(0, |c| c.bytes_server_to_client) as f64,
+        );
+    }
+
+    out.family(
+        POOL_BYTES,
+        "counter",
+        "Bytes relayed, per pool and direction.",
+    );
+    for pool in &snapshot.pools {
+        let counters = merged.pools.get(&pool.id);
+        out.sample(
+            POOL_BYTES,
+            &[("pool", &pool.name), ("direction", "client_to_server")],
+            counters.map_or(0, |c| c.bytes_to_server) as f64,
+        );
+        out.sample(
+            POOL_BYTES,
+            &[("pool", &pool.name), ("direction", "server_to_client")],
+            counters.map_or(0, |c| c.bytes_to_client) as f64,
+        );
+    }
+    out.family(
+        POOL_CONNECT_DURATION,
+        "histogram",
+        "Time to connect to a server, per pool (successful connects).",
+    );
+    let empty_connects = Histogram::new(&crate::metrics::CONNECT_BUCKETS);
+    for pool in &snapshot.pools {
+        let histogram = merged
+            .pools
+            .get(&pool.id)
+            .map_or(&empty_connects, |p| &p.connect_time);
+        out.histogram(POOL_CONNECT_DURATION, &[("pool", &pool.name)], histogram);
+    }
+    out.family(
+        POOL_ALL_DOWN,
+        "gauge",
+        "1 when no server of the pool is up (new sessions then try the down ones anyway).",
+    );
+    for pool in &snapshot.pools {
+        out.sample(
+            POOL_ALL_DOWN,
+            &[("pool", &pool.name)],
+            f64::from(u8::from(all_down(pool))),
+        );
+    }
+
+    let servers: Vec<_> = snapshot
+        .pools
+        .iter()
+        .flat_map(|pool| pool.servers.iter().map(move |server| (pool, server)))
+        .collect();
+    out.family(
+        SERVER_SESSIONS_ACTIVE,
+        "gauge",
+        "Sessions on the server now.",
+    );
+    for (pool, server) in &servers {
+        let active = merged.servers.get(&server.id).map_or(0, |s| s.active);
+        out.sample(
+            SERVER_SESSIONS_ACTIVE,
+            &[("pool", &pool.name), ("server", &server.name)],
+            f64::from(active),
+        );
+    }
+    out.family(
+        SERVER_SESSIONS,
+        "counter",
+        "Sessions connected to the server.",
+    );
+    for (pool, server) in &servers {
+        let total = merged.servers.get(&server.id).map_or(0, |s| s.sessions);
+        out.sample(
+            SERVER_SESSIONS,
+            &[("pool", &pool.name), ("server", &server.name)],
+            total as f64,
+        );
+    }
+    out.family(
+        SERVER_STATE,
+        "gauge",
+        "The server's state: 1 for the state it is in, 0 for the others.",
+    );
+    for (pool, server) in &servers {
+        for state in ServerState::ALL {
+            out.sample(
+                SERVER_STATE,
+                &[
+                    ("pool", &pool.name),
+                    ("server", &server.name),
+                    ("state", state.name()),
+                ],
+                f64::from(u8::from(server.state == state)),
+            );
+        }
+    }
+    out.family(
+        SERVER_WEIGHT,
+        "gauge",
+        "The server's weight in effect (slow start applied).",
+    );
+    for (pool, server) in &servers {
+        out.sample(
+            SERVER_WEIGHT,
+            &[("pool", &pool.name), ("server", &server.name)],
+            server.effective_weight(),
+        );
+    }
+    out.family(
+        SERVER_CONNECT_ERRORS,
+        "counter",
+        "Failed connects to the server, by kind.",
+    );
+    for (pool, server) in &servers {
+        let counters = merged.servers.get(&server.id);
+        for (index, kind) in ConnectErrorKind::ALL.iter().enumerate() {
+            out.sample(
+                SERVER_CONNECT_ERRORS,
+                &[
+                    ("pool", &pool.name),
+                    ("server", &server.name),
+                    ("kind", kind.name()),
+                ],
+                counters.map_or(0, |c| c.connect_errors[index]) as f64,
+            );
+        }
+    }
+    out.family(
+        SERVER_PASSIVE_DOWN_SHARDS,
+        "gauge",
+        "Shards on which passive health (max_fails) skips the server now.",
+    );
+    for (pool, server) in &servers {
+        let shards = merged.servers.get(&server.id).map_or(0, |s| s.passive_down);
+        out.sample(
+            SERVER_PASSIVE_DOWN_SHARDS,
+            &[("pool", &pool.name), ("server", &server.name)],
+            f64::from(shards),
+        );
+    }
+    out.family(
+        SERVER_STATE_CHANGES,
+        "counter",
+        "State changes of the server (health checks and operators).",
+    );
+    for (pool, server) in &servers {
+        let changes = control
+            .health
+            .get(&server.id)
+            .map_or(0, |h| h.tracker.changes)
+            + control.admin_changes.get(&server.id).copied().unwrap_or(0);
+        out.sample(
+            SERVER_STATE_CHANGES,
+            &[("pool", &pool.name), ("server", &server.name)],
+            changes as f64,
+        );
+    }
+    out.family(
+        HEALTH_CHECKS,
+        "counter",
+        "Active health checks run, per server and result.",
+    );
+    for (pool, server) in &servers {
+        let Some(health) = control.health.get(&server.id) else {
+            continue;
+        };
+        for (result, count) in [
+            ("success", health.tracker.checks_ok),
+            ("failure", health.tracker.checks_failed),
+        ] {
+            out.sample(
+                HEALTH_CHECKS,
+                &[
+                    ("pool", &pool.name),
+                    ("server", &server.name),
+                    ("result", result),
+                ],
+                count as f64,
+            );
+        }
+    }
+    out.family(
+        HEALTH_CHECK_DURATION,
+        "gauge",
+        "How long the server's last health check took.",
+    );
+    for (pool, server) in &servers {
+        let Some((_, result)) = control
+            .health
+            .get(&server.id)
+            .and_then(|health| health.tracker.last.as_ref())
+        else {
+            continue;
+        };
+        out.sample(
+            HEALTH_CHECK_DURATION,
+            &[("pool", &pool.name), ("server", &server.name)],
+            result.duration.as_secs_f64(),
+        );
+    }
+
+    out.family(RELOADS, "counter", "Config reloads, by result.");
+    out.sample(
+        RELOADS,
+        &[("result", "success")],
+        control.reloads.succeeded as f64,
+    );
+    out.sample(
+        RELOADS,
+        &[("result", "failure")],
+        control.reloads.failed as f64,
+    );
+    out.family(
+        LAST_RELOAD_SUCCESS,
+        "gauge",
+        "When the config was last loaded successfully (the start counts).",
+    );
+    let last = control.reloads.last_success.unwrap_or(control.started);
+    out.sample(LAST_RELOAD_SUCCESS, &[], unix_seconds(last));
+    out.family(
+        CONFIG_GENERATION,
+        "gauge",
+        "The snapshot generation the proxy runs.",
+    );
+    out.sample(CONFIG_GENERATION, &[], snapshot.generation as f64);
+
+    out.family(
+        SHARD_BUFFER_STARVATION,
+        "counter",
+        "Receives that found the shard's buffer ring empty.",
+    );
+    for shard in &merged.shards {
+        let label = shard.shard.to_string();
+        out.sample(
+            SHARD_BUFFER_STARVATION,
+            &[("shard", &label)],
+            shard.stats.buffer_starvation as f64,
+        );
+    }
+    out.family(SHARD_LOOP_TURNS, "counter", "Loop turns of the shard.");
+    for shard in &merged.shards {
+        let label = shard.shard.to_string();
+        out.sample(
+            SHARD_LOOP_TURNS,
+            &[("shard", &label)],
+            shard.stats.loop_turns as f64,
+        );
+    }
+    out.family(SHARD_SESSIONS, "gauge", "Sessions the shard holds now.");
+    for shard in &merged.shards {
+        let label = shard.shard.to_string();
+        out.sample(SHARD_SESSIONS, &[("shard", &label)], shard.sessions as f64);
+    }
+    out.family(
+        SHARD_BUFFERS_FREE,
+        "gauge",
+        "Receive buffers of the shard's ring not in use.",
+    );
+    for shard in &merged.shards {
+        let label = shard.shard.to_string();
+        out.sample(
+            SHARD_BUFFERS_FREE,
+            &[("shard", &label)],
+            f64::from(shard.buffers_free),
+        );
+    }
+    out.family(
+        LOG_LINES_DROPPED,
+        "counter",
+        "Log lines dropped because the log writer's queue was full.",
+    );
+    out.sample(LOG_LINES_DROPPED, &[], (control.dropped_logs)() as f64);
+
+    process_metrics(&mut out);
+    out.finish()
+}
+
+/// The standard `process_*` metrics, read from /proc.
+fn process_metrics(out: &mut Exposition) {
+    let ticks = crate::uring::socket::clock_ticks();
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let field = |index: usize| -> f64 {
+        fields
+            .get(index)
+            .and_then(|value| value.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // In the fields after ')': state is 0, utime 11, stime 12, starttime 19, vsize 20, rss 21.
+    let cpu = (field(11) + field(12)) / ticks;
+    out.family(
+        PROCESS_CPU,
+        "counter",
+        "User and system CPU time spent, in seconds.",
+    );
+    out.sample(PROCESS_CPU, &[], cpu);
+    let page_size = crate::uring::socket::page_size();
+    out.family(
+        PROCESS_RESIDENT_MEMORY,
+        "gauge",
+        "Resident memory size in bytes.",
+    );
+    out.sample(PROCESS_RESIDENT_MEMORY, &[], field(21) * page_size);
+    out.family(
+        PROCESS_VIRTUAL_MEMORY,
+        "gauge",
+        "Virtual memory size in bytes.",
+    );
+    out.sample(PROCESS_VIRTUAL_MEMORY, &[], field(20));
+    let boot = std::fs::read_to_string("/proc/stat")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("btime ")?.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    out.family(
+        PROCESS_START_TIME,
+        "gauge",
+        "Start time of the process since the Unix epoch, in seconds.",
+    );
+    out.sample(PROCESS_START_TIME, &[], boot + field(19) / ticks);
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |entries| entries.count());
+    out.family(PROCESS_OPEN_FDS, "gauge", "Open file descriptors.");
+    out.sample(PROCESS_OPEN_FDS, &[], open as f64);
+    out.family(PROCESS_MAX_FDS, "gauge", "Maximum open file descriptors.");
+    out.sample(
+        PROCESS_MAX_FDS,
+        &[],
+        crate::uring::socket::open_file_limit() as f64,
+    );
+}

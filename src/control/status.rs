@@ -1,0 +1,226 @@
+//! `/status` and `/ready`: what the running proxy says about itself, as JSON.
+//!
+//! The skeleton is a contract later features extend and never rename: `generation`,
+//! `last_reload`, `shards`, `listeners`, `pools` (each with its `servers`).
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use super::state::{Control, ReloadRecord};
+use crate::metrics::{CloseKind, Merged, RejectKind};
+use crate::snapshot::{PoolSnapshot, ServerSnapshot, ServerState};
+
+pub fn unix_seconds(at: SystemTime) -> f64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |elapsed| elapsed.as_secs_f64())
+}
+
+fn reload_json(record: Option<&ReloadRecord>) -> Value {
+    match record {
+        None => Value::Null,
+        Some(record) => json!({
+            "at": unix_seconds(record.at),
+            "result": if record.ok { "success" } else { "failure" },
+            "error": record.error,
+            "pending_restart": record.pending_restart,
+            "generation": record.generation,
+            "duration_ms": record.duration_ms,
+        }),
+    }
+}
+
+/// A pool none of whose servers can take sessions normally (all down, or none up).
+pub fn all_down(pool: &PoolSnapshot) -> bool {
+    !pool
+        .servers
+        .iter()
+        .any(|server| server.state == ServerState::Up)
+}
+
+pub fn server_json(control: &Control, merged: &Merged, server: &ServerSnapshot) -> Value {
+    let counters = merged.servers.get(&server.id).cloned().unwrap_or_default();
+    let health = control.health.get(&server.id);
+    let reason = match server.state {
+        ServerState::Draining => "drained by an operator".to_string(),
+        ServerState::Maint => "maintenance set by an operator".to_string(),
+        ServerState::Removing => "deleted by an operator; waiting for its last session".to_string(),
+        ServerState::Up | ServerState::Down => health.map_or_else(
+            || "no health checks".to_string(),
+            |health| health.tracker.reason.clone(),
+        ),
+    };
+    let now = Instant::now();
+    let last_check = health
+        .and_then(|health| health.tracker.last.as_ref())
+        .map(|(at, result)| {
+            json!({
+                "result": if result.ok { "success" } else { "failure" },
+                "reason": result.reason,
+                "duration_ms": result.duration.as_secs_f64() * 1000.0,
+                "age_ms": now.saturating_duration_since(*at).as_millis() as u64,
+            })
+        });
+    let passive: Vec<Value> = merged
+        .shards
+        .iter()
+        .filter_map(|shard| {
+            let (_, counters) = shard.servers.iter().find(|(id, _)| *id == server.id)?;
+            Some(json!({
+                "shard": shard.shard,
+                "down": counters.passive_down > 0,
+                "connect_failures": counters.connect_errors_total(),
+            }))
+        })
+        .collect();
+    let changes = health.map_or(0, |health| health.tracker.changes)
+        + control.admin_changes.get(&server.id).copied().unwrap_or(0);
+    json!({
+        "name": server.name,
+        "addr": server.addr.to_string(),
+        "state": server.state.name(),
+        "reason": reason,
+        "backup": server.backup,
+        "weight": server.weight,
+        "effective_weight": server.effective_weight(),
+        "active": counters.active,
+        "total": counters.sessions,
+        "failures": counters.connect_errors_total(),
+        "connect_errors": {
+            "refused": counters.connect_errors[0],
+            "timeout": counters.connect_errors[1],
+            "other": counters.connect_errors[2],
+        },
+        "passive": passive,
+        "state_changes": changes,
+        "checks": health.map(|health| json!({
+            "success": health.tracker.checks_ok,
+            "failure": health.tracker.checks_failed,
+        })),
+        "last_check": last_check,
+    })
+}
+
+pub fn pool_json(control: &Control, merged: &Merged, pool: &PoolSnapshot) -> Value {
+    let config = control.config.pools.iter().find(|p| p.name == pool.name);
+    let down = all_down(pool);
+    json!({
+        "name": pool.name,
+        "balance": pool.balance.name(),
+        "health_checks": config.and_then(|p| p.health.as_ref()).map(|check| check.kind.name()),
+        "slow_start_ms": config.and_then(|p| p.slow_start).map(|d| d.as_millis() as u64),
+        "all_servers_down": down,
+        "note": if down {
+            Value::from("no server is up: new sessions try the servers that are down anyway (as NGINX does)")
+        } else {
+            Value::Null
+        },
+        "bytes_to_server": merged.pools.get(&pool.id).map_or(0, |p| p.bytes_to_server),
+        "bytes_to_client": merged.pools.get(&pool.id).map_or(0, |p| p.bytes_to_client),
+        "servers": pool.servers.iter().map(|server| server_json(control, merged, server)).collect::<Vec<_>>(),
+    })
+}
+
+pub fn status_json(control: &Control) -> Value {
+    let merged = control.merged();
+    let now = Instant::now();
+    let shards: Vec<Value> = merged
+        .shards
+        .iter()
+        .map(|shard| {
+            json!({
+                "id": shard.shard,
+                "generation": shard.generation,
+                "sessions": shard.sessions,
+                "loop_turns": shard.stats.loop_turns,
+                "completions": shard.stats.completions,
+                "buffer_starvation": shard.stats.buffer_starvation,
+                "buffers_free": shard.buffers_free,
+                "spills": shard.stats.spills,
+                "accepted": shard.stats.accepted,
+                "heartbeat_age_ms": now.saturating_duration_since(shard.at).as_millis() as u64,
+            })
+        })
+        .collect();
+    let listeners: Vec<Value> = control
+        .snapshot
+        .listeners
+        .iter()
+        .map(|listener| {
+            let counters = merged
+                .listeners
+                .get(&listener.id)
+                .cloned()
+                .unwrap_or_default();
+            let bound = control.listeners.get(&listener.id);
+            let rejected: serde_json::Map<String, Value> = RejectKind::ALL
+                .iter()
+                .zip(counters.rejected)
+                .map(|(kind, count)| (kind.name().to_string(), Value::from(count)))
+                .collect();
+            let closed: serde_json::Map<String, Value> = CloseKind::ALL
+                .iter()
+                .zip(counters.closed)
+                .map(|(kind, count)| (kind.name().to_string(), Value::from(count)))
+                .collect();
+            json!({
+                "name": listener.name,
+                "bind": bound.map_or(listener.bind, |b| b.addr).to_string(),
+                "pool": control.snapshot.pool(listener.pool).map(|p| p.name.clone()),
+                "active": counters.active,
+                "accepted": counters.accepted,
+                "rejected": counters.rejected_total(),
+                "rejected_by_reason": rejected,
+                "closed_by_reason": closed,
+                "bytes_client_to_server": counters.bytes_client_to_server,
+                "bytes_server_to_client": counters.bytes_server_to_client,
+                "per_shard_accepted": merged.per_shard_accepted(listener.id),
+                "bound_on_every_shard": merged.bound_everywhere(listener.id, control.shards),
+                "max_connections": listener.max_connections.get(),
+                "log": listener.log,
+            })
+        })
+        .collect();
+    let pools: Vec<Value> = control
+        .snapshot
+        .pools
+        .iter()
+        .map(|pool| pool_json(control, &merged, pool))
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "generation": control.snapshot.generation,
+        "started": unix_seconds(control.started),
+        "draining": control.draining,
+        "last_reload": reload_json(control.reloads.last.as_ref()),
+        "reloads": {"success": control.reloads.succeeded, "failure": control.reloads.failed},
+        "pending_restart": control.pending_restart,
+        "shards": shards,
+        "listeners": listeners,
+        "pools": pools,
+    })
+}
+
+/// Why the proxy is not ready (empty: ready): every listener bound on every shard, and every
+/// pool with a server that is up.
+pub fn not_ready_reasons(control: &Control) -> Vec<String> {
+    let merged = control.merged();
+    let mut reasons = Vec::new();
+    if control.draining {
+        reasons.push("draining for shutdown".to_string());
+    }
+    for listener in &control.snapshot.listeners {
+        if !merged.bound_everywhere(listener.id, control.shards) {
+            reasons.push(format!(
+                "listener {:?} is not bound on every shard yet",
+                listener.name
+            ));
+        }
+    }
+    for pool in &control.snapshot.pools {
+        if all_down(pool) {
+            reasons.push(format!("pool {:?} has no server up", pool.name));
+        }
+    }
+    reasons
+}

@@ -1,0 +1,437 @@
+//! The shard's listeners: their sockets (added and removed as the config changes), multishot
+//! accepts, admission of each accepted connection, and the drain at shutdown.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::Instant;
+
+use tracing::{debug, info, warn};
+
+use super::super::log_limit::{self, Verdict};
+use super::{ACCEPT_BACKOFF, CUT_GRACE, IGNORED, Op, Shard, user_data};
+use crate::admission::{self, Admission, RejectReason, shard_share};
+use crate::balance::client_key;
+use crate::metrics::{CloseKind, RejectKind};
+use crate::relay::{CloseMode, Limits, Relay};
+use crate::runtime::session::{GENERATION_MASK, Session};
+use crate::snapshot::ListenerId;
+use crate::uring::{Completion, socket};
+
+/// Accept errors in a row (each re-armed at once) before accepting backs off anyway.
+const ACCEPT_ERRORS_BEFORE_BACKOFF: u32 = 64;
+/// Log-limiter kind of accept failures.
+const LOG_ACCEPT_FAILED: u8 = 2;
+/// Multishot accepts are used while more sessions fit than the listen backlog plus this could
+/// deliver at once.
+const ACCEPT_MARGIN: usize = 64;
+/// Single accepts in flight per listener, near the descriptor room.
+const ACCEPT_BATCH: usize = 16;
+
+pub(super) struct ShardListener {
+    pub id: ListenerId,
+    /// Tells this listener's accept completions from those of an earlier one in the same slot.
+    pub generation: u32,
+    pub fd: Option<OwnedFd>,
+    /// Its counters' slot (`Counters::listeners`).
+    pub counters: usize,
+    /// This shard's share of the listener's max_connections.
+    pub share: u32,
+    /// A multishot accept is armed.
+    pub multishot: bool,
+    /// Single accepts armed (near the descriptor room).
+    pub singles: u32,
+    /// When accepting paused (accept errors), when to try again.
+    pub retry_at: Option<Instant>,
+    /// Accept errors since the last accepted connection.
+    pub errors_in_a_row: u32,
+}
+
+impl Shard {
+    /// Takes this shard's socket of listener `id` (replacing the socket it had for it, if any:
+    /// a reload moved the listener to another address). Returns its slot.
+    pub(super) fn add_listener(&mut self, id: ListenerId, fd: OwnedFd) -> usize {
+        self.remove_listener(id);
+        let counters = self.counters.listeners.slot(id);
+        if let Some(listener) = self.counters.listeners.get_mut(counters) {
+            listener.bound = true;
+        }
+        self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
+        let key = self.listeners.insert(ShardListener {
+            id,
+            generation: self.next_generation,
+            fd: Some(fd),
+            counters,
+            share: 0,
+            multishot: false,
+            singles: 0,
+            retry_at: None,
+            errors_in_a_row: 0,
+        });
+        self.update_listener_shares();
+        key
+    }
+
+    /// Closes this shard's socket of listener `id`; its sessions carry on.
+    pub(super) fn remove_listener(&mut self, id: ListenerId) {
+        let Some(key) = self
+            .listeners
+            .iter()
+            .find(|(_, listener)| listener.id == id)
+            .map(|(key, _)| key)
+        else {
+            return;
+        };
+        let listener = self.listeners.remove(key);
+        if let Some(counters) = self.counters.listeners.get_mut(listener.counters) {
+            counters.bound = false;
+        }
+        if let Some(fd) = listener.fd {
+            let _ = self.ring.cancel_fd(fd.as_raw_fd(), IGNORED);
+            let _ = self.ring.close(fd, IGNORED, true);
+        }
+    }
+
+    /// Each listener's share of its connection limit, from the current snapshot.
+    pub(super) fn update_listener_shares(&mut self) {
+        for (_, listener) in &mut self.listeners {
+            if let Some(config) = self.snapshot.listener(listener.id) {
+                listener.share = shard_share(config.max_connections.get(), self.index, self.shards);
+            }
+        }
+    }
+
+    /// Arms accepts on a listener, as many as the shard has room for. With plenty of room (more
+    /// than the listen backlog could deliver at once), one multishot accept; close to the
+    /// room, single accepts, at most as many in flight as sessions still fit. A multishot
+    /// accept takes every queued connection in one go, and each takes a descriptor: near the
+    /// descriptor limit that would leave none for the server sides.
+    pub(super) fn arm_accept(&mut self, key: usize) {
+        if self.paused_for_room || self.draining_until.is_some() {
+            return;
+        }
+        let free = self.descriptor_room.saturating_sub(self.sessions.len());
+        if free == 0 {
+            self.pause_for_room();
+            return;
+        }
+        let singles_in_flight: usize = self
+            .listeners
+            .iter()
+            .map(|(_, listener)| listener.singles as usize)
+            .sum();
+        let Some(listener) = self.listeners.get_mut(key) else {
+            return;
+        };
+        let Some(fd) = &listener.fd else {
+            return;
+        };
+        if listener.retry_at.is_some() {
+            return;
+        }
+        let raw = fd.as_raw_fd();
+        let backlog = self
+            .snapshot
+            .listener(listener.id)
+            .map_or(4096, |config| config.backlog as usize);
+        if free > backlog + ACCEPT_MARGIN {
+            if !listener.multishot && listener.singles == 0 {
+                listener.multishot = true;
+                let data = user_data(Op::Accept, key, listener.generation);
+                let _ = self.ring.accept_multishot(raw, data);
+            }
+            return;
+        }
+        if listener.multishot {
+            // Room is getting short: switch to single accepts once the multishot one ends.
+            let target = user_data(Op::Accept, key, listener.generation);
+            let _ = self.ring.cancel(target, IGNORED);
+            return;
+        }
+        let budget = free
+            .saturating_sub(singles_in_flight)
+            .min(ACCEPT_BATCH.saturating_sub(listener.singles as usize));
+        for _ in 0..budget {
+            listener.singles += 1;
+            let data = user_data(Op::AcceptOnce, key, listener.generation);
+            let _ = self.ring.accept(raw, data);
+        }
+    }
+
+    /// Cancels every accept in flight on a listener (their completions report ECANCELED).
+    fn cancel_accepts(&mut self, key: usize) {
+        if let Some(fd) = self.listeners.get(key).and_then(|l| l.fd.as_ref()) {
+            let _ = self.ring.cancel_fd(fd.as_raw_fd(), IGNORED);
+        }
+    }
+
+    /// The shard is at its descriptor room: stop accepting (clients wait in the backlog) until
+    /// sessions end.
+    fn pause_for_room(&mut self) {
+        if self.paused_for_room {
+            return;
+        }
+        self.paused_for_room = true;
+        warn!(
+            shard = self.index,
+            sessions = self.sessions.len(),
+            "out of descriptors for more sessions: accepting pauses until sessions end"
+        );
+        let keys: Vec<usize> = self.listeners.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.cancel_accepts(key);
+        }
+    }
+
+    /// Sessions ended: accept again if accepting paused for lack of descriptors.
+    pub(super) fn resume_if_room(&mut self) {
+        if !self.paused_for_room || self.sessions.len() >= self.descriptor_room {
+            return;
+        }
+        self.paused_for_room = false;
+        let keys: Vec<usize> = self.listeners.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.arm_accept(key);
+        }
+    }
+
+    pub(super) fn retry_accepts(&mut self) {
+        let due: Vec<usize> = self
+            .listeners
+            .iter()
+            .filter(|(_, listener)| listener.retry_at.is_some_and(|at| self.now >= at))
+            .map(|(key, _)| key)
+            .collect();
+        for key in due {
+            self.listeners[key].retry_at = None;
+            self.arm_accept(key);
+        }
+    }
+
+    /// Stops accepting for `ACCEPT_BACKOFF` (the accepts are cancelled; `retry_accepts`
+    /// re-arms them).
+    pub(super) fn pause_accepts(&mut self) {
+        let resume = self.now + ACCEPT_BACKOFF;
+        let keys: Vec<usize> = self.listeners.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            if self.listeners[key].retry_at.is_none() {
+                self.cancel_accepts(key);
+            }
+            self.listeners[key].retry_at = Some(resume);
+        }
+    }
+
+    pub(super) fn on_accept(
+        &mut self,
+        key: usize,
+        generation: u32,
+        single: bool,
+        completion: &mut Completion,
+    ) {
+        let tick = self.now_tick;
+        let current = self
+            .listeners
+            .get(key)
+            .is_some_and(|listener| listener.generation == generation);
+        if !current {
+            // The listener was removed (a reload) while an accept was in flight: a connection
+            // it still took is closed at once.
+            drop(completion.accepted_fd());
+            return;
+        }
+        let listener = &mut self.listeners[key];
+        if single {
+            listener.singles = listener.singles.saturating_sub(1);
+        } else if !completion.more() {
+            listener.multishot = false;
+        }
+        let Some(client) = completion.accepted_fd() else {
+            let errno = -completion.result();
+            if errno == libc::ECANCELED {
+                // Cancelled to switch modes or to pause: arm again if that is due.
+                self.arm_accept(key);
+                return;
+            }
+            self.stats.accept_errors += 1;
+            listener.errors_in_a_row += 1;
+            let error = io::Error::from_raw_os_error(errno);
+            // A client that reset before it was accepted is its own problem; anything else
+            // (no descriptors, no memory, a broken listener) backs off instead of spinning.
+            let transient = matches!(errno, libc::ECONNABORTED | libc::EINTR | libc::EAGAIN)
+                && listener.errors_in_a_row < ACCEPT_ERRORS_BEFORE_BACKOFF;
+            let name = self
+                .snapshot
+                .listener(listener.id)
+                .map_or("?", |config| config.name.as_str());
+            if transient {
+                debug!(shard = self.index, listener = %name, %error, "accept error");
+                self.arm_accept(key);
+            } else {
+                if let Verdict::Log { suppressed } = self
+                    .logs
+                    .check(log_limit::key(LOG_ACCEPT_FAILED, key, 0), tick)
+                {
+                    warn!(shard = self.index, listener = %name, %error, suppressed, "accept failed; pausing accepts for 100ms");
+                }
+                listener.retry_at = Some(self.now + ACCEPT_BACKOFF);
+                self.cancel_accepts(key);
+            }
+            return;
+        };
+        listener.errors_in_a_row = 0;
+        let counters_slot = listener.counters;
+        let share = listener.share;
+        let id = listener.id;
+        let active = self
+            .counters
+            .listeners
+            .get(counters_slot)
+            .map_or(0, |counters| counters.active);
+        if self.sessions.len() >= self.descriptor_room {
+            // Accepted in the same batch as the one that filled the room: there is no
+            // descriptor for its server side, so it is closed now rather than later.
+            self.pause_for_room();
+            self.stats.rejected += 1;
+            if let Some(counters) = self.counters.listeners.get_mut(counters_slot) {
+                counters.reject(RejectKind::ProcessFull);
+            }
+            drop(client);
+            return;
+        }
+        match admission::admit(active, share, self.draining_until.is_some()) {
+            Admission::Reject(reason) => {
+                self.stats.rejected += 1;
+                let kind = match reason {
+                    RejectReason::ListenerFull => {
+                        self.stats.rejected_full += 1;
+                        RejectKind::ListenerFull
+                    }
+                    RejectReason::Draining => RejectKind::Draining,
+                };
+                if let Some(counters) = self.counters.listeners.get_mut(counters_slot) {
+                    counters.reject(kind);
+                }
+                debug!(shard = self.index, ?reason, "connection rejected");
+                // Never seen by the ring: closed here, at once.
+                drop(client);
+            }
+            Admission::Accept => self.start_session(id, counters_slot, client),
+        }
+        // Top up single accepts, re-arm a multishot one the kernel ended, or pause.
+        self.arm_accept(key);
+    }
+
+    fn start_session(&mut self, listener: ListenerId, counters_slot: usize, client: OwnedFd) {
+        let Some(config) = self.snapshot.listener(listener) else {
+            drop(client);
+            return;
+        };
+        let pool = config.pool;
+        let limits = Limits {
+            queued_buffers: self.tuning.queued_buffers as usize,
+            buffer_size: self.tuning.buffer_size as usize,
+            idle_ticks: super::ticks(config.idle_timeout),
+            write_ticks: super::ticks(config.write_timeout),
+        };
+        let log = config.log;
+        // TCP_NODELAY and keepalive are inherited from the listening socket (`listener::bind`).
+        let needs_address = self
+            .snapshot
+            .pool(pool)
+            .is_some_and(|pool| pool.balance.needs_client_address());
+        let key = if needs_address {
+            socket::peer_ip(client.as_fd()).map(client_key).unwrap_or(0)
+        } else {
+            0
+        };
+        self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
+        let tick = self.now_tick;
+        let pool_counters = self.counters.pools.slot(pool);
+        self.counters.pools.hold(pool_counters);
+        self.counters.listeners.hold(counters_slot);
+        if let Some(counters) = self.counters.listeners.get_mut(counters_slot) {
+            counters.accepted += 1;
+            counters.active += 1;
+        }
+        let session = Session {
+            generation: self.next_generation,
+            listener,
+            listener_counters: counters_slot,
+            pool,
+            pool_counters,
+            client,
+            server: None,
+            server_ref: None,
+            tried: Default::default(),
+            attempts: 0,
+            client_key: key,
+            connecting: false,
+            log,
+            started_us: self.now_us,
+            connect_started_us: 0,
+            connect_us: None,
+            socket_retries: 0,
+            closing: false,
+            close_mode: CloseMode::Graceful,
+            close_kind: None,
+            relay: Relay::new(limits, tick),
+            timer: None,
+        };
+        let index = self.sessions.insert(session);
+        self.stats.accepted += 1;
+        self.arm_timer(index);
+        self.connect_next(index);
+        self.finish_if_done(index);
+    }
+
+    pub(super) fn begin_drain(&mut self) {
+        if self.draining_until.is_some() {
+            return;
+        }
+        self.draining_until = Some(self.now + self.snapshot.config.runtime.drain_timeout);
+        info!(
+            shard = self.index,
+            sessions = self.sessions.len(),
+            "draining: listeners closed"
+        );
+        let ids: Vec<ListenerId> = self.listeners.iter().map(|(_, l)| l.id).collect();
+        for id in ids {
+            self.remove_listener(id);
+        }
+    }
+
+    /// Returns true when the shard may exit.
+    pub(super) fn drain_progress(&mut self) -> bool {
+        let Some(deadline) = self.draining_until else {
+            return false;
+        };
+        if self.sessions.is_empty() {
+            return true;
+        }
+        if self.now >= deadline && self.cut_at.is_none() {
+            self.cut_at = Some(self.now);
+            let remaining: Vec<usize> = self.sessions.iter().map(|(index, _)| index).collect();
+            if !remaining.is_empty() {
+                warn!(
+                    shard = self.index,
+                    sessions = remaining.len(),
+                    "drain timeout: cutting remaining sessions"
+                );
+            }
+            for index in remaining {
+                self.close_session(index, CloseMode::ResetBoth, CloseKind::DrainCut);
+                self.finish_if_done(index);
+            }
+        }
+        if let Some(cut_at) = self.cut_at
+            && self.now >= cut_at + CUT_GRACE
+        {
+            warn!(
+                shard = self.index,
+                sessions = self.sessions.len(),
+                "sessions did not finish closing; exiting anyway"
+            );
+            return true;
+        }
+        false
+    }
+}

@@ -1,0 +1,236 @@
+//! Choosing a server for a session and connecting to it: the balancer's pick, source address
+//! binding, the connect with its timeout, and retries on other servers.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+
+use tracing::{debug, warn};
+
+use super::super::log_limit::{self, Verdict};
+use super::{ACCEPT_BACKOFF, IGNORED, Op, Shard, user_data};
+use crate::metrics::{CloseKind, ConnectErrorKind};
+use crate::relay::CloseMode;
+use crate::runtime::session::ServerRef;
+use crate::uring::socket;
+
+/// How often a session retries creating its server socket when memory ran short (every
+/// `ACCEPT_BACKOFF`, so for about 2 s) before its client is closed.
+const SOCKET_RETRIES: u8 = 20;
+/// Log-limiter kinds.
+const LOG_CONNECT_FAILED: u8 = 1;
+const LOG_SOCKET_FAILED: u8 = 3;
+
+impl Shard {
+    fn next_source(&mut self, position: usize, target: &SocketAddr) -> Option<IpAddr> {
+        let sources = &self.snapshot.pools[position].source_addresses;
+        if sources.is_empty() {
+            return None;
+        }
+        let cursor = &mut self.source_cursor[position];
+        for _ in 0..sources.len() {
+            let source = sources[*cursor % sources.len()];
+            *cursor = cursor.wrapping_add(1);
+            if source.is_ipv4() == target.is_ipv4() {
+                return Some(source);
+            }
+        }
+        None
+    }
+
+    /// Picks a server the session has not tried and starts connecting to it; closes the session
+    /// when there is none.
+    pub(super) fn connect_next(&mut self, index: usize) {
+        let now_ms = self.now_ms;
+        let tick = self.now_tick;
+        let session = &mut self.sessions[index];
+        let Some(position) = self.snapshot.pool_position(session.pool) else {
+            // The pool left the config (a reload) before this session was connected.
+            self.stats.no_server += 1;
+            debug!(shard = self.index, "pool removed while connecting");
+            self.close_session(index, CloseMode::Graceful, CloseKind::ConnectFailed);
+            return;
+        };
+        let balancer = &mut self.balancers[position];
+        let Some(server) = balancer.pick(session.client_key, session.tried, now_ms) else {
+            self.stats.no_server += 1;
+            let pool = &self.snapshot.pools[position];
+            debug!(shard = self.index, pool = %pool.name, attempts = session.attempts, "no server available");
+            self.close_session(index, CloseMode::Graceful, CloseKind::ConnectFailed);
+            return;
+        };
+        let pool = std::sync::Arc::clone(&self.snapshot.pools[position]);
+        let target = &pool.servers[server];
+        let addr = target.addr;
+        let server_id = target.id;
+        let source = self.next_source(position, &addr);
+        let server_fd = match socket::tcp_socket(&addr, source, &pool.tcp) {
+            Ok(fd) => fd,
+            Err(error) => {
+                self.stats.local_errors += 1;
+                if let Verdict::Log { suppressed } = self.logs.check(
+                    log_limit::key(LOG_SOCKET_FAILED, pool.id.0 as usize, server_id.0 as usize),
+                    tick,
+                ) {
+                    warn!(shard = self.index, pool = %pool.name, server = %addr, ?source, %error, suppressed, "cannot create a server socket");
+                }
+                let session = &mut self.sessions[index];
+                // Waiting for a descriptor deadlocks when every descriptor is held by clients
+                // waiting the same way, so only memory shortage (ENOBUFS/ENOMEM) is waited
+                // out (accepting pauses meanwhile); out of descriptors, the client is closed.
+                let transient = matches!(error.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM));
+                if transient && session.socket_retries < SOCKET_RETRIES {
+                    session.socket_retries += 1;
+                    let generation = session.generation;
+                    self.connect_retry
+                        .push_back((index, generation, self.now + ACCEPT_BACKOFF));
+                    self.pause_accepts();
+                } else {
+                    self.close_session(index, CloseMode::Graceful, CloseKind::LocalError);
+                }
+                return;
+            }
+        };
+        let raw = server_fd.as_raw_fd();
+        let counters = self.counters.servers.slot(server_id);
+        self.counters.servers.hold(counters);
+        let session = &mut self.sessions[index];
+        self.balancers[position].acquire(server);
+        session.server_ref = Some(ServerRef {
+            id: server_id,
+            index: server,
+            counters,
+        });
+        session.server = Some(server_fd);
+        session.tried.insert(server);
+        session.attempts += 1;
+        session.connecting = true;
+        session.connect_started_us = self.now_us;
+        let connect_data = user_data(Op::Connect, index, session.generation);
+        let _ = self
+            .ring
+            .connect(raw, addr, pool.connect_timeout, connect_data, IGNORED);
+    }
+
+    /// Sessions that waited for memory try their connect again.
+    pub(super) fn retry_connects(&mut self) {
+        while let Some(&(index, generation, at)) = self.connect_retry.front() {
+            if self.now < at {
+                break;
+            }
+            self.connect_retry.pop_front();
+            let current = self
+                .sessions
+                .get(index)
+                .is_some_and(|session| session.generation == generation && !session.closing);
+            if current {
+                self.connect_next(index);
+                self.finish_if_done(index);
+            }
+        }
+    }
+
+    /// Releases the server a session occupies in its pool's balancer (and its counters).
+    pub(super) fn release_server(&mut self, index: usize) {
+        let Some(session) = self.sessions.get_mut(index) else {
+            return;
+        };
+        let Some(server) = session.server_ref.take() else {
+            return;
+        };
+        self.counters.servers.unhold(server.counters);
+        if let Some(position) = self.snapshot.pool_position(session.pool) {
+            let balancer = &mut self.balancers[position];
+            if let Some(at) = balancer.position(server.id, server.index) {
+                balancer.release(at);
+            }
+        }
+    }
+
+    pub(super) fn on_connect(&mut self, index: usize, result: i32) {
+        let now_ms = self.now_ms;
+        let tick = self.now_tick;
+        let session = &mut self.sessions[index];
+        session.connecting = false;
+        if session.closing {
+            return;
+        }
+        let Some(server) = session.server_ref else {
+            return;
+        };
+        let position = self.snapshot.pool_position(session.pool);
+        let at = position.and_then(|position| {
+            let balancer = &self.balancers[position];
+            balancer
+                .position(server.id, server.index)
+                .map(|at| (position, at))
+        });
+        if result == 0 {
+            let took = self.now_us.saturating_sub(session.connect_started_us);
+            session.connect_us = Some(u32::try_from(took).unwrap_or(u32::MAX));
+            if let Some((position, at)) = at {
+                self.balancers[position].record_success(at);
+            }
+            if let Some(counters) = self.counters.servers.get_mut(server.counters) {
+                counters.sessions += 1;
+            }
+            if let Some(counters) = self.counters.pools.get_mut(session.pool_counters) {
+                counters
+                    .connect_time
+                    .record(std::time::Duration::from_micros(took));
+            }
+            let mut actions = std::mem::take(&mut self.actions);
+            session.relay.start(&mut actions);
+            self.execute(index, &mut actions);
+            self.actions = actions;
+            return;
+        }
+        let errno = if result == -libc::ECANCELED {
+            libc::ETIMEDOUT
+        } else {
+            -result
+        };
+        let error = io::Error::from_raw_os_error(errno);
+        self.stats.connect_failures += 1;
+        if let Some(counters) = self.counters.servers.get_mut(server.counters) {
+            counters.connect_error(ConnectErrorKind::from_errno(errno));
+        }
+        let mut was_down = false;
+        if let Some((position, at)) = at {
+            let balancer = &mut self.balancers[position];
+            balancer.record_failure(at, now_ms);
+            was_down = balancer.is_down(at, now_ms);
+        }
+        self.release_server(index);
+        let session = &mut self.sessions[index];
+        if let Some(fd) = session.server.take() {
+            let _ = self.ring.close(fd, IGNORED, true);
+        }
+        let attempts = session.attempts;
+        let Some(pool) =
+            position.map(|position| std::sync::Arc::clone(&self.snapshot.pools[position]))
+        else {
+            self.close_session(index, CloseMode::Graceful, CloseKind::ConnectFailed);
+            return;
+        };
+        let addr = pool.server(server.id).map(|server| server.addr);
+        if was_down {
+            if let Verdict::Log { suppressed } = self.logs.check(
+                log_limit::key(LOG_CONNECT_FAILED, pool.id.0 as usize, server.id.0 as usize),
+                tick,
+            ) {
+                warn!(shard = self.index, pool = %pool.name, server = ?addr, %error, suppressed, "server marked down after connect failures");
+            }
+        } else {
+            debug!(shard = self.index, pool = %pool.name, server = ?addr, %error, "connect failed");
+        }
+        if attempts <= pool.retries {
+            self.stats.retries += 1;
+            self.connect_next(index);
+        } else {
+            self.stats.no_server += 1;
+            debug!(shard = self.index, pool = %pool.name, attempts, "giving up on this session");
+            self.close_session(index, CloseMode::Graceful, CloseKind::ConnectFailed);
+        }
+    }
+}
