@@ -139,10 +139,16 @@ impl ServerSlot {
         slot
     }
 
-    /// Takes the server's new settings; keeps what this shard learned (load, failures).
+    /// Takes the server's new settings; keeps what this shard learned (load, failures), except
+    /// that a server the health checks just brought back up is no longer skipped for the
+    /// connect failures this shard saw while it was down: the checks know better.
     fn update(&mut self, server: &ServerSnapshot) {
         self.weight = i64::from(server.weight) * i64::from(server.ramp.clamp(1, FULL_RAMP));
         self.backup = server.backup;
+        if self.state != ServerState::Up && server.state == ServerState::Up {
+            self.recent_failures = 0;
+            self.down_until_ms = 0;
+        }
         self.state = server.state;
         self.max_connections = server.max_connections.map_or(0, |limit| limit.get());
     }

@@ -360,8 +360,10 @@ async fn housekeeping(shared: Shared) {
         let now = Instant::now();
         let mut control = shared.borrow_mut();
         control.collect_removed();
+        let ramps_before = control.ramps.len();
         if control.ramping(now)
-            && now.duration_since(last_ramp_publish) >= Duration::from_millis(500)
+            && (now.duration_since(last_ramp_publish) >= Duration::from_millis(500)
+                || control.ramps.len() < ramps_before)
         {
             last_ramp_publish = now;
             control.publish();

@@ -332,9 +332,10 @@ impl Control {
         true
     }
 
-    /// Slow start: whether a ramp is in progress (the caller republishes while it is), after
-    /// dropping finished ramps.
+    /// Slow start: whether a ramp is in progress or just ended (the caller republishes then,
+    /// so the final full weight reaches the shards), after dropping finished ramps.
     pub fn ramping(&mut self, now: Instant) -> bool {
+        let before = self.ramps.len();
         let config = Arc::clone(&self.config);
         let snapshot = Arc::clone(&self.snapshot);
         self.ramps.retain(|id, began| {
@@ -348,7 +349,7 @@ impl Control {
             });
             slow_start.is_some_and(|slow_start| now.saturating_duration_since(*began) < slow_start)
         });
-        !self.ramps.is_empty()
+        !self.ramps.is_empty() || self.ramps.len() != before
     }
 
     /// Starts a server's slow-start ramp if its pool has one.

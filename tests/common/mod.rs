@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod admin;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_ringproxy");
 
 /// Polls `condition` until it holds or `timeout` passes.
@@ -33,8 +35,21 @@ pub struct Proxy {
     child: Child,
     pub listeners: HashMap<String, SocketAddr>,
     logs: Arc<Mutex<Vec<serde_json::Value>>>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
+    config_path: std::path::PathBuf,
     exit: Option<ExitStatus>,
+}
+
+/// How to start a proxy beyond its config text.
+#[derive(Default, Clone)]
+pub struct Launch {
+    /// RLIMIT_NOFILE (soft and hard) in the child only.
+    pub nofile: Option<u64>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Use (and overwrite) this config file instead of one in a fresh temporary directory, so
+    /// a second proxy can start on the same file, and reloads can rewrite it.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 impl Proxy {
@@ -52,9 +67,31 @@ impl Proxy {
         Self::try_start_with(config, None)
     }
 
+    pub fn launch(config: &str, launch: Launch) -> Proxy {
+        Self::try_launch(config, launch)
+            .unwrap_or_else(|error| panic!("proxy did not start: {error}"))
+    }
+
     fn try_start_with(config: &str, nofile: Option<u64>) -> Result<Proxy, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let path = dir.path().join("ringproxy.toml");
+        Self::try_launch(
+            config,
+            Launch {
+                nofile,
+                ..Launch::default()
+            },
+        )
+    }
+
+    pub fn try_launch(config: &str, launch: Launch) -> Result<Proxy, String> {
+        let nofile = launch.nofile;
+        let (dir, path) = match &launch.config_path {
+            Some(path) => (None, path.clone()),
+            None => {
+                let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+                let path = dir.path().join("ringproxy.toml");
+                (Some(dir), path)
+            }
+        };
         std::fs::write(&path, config).map_err(|e| e.to_string())?;
         let mut command = Command::new(BIN);
         command
@@ -67,6 +104,9 @@ impl Proxy {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        for (key, value) in &launch.env {
+            command.env(key, value);
+        }
         if let Some(limit) = nofile {
             // SAFETY: the closure runs in the forked child before exec and calls only
             // setrlimit, which is async-signal-safe; lowering a limit is always allowed.
@@ -100,6 +140,7 @@ impl Proxy {
             listeners: HashMap::new(),
             logs,
             _dir: dir,
+            config_path: path,
             exit: None,
         };
         let ready = wait_for(Duration::from_secs(10), || {
@@ -135,6 +176,36 @@ impl Proxy {
     /// The address of the listener named "front" (the usual single listener).
     pub fn addr(&self) -> SocketAddr {
         self.listeners["front"]
+    }
+
+    /// The admin API's address (from its `admin API ready` log line).
+    pub fn admin(&self) -> SocketAddr {
+        wait_for(Duration::from_secs(5), || self.admin_addr().is_some());
+        self.admin_addr().expect("the admin API is up")
+    }
+
+    fn admin_addr(&self) -> Option<SocketAddr> {
+        self.logs()
+            .iter()
+            .find(|line| line["fields"]["message"] == "admin API ready")
+            .and_then(|line| line["fields"]["addr"].as_str()?.parse().ok())
+    }
+
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config_path
+    }
+
+    /// Rewrites the config file (for a reload).
+    pub fn rewrite_config(&self, text: &str) {
+        std::fs::write(&self.config_path, text).expect("rewrite the config");
+    }
+
+    /// Log lines with this message.
+    pub fn logs_with(&self, message: &str) -> Vec<serde_json::Value> {
+        self.logs()
+            .into_iter()
+            .filter(|line| line["fields"]["message"] == message)
+            .collect()
     }
 
     pub fn pid(&self) -> i32 {
@@ -251,6 +322,9 @@ pub enum Behaviour {
     ResetAfterRead,
     /// Accept and never read nor write, until the server is dropped.
     Silent,
+    /// Read once, answer with these bytes, then wait for the client to close (a health-check
+    /// target: `pong`, an HTTP status line).
+    Reply(&'static [u8]),
 }
 
 /// A test server on an ephemeral loopback port. Stops accepting (and frees its port) on drop.
@@ -267,7 +341,22 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(behaviour: Behaviour) -> TestServer {
-        let listener = listen_loopback(4096);
+        Self::serve(listen_loopback(4096), behaviour)
+    }
+
+    /// On a given address (SO_REUSEADDR, so a server can come back on the port it had).
+    pub fn start_at(addr: SocketAddr, behaviour: Behaviour) -> TestServer {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_reuse_address(true).expect("reuseaddr");
+        socket
+            .bind(&addr.into())
+            .expect("bind the server's address again");
+        socket.listen(4096).expect("listen");
+        Self::serve(socket.into(), behaviour)
+    }
+
+    fn serve(listener: TcpListener, behaviour: Behaviour) -> TestServer {
         let addr = listener.local_addr().expect("local addr");
         let accepted = Arc::new(AtomicU64::new(0));
         let active = Arc::new(AtomicU64::new(0));
@@ -372,6 +461,14 @@ fn serve(
             let _ = stream.read(&mut first);
             let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
             drop(stream);
+        }
+        Behaviour::Reply(answer) => {
+            let mut request = [0u8; 4096];
+            if matches!(stream.read(&mut request), Ok(n) if n > 0)
+                && stream.write_all(answer).is_ok()
+            {
+                let _ = stream.read(&mut request);
+            }
         }
         Behaviour::Silent => {
             // Hold the connection, never reading, until the server is dropped (30 s at most).
