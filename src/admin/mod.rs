@@ -37,8 +37,9 @@ use routes::{Route, RouteError, ServerAction, route};
 
 /// Request bodies larger than this are refused (413).
 pub const MAX_BODY: usize = 64 * 1024;
-/// A client must send its whole request head within this long.
+/// A client must send its whole request head within this long, and then its body.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection (keep-alive included) lives at most this long.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// The environment variable that may hold the admin token instead of `admin.token_file`.
@@ -229,7 +230,13 @@ fn authorize(
 
 async fn read_json(request: Request<Incoming>) -> Result<Value, Response<Full<Bytes>>> {
     let body = Limited::new(request.into_body(), MAX_BODY);
-    let bytes = match body.collect().await {
+    let Ok(collected) = tokio::time::timeout(BODY_TIMEOUT, body.collect()).await else {
+        return Err(error_response(
+            408,
+            "the request body did not arrive in time",
+        ));
+    };
+    let bytes = match collected {
         Ok(collected) => collected.to_bytes(),
         Err(error) => {
             let too_large = error

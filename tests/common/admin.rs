@@ -28,15 +28,43 @@ impl Response {
     }
 }
 
-/// Sends raw bytes and reads until the server closes (or 10 s pass).
+/// Sends raw bytes and reads one response: until its head and `Content-Length` body are in,
+/// or the server closes, or 10 s pass.
 pub fn raw(addr: SocketAddr, request: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(request)?;
+    // The server may answer (and close) before taking everything: that is an answer too.
+    let _ = stream.write_all(request);
     let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer);
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(complete) = complete_response(&answer) {
+            answer.truncate(complete);
+            break;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+        }
+    }
     Ok(answer)
+}
+
+/// The length of a complete response at the start of `bytes`, if one is there.
+fn complete_response(bytes: &[u8]) -> Option<usize> {
+    let end = bytes.windows(4).position(|window| window == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&bytes[..end]);
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    (bytes.len() >= end + length).then_some(end + length)
 }
 
 pub fn parse(answer: &[u8]) -> Option<Response> {
