@@ -99,8 +99,9 @@ pub struct Session {
     pub client_key: u64,
     /// A connect is in flight.
     pub connecting: bool,
-    /// Its listener writes a connection-log line when it ends.
-    pub log: bool,
+    /// Its listener writes a connection-log line when it ends: the client's address, read at
+    /// accept (boxed: sessions of listeners that do not log pay one word).
+    pub log: Option<Box<std::net::SocketAddr>>,
     /// Shard clock (microseconds) when it was accepted, and when its current connect began.
     pub started_us: u64,
     pub connect_started_us: u64,

@@ -332,7 +332,13 @@ impl Shard {
             idle_ticks: super::ticks(config.idle_timeout),
             write_ticks: super::ticks(config.write_timeout),
         };
-        let log = config.log;
+        let log = if config.log {
+            let peer = socket::peer_addr(client.as_fd())
+                .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+            Some(Box::new(peer))
+        } else {
+            None
+        };
         // TCP_NODELAY and keepalive are inherited from the listening socket (`listener::bind`).
         let needs_address = self
             .snapshot

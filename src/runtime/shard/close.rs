@@ -89,12 +89,14 @@ impl Shard {
         if !session.closing || !session.is_idle() {
             return;
         }
+        let kind = self.sessions[index]
+            .close_kind
+            .unwrap_or(CloseKind::LocalError);
+        if let Some(client) = &self.sessions[index].log {
+            self.log_session(&self.sessions[index], **client, kind);
+        }
         self.release_server(index);
         let mut session = self.sessions.remove(index);
-        let kind = session.close_kind.unwrap_or(CloseKind::LocalError);
-        if session.log {
-            self.log_session(&session, kind);
-        }
         session.relay.release(self.ring.buffers_mut());
         if let Some(timer) = session.timer.take() {
             self.timers.cancel(timer);
@@ -117,9 +119,7 @@ impl Shard {
 
     /// The connection log's line for a session that ended (HAProxy's `tcplog`): off the shard
     /// through the non-blocking log writer, which drops (and counts) rather than wait.
-    fn log_session(&self, session: &Session, kind: CloseKind) {
-        let client = socket::peer_addr(session.client.as_fd())
-            .map_or_else(|_| "-".to_string(), |addr| addr.to_string());
+    fn log_session(&self, session: &Session, client: std::net::SocketAddr, kind: CloseKind) {
         let listener = self
             .snapshot
             .listener(session.listener)
