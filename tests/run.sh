@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need beyond the Rust toolchain (iproute2's `ss`,
-# which the connection-option tests read socket timers with), then runs every test.
+# The test command: installs what the tests need beyond the Rust toolchain, then runs every
+# test. From Debian's packages: iproute2 (`ss`, which the connection-option tests read socket
+# timers with) and prometheus (the real Prometheus server and `promtool` the metrics tests
+# scrape and check with).
 #   bash tests/run.sh            # from the repository root or anywhere
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v ss >/dev/null 2>&1; then
+missing=()
+command -v ss >/dev/null 2>&1 || missing+=(iproute2)
+{ command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
   else
-    echo "tests need ss (Debian package iproute2); install it and run again" >&2
+    echo "tests need Debian packages: ${missing[*]}; install them and run again" >&2
     exit 2
   fi
 fi
