@@ -468,18 +468,22 @@ impl Ring {
         self.push(entry)
     }
 
-    /// Cancels every operation in flight on `fd`.
+    /// Cancels every operation in flight on `fd`. A cancel that succeeds posts no completion
+    /// of its own (the cancelled operations post theirs); one that fails does.
     pub fn cancel_fd(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
         let entry = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
             .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
             .user_data(user_data & USER_DATA_BITS);
         self.push(entry)
     }
 
-    /// Cancels the operation submitted with `target` as its user_data.
+    /// Cancels the operation submitted with `target` as its user_data (quiet on success, as
+    /// `cancel_fd`).
     pub fn cancel(&mut self, target: u64, user_data: u64) -> io::Result<()> {
         let entry = opcode::AsyncCancel::new(target & USER_DATA_BITS)
             .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
             .user_data(user_data & USER_DATA_BITS);
         self.push(entry)
     }
@@ -488,6 +492,7 @@ impl Ring {
     pub fn cancel_owned(&mut self, target: u64, user_data: u64) -> io::Result<()> {
         let entry = opcode::AsyncCancel::new((target & USER_DATA_BITS) | OWNED_BIT)
             .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
             .user_data(user_data & USER_DATA_BITS);
         self.push(entry)
     }

@@ -485,6 +485,9 @@ fn serve(
 pub fn listen_loopback(backlog: i32) -> TcpListener {
     let socket =
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    // Accepted connections inherit it, so a server restarted on this port (`start_at`) can bind
+    // while connections of its previous life are still open or in TIME_WAIT.
+    socket.set_reuse_address(true).expect("reuseaddr");
     let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     socket.bind(&any.into()).expect("bind");
     socket.listen(backlog).expect("listen");
