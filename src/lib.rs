@@ -3,7 +3,10 @@
 //! The modules follow the path of a connection: `listener` (bind) -> `admission` (limits) ->
 //! `balance` (pick a server) -> `relay` (the session) -> close; `runtime` starts the shards whose
 //! loop drives all of it, `uring` holds the io_uring plumbing and every `unsafe` of the data
-//! plane, and `config` turns a TOML file into the immutable settings the shards share.
+//! plane. `config` turns a TOML file into validated settings, `snapshot` is what the shards run
+//! on (stable ids, immutable), and the control thread (`control`, with `health`, `admin` and
+//! `metrics`) builds snapshots, checks servers, serves the admin API and exports the counters
+//! the shards publish.
 
 pub mod admin;
 pub mod admission;

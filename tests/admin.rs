@@ -515,3 +515,31 @@ fn ten_thousand_malformed_admin_requests_leave_it_serving() {
     );
     assert_eq!(server_in(&status, "app", "a").expect("a")["weight"], 1);
 }
+
+/// The admin socket does not use SO_REUSEPORT: a second instance on the same admin address
+/// fails to start (where its listeners alone would have shared the traffic).
+#[test]
+fn a_second_instance_on_the_same_admin_address_fails_to_start() {
+    let a = TestServer::start(Behaviour::Echo);
+    let first = Proxy::start(&admin_config(&[(a.addr, "a")], ""));
+    let taken = first.admin();
+    // The admin section comes first: its bind is the first one.
+    let second = admin_config(&[(a.addr, "a")], "").replacen(
+        "bind = \"127.0.0.1:0\"",
+        &format!("bind = \"{taken}\""),
+        1,
+    );
+    assert!(second.contains(&taken.to_string()), "{second}");
+    let error = Proxy::try_start(&second)
+        .err()
+        .expect("the second instance fails");
+    assert!(
+        error.contains("admin: cannot bind") && error.contains(&taken.to_string()),
+        "{error}"
+    );
+    assert_eq!(
+        admin::get(taken, "/healthz").status,
+        200,
+        "the first one serves on"
+    );
+}

@@ -468,32 +468,22 @@ mod tests {
         );
         let config = Config::parse("test", &text).expect("test config is valid");
         let pool = &config.pools[0];
-        PoolSnapshot {
-            id: PoolId(1),
-            name: pool.name.clone(),
-            balance: pool.balance,
-            connect_timeout: pool.connect_timeout,
-            retries: pool.retries,
-            max_fails: pool.max_fails,
-            fail_timeout: pool.fail_timeout,
-            tcp: pool.tcp,
-            source_addresses: pool.source_addresses.clone(),
-            servers: pool
-                .servers
-                .iter()
-                .enumerate()
-                .map(|(index, server)| ServerSnapshot {
-                    id: ServerId(100 + index as u32),
-                    name: server.name.clone(),
-                    addr: server.addr,
-                    weight: server.weight.get(),
-                    ramp: FULL_RAMP,
-                    backup: server.backup,
-                    max_connections: server.max_connections,
-                    state: ServerState::Up,
-                })
-                .collect(),
-        }
+        let servers = pool
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(index, server)| ServerSnapshot {
+                id: ServerId(100 + index as u32),
+                name: server.name.clone(),
+                addr: server.addr,
+                weight: server.weight.get(),
+                ramp: FULL_RAMP,
+                backup: server.backup,
+                max_connections: server.max_connections,
+                state: ServerState::Up,
+            })
+            .collect();
+        PoolSnapshot::new(PoolId(1), pool, servers)
     }
 
     fn addrs(count: usize) -> String {

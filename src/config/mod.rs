@@ -677,14 +677,19 @@ fn resolve_pool(
     })
 }
 
-fn check_name(source: &Source, name: &Spanned<String>, kind: &str) -> Result<String, ConfigError> {
-    let text = name.get_ref();
-    let valid = !text.is_empty()
+/// Whether `text` is a valid name of a listener, pool or server: 1 to 64 characters of
+/// `A-Z a-z 0-9 _ - .`.
+pub fn valid_name(text: &str) -> bool {
+    !text.is_empty()
         && text.len() <= 64
         && text
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if !valid {
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+fn check_name(source: &Source, name: &Spanned<String>, kind: &str) -> Result<String, ConfigError> {
+    let text = name.get_ref();
+    if !valid_name(text) {
         return Err(source.at(
             name,
             format!("{kind} name {text:?} must be 1 to 64 characters of A-Z a-z 0-9 _ - ."),

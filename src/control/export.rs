@@ -6,7 +6,7 @@ use super::status::{all_down, unix_seconds};
 use crate::metrics::names::*;
 use crate::metrics::render::Exposition;
 use crate::metrics::{CloseKind, ConnectErrorKind, Histogram, RejectKind, SESSION_BUCKETS};
-use crate::snapshot::ServerState;
+use crate::snapshot::{PoolSnapshot, ServerSnapshot, ServerState};
 
 /// The build's commit, when the build knew it.
 const COMMIT: &str = match option_env!("RINGPROXY_COMMIT") {
@@ -166,159 +166,130 @@ pub fn render(control: &Control) -> String {
         );
     }
 
-    let servers: Vec<_> = snapshot
+    let servers: Vec<ServerRow> = snapshot
         .pools
         .iter()
-        .flat_map(|pool| pool.servers.iter().map(move |server| (pool, server)))
+        .flat_map(|pool| {
+            pool.servers
+                .iter()
+                .map(move |server| (pool.as_ref(), server))
+        })
         .collect();
-    out.family(
+    let counters =
+        |server: &ServerSnapshot| merged.servers.get(&server.id).cloned().unwrap_or_default();
+    per_server(
+        &mut out,
+        &servers,
         SERVER_SESSIONS_ACTIVE,
         "gauge",
         "Sessions on the server now.",
+        None,
+        |server| vec![("", f64::from(counters(server).active))],
     );
-    for (pool, server) in &servers {
-        let active = merged.servers.get(&server.id).map_or(0, |s| s.active);
-        out.sample(
-            SERVER_SESSIONS_ACTIVE,
-            &[("pool", &pool.name), ("server", &server.name)],
-            f64::from(active),
-        );
-    }
-    out.family(
+    per_server(
+        &mut out,
+        &servers,
         SERVER_SESSIONS,
         "counter",
         "Sessions connected to the server.",
+        None,
+        |server| vec![("", counters(server).sessions as f64)],
     );
-    for (pool, server) in &servers {
-        let total = merged.servers.get(&server.id).map_or(0, |s| s.sessions);
-        out.sample(
-            SERVER_SESSIONS,
-            &[("pool", &pool.name), ("server", &server.name)],
-            total as f64,
-        );
-    }
-    out.family(
+    per_server(
+        &mut out,
+        &servers,
         SERVER_STATE,
         "gauge",
         "The server's state: 1 for the state it is in, 0 for the others.",
+        Some("state"),
+        |server| {
+            ServerState::ALL
+                .iter()
+                .map(|&state| (state.name(), f64::from(u8::from(server.state == state))))
+                .collect()
+        },
     );
-    for (pool, server) in &servers {
-        for state in ServerState::ALL {
-            out.sample(
-                SERVER_STATE,
-                &[
-                    ("pool", &pool.name),
-                    ("server", &server.name),
-                    ("state", state.name()),
-                ],
-                f64::from(u8::from(server.state == state)),
-            );
-        }
-    }
-    out.family(
+    per_server(
+        &mut out,
+        &servers,
         SERVER_WEIGHT,
         "gauge",
         "The server's weight in effect (slow start applied).",
+        None,
+        |server| vec![("", server.effective_weight())],
     );
-    for (pool, server) in &servers {
-        out.sample(
-            SERVER_WEIGHT,
-            &[("pool", &pool.name), ("server", &server.name)],
-            server.effective_weight(),
-        );
-    }
-    out.family(
+    per_server(
+        &mut out,
+        &servers,
         SERVER_CONNECT_ERRORS,
         "counter",
         "Failed connects to the server, by kind.",
+        Some("kind"),
+        |server| {
+            let errors = counters(server).connect_errors;
+            ConnectErrorKind::ALL
+                .iter()
+                .zip(errors)
+                .map(|(kind, count)| (kind.name(), count as f64))
+                .collect()
+        },
     );
-    for (pool, server) in &servers {
-        let counters = merged.servers.get(&server.id);
-        for (index, kind) in ConnectErrorKind::ALL.iter().enumerate() {
-            out.sample(
-                SERVER_CONNECT_ERRORS,
-                &[
-                    ("pool", &pool.name),
-                    ("server", &server.name),
-                    ("kind", kind.name()),
-                ],
-                counters.map_or(0, |c| c.connect_errors[index]) as f64,
-            );
-        }
-    }
-    out.family(
+    per_server(
+        &mut out,
+        &servers,
         SERVER_PASSIVE_DOWN_SHARDS,
         "gauge",
         "Shards on which passive health (max_fails) skips the server now.",
+        None,
+        |server| vec![("", f64::from(counters(server).passive_down))],
     );
-    for (pool, server) in &servers {
-        let shards = merged.servers.get(&server.id).map_or(0, |s| s.passive_down);
-        out.sample(
-            SERVER_PASSIVE_DOWN_SHARDS,
-            &[("pool", &pool.name), ("server", &server.name)],
-            f64::from(shards),
-        );
-    }
-    out.family(
+    per_server(
+        &mut out,
+        &servers,
         SERVER_STATE_CHANGES,
         "counter",
         "State changes of the server (health checks and operators).",
+        None,
+        |server| {
+            let changes = control
+                .health
+                .get(&server.id)
+                .map_or(0, |h| h.tracker.changes)
+                + control.admin_changes.get(&server.id).copied().unwrap_or(0);
+            vec![("", changes as f64)]
+        },
     );
-    for (pool, server) in &servers {
-        let changes = control
-            .health
-            .get(&server.id)
-            .map_or(0, |h| h.tracker.changes)
-            + control.admin_changes.get(&server.id).copied().unwrap_or(0);
-        out.sample(
-            SERVER_STATE_CHANGES,
-            &[("pool", &pool.name), ("server", &server.name)],
-            changes as f64,
-        );
-    }
-    out.family(
+    per_server(
+        &mut out,
+        &servers,
         HEALTH_CHECKS,
         "counter",
         "Active health checks run, per server and result.",
+        Some("result"),
+        |server| match control.health.get(&server.id) {
+            Some(health) => vec![
+                ("success", health.tracker.checks_ok as f64),
+                ("failure", health.tracker.checks_failed as f64),
+            ],
+            None => Vec::new(),
+        },
     );
-    for (pool, server) in &servers {
-        let Some(health) = control.health.get(&server.id) else {
-            continue;
-        };
-        for (result, count) in [
-            ("success", health.tracker.checks_ok),
-            ("failure", health.tracker.checks_failed),
-        ] {
-            out.sample(
-                HEALTH_CHECKS,
-                &[
-                    ("pool", &pool.name),
-                    ("server", &server.name),
-                    ("result", result),
-                ],
-                count as f64,
-            );
-        }
-    }
-    out.family(
+    per_server(
+        &mut out,
+        &servers,
         HEALTH_CHECK_DURATION,
         "gauge",
         "How long the server's last health check took.",
+        None,
+        |server| {
+            control
+                .health
+                .get(&server.id)
+                .and_then(|health| health.tracker.last.as_ref())
+                .map(|(_, result)| vec![("", result.duration.as_secs_f64())])
+                .unwrap_or_default()
+        },
     );
-    for (pool, server) in &servers {
-        let Some((_, result)) = control
-            .health
-            .get(&server.id)
-            .and_then(|health| health.tracker.last.as_ref())
-        else {
-            continue;
-        };
-        out.sample(
-            HEALTH_CHECK_DURATION,
-            &[("pool", &pool.name), ("server", &server.name)],
-            result.duration.as_secs_f64(),
-        );
-    }
 
     out.family(RELOADS, "counter", "Config reloads, by result.");
     out.sample(
@@ -394,6 +365,35 @@ pub fn render(control: &Control) -> String {
 
     process_metrics(&mut out);
     out.finish()
+}
+
+/// A server of a pool, as the per-server families list them.
+type ServerRow<'a> = (&'a PoolSnapshot, &'a ServerSnapshot);
+
+/// One per-server family: for each server, the samples `values` gives, labelled with its pool
+/// and name, and with `extra` set to each sample's label value when given.
+fn per_server(
+    out: &mut Exposition,
+    servers: &[ServerRow],
+    name: &str,
+    kind: &str,
+    help: &str,
+    extra: Option<&str>,
+    values: impl Fn(&ServerSnapshot) -> Vec<(&'static str, f64)>,
+) {
+    out.family(name, kind, help);
+    for (pool, server) in servers {
+        for (label, value) in values(server) {
+            let mut labels = vec![
+                ("pool", pool.name.as_str()),
+                ("server", server.name.as_str()),
+            ];
+            if let Some(extra) = extra {
+                labels.push((extra, label));
+            }
+            out.sample(name, &labels, value);
+        }
+    }
 }
 
 /// The standard `process_*` metrics, read from /proc.

@@ -36,7 +36,7 @@ use crate::config::Config;
 use crate::health::{HealthTracker, probe};
 use crate::listener;
 use crate::runtime::{self, Runtime, RuntimeControl, ShardReport, StartError};
-use crate::snapshot::{Identities, ServerId, ServerState, Snapshot};
+use crate::snapshot::{Identities, ServerId, Snapshot};
 pub use notify::Notifier;
 use overrides::Overrides;
 pub use state::{ApiError, ConfigPaths, ReloadRecord};
@@ -578,13 +578,5 @@ impl Control {
         warn!(pool = %pool.name, server = %server.addr, "cutting the server's sessions (operator)");
         self.runtime.cut_server(server.id);
         Ok(server.id)
-    }
-
-    /// Whether the server takes new sessions (tests and `ctl` print it).
-    pub fn server_state(&self, id: ServerId) -> Option<ServerState> {
-        self.snapshot
-            .pools
-            .iter()
-            .find_map(|pool| pool.server(id).map(|server| server.state))
     }
 }

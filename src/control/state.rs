@@ -223,18 +223,7 @@ impl Control {
                     state: self.state_of(pool, id, server.admin),
                 });
             }
-            let built = PoolSnapshot {
-                id: pool_id,
-                name: pool.name.clone(),
-                balance: pool.balance,
-                connect_timeout: pool.connect_timeout,
-                retries: pool.retries,
-                max_fails: pool.max_fails,
-                fail_timeout: pool.fail_timeout,
-                tcp: pool.tcp,
-                source_addresses: pool.source_addresses.clone(),
-                servers,
-            };
+            let built = PoolSnapshot::new(pool_id, pool, servers);
             let previous = self.snapshot.pool(pool_id).filter(|old| ***old == built);
             pools.push(match previous {
                 Some(old) => Arc::clone(old),
@@ -480,18 +469,15 @@ impl Control {
                 ),
             ));
         }
-        if let Some(name) = &server.name {
-            let valid = !name.is_empty()
-                && name.len() <= 64
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-            if !valid {
-                return Err(ApiError::new(
-                    400,
-                    format!("server name {name:?} must be 1 to 64 characters of A-Z a-z 0-9 _ - ."),
-                ));
-            }
+        if let Some(name) = server
+            .name
+            .as_ref()
+            .filter(|name| !crate::config::valid_name(name))
+        {
+            return Err(ApiError::new(
+                400,
+                format!("server name {name:?} must be 1 to 64 characters of A-Z a-z 0-9 _ - ."),
+            ));
         }
         let pool_snapshot = self.snapshot.pools.iter().find(|p| p.name == pool);
         let taken = pool_snapshot.is_some_and(|p| {

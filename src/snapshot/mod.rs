@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::balance::Algorithm;
-use crate::config::{Config, TcpOptions};
+use crate::config::{Config, PoolConfig, TcpOptions};
 
 /// A listener's identity (by name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -109,6 +109,22 @@ pub struct PoolSnapshot {
 }
 
 impl PoolSnapshot {
+    /// A pool's settings from the config, with its servers as the control thread resolved them.
+    pub fn new(id: PoolId, pool: &PoolConfig, servers: Vec<ServerSnapshot>) -> PoolSnapshot {
+        PoolSnapshot {
+            id,
+            name: pool.name.clone(),
+            balance: pool.balance,
+            connect_timeout: pool.connect_timeout,
+            retries: pool.retries,
+            max_fails: pool.max_fails,
+            fail_timeout: pool.fail_timeout,
+            tcp: pool.tcp,
+            source_addresses: pool.source_addresses.clone(),
+            servers,
+        }
+    }
+
     pub fn server(&self, id: ServerId) -> Option<&ServerSnapshot> {
         self.servers.iter().find(|server| server.id == id)
     }
