@@ -26,6 +26,7 @@ pub struct FileRuntime {
     pub shards: Option<Spanned<FileShards>>,
     pub drain_timeout: Option<Spanned<String>>,
     pub pin: Option<Spanned<FilePin>>,
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 /// `pin = "auto" | "none" | [0, 1]`.
@@ -86,6 +87,44 @@ pub struct FileListener {
     pub tcp_user_timeout: Option<Spanned<String>>,
     #[serde(default)]
     pub log: bool,
+    pub steer: Option<Spanned<String>>,
+    pub reject: Option<Spanned<String>>,
+    pub first_byte_timeout: Option<Spanned<String>>,
+    pub upload_rate: Option<Spanned<i64>>,
+    pub download_rate: Option<Spanned<i64>>,
+    pub bandwidth: Option<Spanned<i64>>,
+    pub limits: Option<Spanned<FileLimits>>,
+    pub per_source: Option<Spanned<FilePerSource>>,
+    pub acl: Option<Spanned<FileAcl>>,
+}
+
+/// `[listener.limits]`: the listener-wide connection rate.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLimits {
+    pub connections_per_second: Spanned<i64>,
+    pub burst: Option<Spanned<i64>>,
+}
+
+/// `[listener.per_source]`: limits per client address.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePerSource {
+    pub connections_per_second: Option<Spanned<i64>>,
+    pub burst: Option<Spanned<i64>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub ipv6_prefix: Option<Spanned<i64>>,
+    pub table_size: Option<Spanned<i64>>,
+    pub expire: Option<Spanned<String>>,
+}
+
+/// `[listener.acl]`: networks allowed and denied.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAcl {
+    pub allow: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub deny: Vec<Spanned<String>>,
 }
 
 /// `tcp_keepalive = { idle = "60s", interval = "10s", count = 6 }`; absent keys take those

@@ -7,6 +7,7 @@
 //! Invariants of a resolved `Config`: names are unique per kind, every listener's pool exists,
 //! every pool has at least one non-backup server, weights and limits are non-zero.
 
+mod admission;
 mod connection;
 mod duration;
 mod file;
@@ -20,6 +21,7 @@ use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use admission::DEFAULT_IPV6_PREFIX;
 pub use connection::{Keepalive, MAX_SOURCE_ADDRESSES, TcpOptions, format_source_addresses};
 pub use duration::{format_duration, parse_duration};
 use file::{FileConfig, FilePin, FileProfile, FileShards, FileTuning};
@@ -62,6 +64,9 @@ pub struct RuntimeSettings {
     pub shards: Shards,
     pub drain_timeout: Duration,
     pub pin: Pinning,
+    /// Sessions the whole process holds at most (split evenly across shards); None: no cap
+    /// but the descriptor limit.
+    pub max_connections: Option<NonZeroU32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +124,8 @@ pub struct ListenerConfig {
     pub tcp: TcpOptions,
     /// One connection-log line per session.
     pub log: bool,
+    /// ACL, connection rates, per-source limits, bandwidth caps, first-byte timeout.
+    pub admission: std::sync::Arc<crate::admission::AdmissionSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -374,6 +381,7 @@ fn resolve(source: &Source, file: FileConfig) -> Result<Config, ConfigError> {
                 listener.tcp_user_timeout.as_ref(),
             )?,
             log: listener.log,
+            admission: std::sync::Arc::new(admission::resolve(source, listener)?),
         });
     }
 
@@ -474,10 +482,21 @@ fn resolve_runtime(
             }
         },
     };
+    let max_connections = match &runtime.max_connections {
+        None => None,
+        Some(value) => Some(positive(
+            source,
+            Some(value),
+            "runtime.max_connections",
+            1,
+            u32::MAX,
+        )?),
+    };
     Ok(RuntimeSettings {
         shards,
         drain_timeout,
         pin,
+        max_connections,
     })
 }
 

@@ -24,6 +24,9 @@ impl Config {
             Pinning::None => writeln!(out, "pin = \"none\"")?,
             Pinning::Cores(cores) => writeln!(out, "pin = {cores:?}")?,
         }
+        if let Some(limit) = self.runtime.max_connections {
+            writeln!(out, "max_connections = {limit}")?;
+        }
         if let Some(admin) = &self.admin {
             writeln!(out, "\n[admin]\nbind = \"{}\"", admin.bind)?;
             if let Some(path) = &admin.token_file {
@@ -60,6 +63,8 @@ impl Config {
             )?;
             listener.tcp.write_toml(out)?;
             writeln!(out, "log = {}", listener.log)?;
+            super::admission::write_keys(&listener.admission, out)?;
+            super::admission::write_tables(&listener.admission, out)?;
         }
         for pool in &self.pools {
             writeln!(out, "\n[[pool]]")?;

@@ -206,3 +206,130 @@ fn profile_overlays_only_tuning() {
         .expect_err("profiles carry only [tuning]");
     assert_eq!(error.line, 1);
 }
+
+const ADMISSION: &str = r#"
+[runtime]
+max_connections = 5000
+
+[[listener]]
+name = "front"
+bind = "127.0.0.1:8080"
+pool = "app"
+steer = "source"
+reject = "reset"
+first_byte_timeout = "3s"
+upload_rate = 1048576
+download_rate = 2097152
+bandwidth = 100000000
+[listener.limits]
+connections_per_second = 1000
+[listener.per_source]
+connections_per_second = 20
+max_connections = 50
+ipv6_prefix = 56
+[listener.acl]
+allow = ["127.0.0.1/8", "::1"]
+deny = ["127.0.0.66"]
+
+[[pool]]
+name = "app"
+servers = [ { addr = "127.0.0.1:9001" } ]
+"#;
+
+#[test]
+fn admission_keys_resolve_with_defaults_and_print_back() {
+    use crate::admission::{RejectMode, Steer};
+    let config = Config::parse("t.toml", ADMISSION).expect("valid");
+    assert_eq!(config.runtime.max_connections.map(|n| n.get()), Some(5000));
+    let admission = &config.listeners[0].admission;
+    assert_eq!(admission.steer, Steer::Source);
+    assert_eq!(admission.reject, RejectMode::Reset);
+    assert_eq!(admission.first_byte_timeout, Some(Duration::from_secs(3)));
+    assert_eq!(admission.upload_rate, Some(1_048_576));
+    assert_eq!(admission.bandwidth, Some(100_000_000));
+    let limits = admission.limits.expect("limits");
+    assert_eq!((limits.per_second, limits.burst), (1000, 1000));
+    let per_source = admission.per_source.as_ref().expect("per_source");
+    assert_eq!(per_source.rate, Some((20, 20)));
+    assert_eq!(per_source.max_connections, Some(50));
+    assert_eq!(per_source.ipv6_prefix, 56);
+    assert_eq!(per_source.table_size, 100_000);
+    assert_eq!(per_source.expire_us, 60_000_000);
+    let allow: Vec<String> = admission
+        .acl
+        .allow
+        .iter()
+        .flatten()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(allow, ["127.0.0.0/8", "::1/128"]);
+    assert_eq!(admission.acl.deny[0].to_string(), "127.0.0.66/32");
+    let again = Config::parse("printed", &config.to_toml()).expect("printed parses");
+    assert_eq!(config, again);
+    let plain = Config::parse("t.toml", MINIMAL).expect("valid");
+    assert!(!plain.listeners[0].admission.needs_address());
+    assert_eq!(plain.runtime.max_connections, None);
+}
+
+#[test]
+fn bad_admission_keys_are_located_errors() {
+    for (from, to, expected) in [
+        ("steer = \"source\"", "steer = \"cpu\"", "steer must be"),
+        ("reject = \"reset\"", "reject = \"drop\"", "reject must be"),
+        (
+            "first_byte_timeout = \"3s\"",
+            "first_byte_timeout = \"0s\"",
+            "first_byte_timeout must be greater than zero",
+        ),
+        (
+            "upload_rate = 1048576",
+            "upload_rate = 0",
+            "upload_rate must be from 1",
+        ),
+        (
+            "connections_per_second = 1000",
+            "connections_per_second = -1",
+            "limits.connections_per_second must be from 1",
+        ),
+        (
+            "ipv6_prefix = 56",
+            "ipv6_prefix = 129",
+            "per_source.ipv6_prefix must be from 1 to 128",
+        ),
+        (
+            "deny = [\"127.0.0.66\"]",
+            "deny = [\"127.0.0.300\"]",
+            "acl.deny: \"127.0.0.300\" is not a network",
+        ),
+        (
+            "allow = [\"127.0.0.1/8\", \"::1\"]",
+            "allow = []",
+            "acl.allow is empty",
+        ),
+        (
+            "connections_per_second = 20\nmax_connections = 50\n",
+            "expire = \"5s\"\n",
+            "needs connections_per_second or max_connections",
+        ),
+        (
+            "connections_per_second = 20\nmax_connections = 50\n",
+            "burst = 5\nmax_connections = 50\n",
+            "per_source.burst needs",
+        ),
+        (
+            "max_connections = 5000",
+            "max_connections = 0",
+            "runtime.max_connections must be from 1",
+        ),
+        ("bandwidth = 100000000", "bandwdith = 1", "unknown field"),
+    ] {
+        assert!(ADMISSION.contains(from), "{from}");
+        let text = ADMISSION.replacen(from, to, 1);
+        let error = Config::parse("t.toml", &text).expect_err(to);
+        assert!(
+            error.message.contains(expected),
+            "{to}: {error}, expected {expected:?}"
+        );
+        assert!(error.line > 1, "{to}: {error}");
+    }
+}
