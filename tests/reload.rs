@@ -237,11 +237,14 @@ fn a_bad_reload_is_rejected_with_its_location_and_traffic_goes_on() {
     assert_eq!(status["generation"], generation, "the running config stays");
     assert_eq!(status["last_reload"]["result"], "failure");
     assert_eq!(status["reloads"]["failure"], 1);
+    // The log writer is non-blocking: the line may reach stderr a moment later.
     assert!(
-        proxy
-            .logs_with("reload failed; the running config stays")
-            .iter()
-            .any(|line| line["fields"]["error"].as_str() == Some(&error)),
+        wait_for(Duration::from_secs(3), || {
+            proxy
+                .logs_with("reload failed; the running config stays")
+                .iter()
+                .any(|line| line["fields"]["error"].as_str() == Some(&error))
+        }),
         "the error is logged"
     );
     // Traffic is unaffected: the live session and new ones.

@@ -56,6 +56,61 @@ pub fn render(control: &Control) -> String {
         }
     }
     out.family(
+        LISTENER_RATE_TOKENS,
+        "gauge",
+        "Tokens in the listener-wide connection-rate buckets (all shards), per listener with [listener.limits].",
+    );
+    for listener in snapshot
+        .listeners
+        .iter()
+        .filter(|l| l.admission.limits.is_some())
+    {
+        let tokens = merged
+            .listeners
+            .get(&listener.id)
+            .map_or(0, |l| l.rate_tokens);
+        out.sample(
+            LISTENER_RATE_TOKENS,
+            &[("listener", &listener.name)],
+            tokens as f64,
+        );
+    }
+    let with_table = || {
+        snapshot
+            .listeners
+            .iter()
+            .filter(|l| l.admission.per_source.is_some())
+    };
+    out.family(
+        SOURCE_TABLE_ENTRIES,
+        "gauge",
+        "Client addresses in the per-source tables (all shards), per listener with [listener.per_source].",
+    );
+    for listener in with_table() {
+        let entries = merged.listeners.get(&listener.id).map_or(0, |c| c.sources);
+        out.sample(
+            SOURCE_TABLE_ENTRIES,
+            &[("listener", &listener.name)],
+            entries as f64,
+        );
+    }
+    out.family(
+        SOURCE_TABLE_EVICTIONS,
+        "counter",
+        "Addresses evicted from full per-source tables, per listener.",
+    );
+    for listener in with_table() {
+        let evictions = merged
+            .listeners
+            .get(&listener.id)
+            .map_or(0, |c| c.source_evictions);
+        out.sample(
+            SOURCE_TABLE_EVICTIONS,
+            &[("listener", &listener.name)],
+            evictions as f64,
+        );
+    }
+    out.family(
         CONNECTIONS_ACTIVE,
         "gauge",
         "Sessions open now, per listener.",

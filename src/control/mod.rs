@@ -14,6 +14,7 @@ pub mod overrides;
 mod export;
 mod notify;
 mod reload;
+mod shares;
 mod state;
 mod status;
 
@@ -135,6 +136,7 @@ fn bind_listener(
             addr: bound.addr,
             backlog: listener.backlog,
             tcp: listener.tcp,
+            steering: listener::steering(listener),
             duplicates,
         },
         bound.sockets,
@@ -354,6 +356,8 @@ async fn housekeeping(shared: Shared) {
     let mut last_ramp_publish = Instant::now();
     let mut last_watchdog = Instant::now();
     let mut last_status = Instant::now();
+    let mut last_rebalance = Instant::now();
+    let mut rates = shares::RateBalancer::default();
     let mut interval = tokio::time::interval(HOUSEKEEPING);
     loop {
         interval.tick().await;
@@ -367,6 +371,11 @@ async fn housekeeping(shared: Shared) {
         {
             last_ramp_publish = now;
             control.publish();
+        }
+        if now.duration_since(last_rebalance) >= Duration::from_secs(1) {
+            last_rebalance = now;
+            let shares = rates.update(&control.merged(), &control.snapshot, control.shards);
+            control.runtime.set_rate_shares(shares);
         }
         if let Some(watchdog) = control.notifier.watchdog()
             && now.duration_since(last_watchdog) >= watchdog / 2

@@ -156,8 +156,12 @@ fn apply(control: &mut Control) -> Result<Vec<String>, String> {
         wanted.insert(id, ());
         match control.listeners.get(&id) {
             Some(bound) if bound.configured == listener.bind => {
-                if bound.backlog != listener.backlog || bound.tcp != listener.tcp {
-                    in_place.push((id, listener.backlog, listener.tcp));
+                let steering = crate::listener::steering(listener);
+                if bound.backlog != listener.backlog
+                    || bound.tcp != listener.tcp
+                    || bound.steering != steering
+                {
+                    in_place.push((id, listener.backlog, listener.tcp, steering));
                 }
             }
             _ => {
@@ -169,8 +173,17 @@ fn apply(control: &mut Control) -> Result<Vec<String>, String> {
     }
 
     // Commit.
-    for (id, backlog, tcp) in in_place {
+    for (id, backlog, tcp, steering) in in_place {
         if let Some(bound) = control.listeners.get_mut(&id) {
+            if bound.steering != steering {
+                let applied = bound.duplicates.first().map(|first| {
+                    crate::listener::apply_steering(first.as_fd(), steering, control.shards)
+                });
+                match applied {
+                    Some(Err(error)) => warn!(%error, "cannot change a listener's steering"),
+                    _ => bound.steering = steering,
+                }
+            }
             for socket in &bound.duplicates {
                 if let Err(error) = socket::relisten(socket.as_fd(), backlog) {
                     warn!(%error, "cannot change a listener's backlog in place");

@@ -58,6 +58,8 @@ pub struct BoundSockets {
     pub addr: SocketAddr,
     pub backlog: u32,
     pub tcp: TcpOptions,
+    /// `listener::steering` of the config it was bound for.
+    pub steering: Option<u8>,
     pub duplicates: Vec<OwnedFd>,
 }
 
@@ -244,6 +246,7 @@ impl Control {
                 write_timeout: listener.write_timeout,
                 tcp: listener.tcp,
                 log: listener.log,
+                admission: Arc::clone(&listener.admission),
             })
             .collect();
         let snapshot = Arc::new(Snapshot::new(generation, config, listeners, pools));

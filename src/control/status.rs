@@ -8,12 +8,60 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 
 use super::state::{Control, ReloadRecord};
-use crate::metrics::{CloseKind, Merged, RejectKind};
-use crate::snapshot::{PoolSnapshot, ServerSnapshot, ServerState};
+use crate::metrics::{CloseKind, ListenerCounters, Merged, RejectKind};
+use crate::snapshot::{ListenerSnapshot, PoolSnapshot, ServerSnapshot, ServerState};
 
 pub fn unix_seconds(at: SystemTime) -> f64 {
     at.duration_since(UNIX_EPOCH)
         .map_or(0.0, |elapsed| elapsed.as_secs_f64())
+}
+
+/// A listener's admission settings and live state: its connection-rate bucket (tokens and
+/// rate share per shard), its per-source table (addresses per shard, evictions).
+fn admission_json(
+    merged: &Merged,
+    listener: &ListenerSnapshot,
+    counters: &ListenerCounters,
+) -> Value {
+    let settings = &listener.admission;
+    let networks =
+        |list: &[ipnet::IpNet]| -> Vec<String> { list.iter().map(ToString::to_string).collect() };
+    let limits = settings.limits.map(|limits| {
+        json!({
+            "connections_per_second": limits.per_second,
+            "burst": limits.burst,
+            "tokens": counters.rate_tokens,
+            "per_shard_tokens": merged.per_shard(listener.id, |c| c.rate_tokens),
+            "per_shard_share": merged.per_shard(listener.id, |c| c.rate_share),
+        })
+    });
+    let per_source = settings.per_source.as_ref().map(|per_source| {
+        json!({
+            "connections_per_second": per_source.rate.map(|(rate, _)| rate),
+            "burst": per_source.rate.map(|(_, burst)| burst),
+            "max_connections": per_source.max_connections,
+            "ipv6_prefix": per_source.ipv6_prefix,
+            "table_size": per_source.table_size,
+            "expire_ms": per_source.expire_us / 1000,
+            "addresses": counters.sources,
+            "per_shard_addresses": merged.per_shard(listener.id, |c| c.sources),
+            "evictions": counters.source_evictions,
+        })
+    });
+    json!({
+        "steer": settings.steer.name(),
+        "reject": settings.reject.name(),
+        "first_byte_timeout_ms": settings.first_byte_timeout.map(|t| t.as_millis() as u64),
+        "acl": {
+            "allow": settings.acl.allow.as_deref().map(networks),
+            "deny": networks(&settings.acl.deny),
+        },
+        "limits": limits,
+        "per_source": per_source,
+        "upload_rate": settings.upload_rate,
+        "download_rate": settings.download_rate,
+        "bandwidth": settings.bandwidth,
+    })
 }
 
 fn reload_json(record: Option<&ReloadRecord>) -> Value {
@@ -178,6 +226,7 @@ pub fn status_json(control: &Control) -> Value {
                 "bound_on_every_shard": merged.bound_everywhere(listener.id, control.shards),
                 "max_connections": listener.max_connections.get(),
                 "log": listener.log,
+                "admission": admission_json(&merged, listener, &counters),
             })
         })
         .collect();

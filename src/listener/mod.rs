@@ -6,12 +6,13 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::config::{ListenerConfig, TcpOptions};
-use crate::uring::socket::apply_tcp_options;
+use crate::admission::{Steer, steer};
+use crate::config::{DEFAULT_IPV6_PREFIX, ListenerConfig, TcpOptions};
+use crate::uring::socket::{apply_tcp_options, attach_reuseport_cbpf, detach_reuseport_bpf};
 
 /// The sockets of one listener, one per shard, and the address they share.
 pub struct BoundListener {
@@ -78,13 +79,47 @@ pub fn bind_reuseport_with(
     })
 }
 
-/// Binds `listener` once per shard.
+/// The steering a listener asks for: None for the kernel's hash, or the IPv6 prefix by which
+/// the BPF program groups client addresses (the per-source table's).
+pub fn steering(listener: &ListenerConfig) -> Option<u8> {
+    (listener.admission.steer == Steer::Source).then(|| {
+        listener
+            .admission
+            .per_source
+            .as_ref()
+            .map_or(DEFAULT_IPV6_PREFIX, |per_source| per_source.ipv6_prefix)
+    })
+}
+
+/// Attaches (or, for None, takes off) the steering program of the reuseport group `fd` is in.
+pub fn apply_steering(fd: BorrowedFd<'_>, steering: Option<u8>, shards: usize) -> io::Result<()> {
+    match steering {
+        None => detach_reuseport_bpf(fd),
+        Some(prefix) => {
+            let program = steer::program(shards as u32, prefix);
+            attach_reuseport_cbpf(fd, &program).map_err(|source| {
+                io::Error::new(
+                    source.kind(),
+                    format!("steer = \"source\": cannot attach the BPF program: {source}"),
+                )
+            })
+        }
+    }
+}
+
+/// Binds `listener` once per shard (in shard order, which is the order of the reuseport group).
+/// With `steer = "source"`, attaches the program that sends each client address to one shard.
 pub fn bind(listener: &ListenerConfig, shards: usize) -> Result<BoundListener, BindError> {
-    bind_reuseport_with(listener.bind, listener.backlog, shards, &listener.tcp).map_err(
-        |(addr, source)| BindError {
-            name: listener.name.clone(),
-            addr,
-            source,
-        },
-    )
+    let error = |addr, source| BindError {
+        name: listener.name.clone(),
+        addr,
+        source,
+    };
+    let bound = bind_reuseport_with(listener.bind, listener.backlog, shards, &listener.tcp)
+        .map_err(|(addr, source)| error(addr, source))?;
+    if let Some(first) = bound.sockets.first() {
+        apply_steering(first.as_fd(), steering(listener), shards)
+            .map_err(|source| error(bound.addr, source))?;
+    }
+    Ok(bound)
 }

@@ -99,26 +99,47 @@ impl Histogram {
 /// Why a connection was turned away before it became a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectKind {
+    /// Denied by the listener's ACL.
+    Acl,
+    /// The listener's connections per second.
+    Rate,
+    /// The client address's connections per second.
+    SourceRate,
+    /// The client address's open connections.
+    SourceConnections,
+    /// The per-source table is full of addresses with open connections.
+    SourceTableFull,
     /// The listener's (shard share of) `max_connections` is reached.
     ListenerFull,
+    /// The shard has no descriptors left for another session, or the process's
+    /// `runtime.max_connections` is reached.
+    ProcessFull,
     /// The proxy is shutting down.
     Draining,
-    /// The shard has no descriptors left for another session (client and server side).
-    ProcessFull,
 }
 
 impl RejectKind {
-    pub const ALL: [RejectKind; 3] = [
+    pub const ALL: [RejectKind; 8] = [
+        RejectKind::Acl,
+        RejectKind::Rate,
+        RejectKind::SourceRate,
+        RejectKind::SourceConnections,
+        RejectKind::SourceTableFull,
         RejectKind::ListenerFull,
-        RejectKind::Draining,
         RejectKind::ProcessFull,
+        RejectKind::Draining,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
+            RejectKind::Acl => "acl",
+            RejectKind::Rate => "rate",
+            RejectKind::SourceRate => "source_rate",
+            RejectKind::SourceConnections => "source_connections",
+            RejectKind::SourceTableFull => "source_table_full",
             RejectKind::ListenerFull => "listener_full",
-            RejectKind::Draining => "draining",
             RejectKind::ProcessFull => "process_full",
+            RejectKind::Draining => "draining",
         }
     }
 }
@@ -144,10 +165,12 @@ pub enum CloseKind {
     AdminCut,
     /// The proxy itself failed (a submission it could not make).
     LocalError,
+    /// The client sent nothing within `first_byte_timeout`.
+    FirstByteTimeout,
 }
 
 impl CloseKind {
-    pub const ALL: [CloseKind; 9] = [
+    pub const ALL: [CloseKind; 10] = [
         CloseKind::Done,
         CloseKind::Idle,
         CloseKind::WriteTimeout,
@@ -157,6 +180,7 @@ impl CloseKind {
         CloseKind::DrainCut,
         CloseKind::AdminCut,
         CloseKind::LocalError,
+        CloseKind::FirstByteTimeout,
     ];
 
     pub fn name(self) -> &'static str {
@@ -170,13 +194,14 @@ impl CloseKind {
             CloseKind::DrainCut => "drain_cut",
             CloseKind::AdminCut => "admin_cut",
             CloseKind::LocalError => "local_error",
+            CloseKind::FirstByteTimeout => "first_byte_timeout",
         }
     }
 
     /// The side whose doing it was, for the connection log.
     pub fn side(self) -> &'static str {
         match self {
-            CloseKind::ClientReset => "client",
+            CloseKind::ClientReset | CloseKind::FirstByteTimeout => "client",
             CloseKind::ServerReset | CloseKind::ConnectFailed => "server",
             CloseKind::Done | CloseKind::Idle | CloseKind::WriteTimeout => "-",
             CloseKind::DrainCut | CloseKind::AdminCut | CloseKind::LocalError => "proxy",
@@ -234,6 +259,13 @@ pub struct ListenerCounters {
     pub bytes_client_to_server: u64,
     pub bytes_server_to_client: u64,
     pub session_duration: Histogram,
+    /// Admission gauges: tokens in the listener-wide rate bucket and this shard's fraction of
+    /// the rate (summed across shards: all tokens, 1.0), addresses in the per-source table and
+    /// addresses evicted from it.
+    pub rate_tokens: u64,
+    pub rate_share: f64,
+    pub sources: u64,
+    pub source_evictions: u64,
 }
 
 impl Default for ListenerCounters {
@@ -247,6 +279,10 @@ impl Default for ListenerCounters {
             bytes_client_to_server: 0,
             bytes_server_to_client: 0,
             session_duration: Histogram::new(&SESSION_BUCKETS),
+            rate_tokens: 0,
+            rate_share: 0.0,
+            sources: 0,
+            source_evictions: 0,
         }
     }
 }
@@ -278,6 +314,10 @@ impl ListenerCounters {
         self.bytes_client_to_server += other.bytes_client_to_server;
         self.bytes_server_to_client += other.bytes_server_to_client;
         self.session_duration.merge(&other.session_duration);
+        self.rate_tokens += other.rate_tokens;
+        self.rate_share += other.rate_share;
+        self.sources += other.sources;
+        self.source_evictions += other.source_evictions;
     }
 }
 
@@ -494,6 +534,16 @@ impl Merged {
 
     /// Per shard, this listener's accepted count (0 for a shard that has none).
     pub fn per_shard_accepted(&self, id: ListenerId) -> Vec<u64> {
+        self.per_shard(id, |counters| counters.accepted)
+    }
+
+    /// One value of listener `id`'s counters per shard, in shard order (0 where a shard has
+    /// none).
+    pub fn per_shard<T: Default>(
+        &self,
+        id: ListenerId,
+        value: impl Fn(&ListenerCounters) -> T,
+    ) -> Vec<T> {
         self.shards
             .iter()
             .map(|shard| {
@@ -501,7 +551,8 @@ impl Merged {
                     .listeners
                     .iter()
                     .find(|(listener, _)| *listener == id)
-                    .map_or(0, |(_, counters)| counters.accepted)
+                    .map(|(_, counters)| value(counters))
+                    .unwrap_or_default()
             })
             .collect()
     }

@@ -65,6 +65,8 @@ pub enum CloseReason {
     WriteTimeout(Side),
     /// The loop asked (drain deadline, shutdown, local error).
     Cut,
+    /// The client sent nothing within `first_byte_timeout`.
+    FirstByteTimeout,
 }
 
 /// What the loop must do next for a session.
@@ -111,6 +113,8 @@ pub struct Limits {
     /// In loop ticks.
     pub idle_ticks: u64,
     pub write_ticks: u64,
+    /// A client that sends no byte for this long is closed (None: it may wait for the server).
+    pub first_byte_ticks: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +143,9 @@ pub struct Relay<B> {
     limits: Limits,
     /// Loop tick of the last byte moved either way (idle timeout).
     last_active: u64,
+    /// Tick by which the client must have sent its first byte (u64::MAX: no such deadline, or
+    /// it did).
+    first_byte_deadline: u64,
 }
 
 impl<B> Relay<B> {
@@ -149,6 +156,9 @@ impl<B> Relay<B> {
             phase: Phase::Relaying,
             limits,
             last_active: now,
+            first_byte_deadline: limits
+                .first_byte_ticks
+                .map_or(u64::MAX, |ticks| now.saturating_add(ticks)),
         }
     }
 
@@ -262,6 +272,9 @@ impl<B> Relay<B> {
     ) {
         let closing = self.phase == Phase::Closing;
         let buffer_size = self.limits.buffer_size;
+        if source == Side::Client && !buffers.is_empty() {
+            self.first_byte_deadline = u64::MAX;
+        }
         let flow = self.flow_from(source);
         flow.receiving = flow.receiving.saturating_sub(1);
         if closing {
@@ -311,6 +324,18 @@ impl<B> Relay<B> {
             ReceiveError::Failed if self.flow_from(source).source_failed => {}
             ReceiveError::Failed => self.side_failed(source, pool, out),
         }
+    }
+
+    /// The loop did not submit a receive it was asked for (a bandwidth cap holds it): it no
+    /// longer counts as in flight.
+    pub fn take_back_receive(&mut self, source: Side) {
+        let flow = self.flow_from(source);
+        flow.receiving = flow.receiving.saturating_sub(1);
+    }
+
+    /// The cap's wait is over: arm the receives the direction wants.
+    pub fn resume_receive(&mut self, source: Side, out: &mut Actions) {
+        self.arm_receive(source, out);
     }
 
     /// Buffers are back: re-arm a receive that found none. Returns whether one was armed.
@@ -504,7 +529,7 @@ impl<B> Relay<B> {
             .map(|since| since + self.limits.write_ticks)
             .min()
             .unwrap_or(u64::MAX);
-        idle.min(write)
+        idle.min(write).min(self.first_byte_deadline)
     }
 
     /// Whether bytes wait for `destination` (the loop then reads its socket's unacknowledged
@@ -564,6 +589,10 @@ impl<B> Relay<B> {
                 );
                 return;
             }
+        }
+        if self.phase == Phase::Relaying && now >= self.first_byte_deadline {
+            self.close(CloseMode::Graceful, CloseReason::FirstByteTimeout, out);
+            return;
         }
         if self.phase == Phase::Relaying && now >= self.last_active + self.limits.idle_ticks {
             self.close(CloseMode::Graceful, CloseReason::IdleTimeout, out);

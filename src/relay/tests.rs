@@ -50,6 +50,7 @@ const LIMITS: Limits = Limits {
     queued_buffers: 4,
     buffer_size: 8,
     idle_ticks: 100,
+    first_byte_ticks: None,
     write_ticks: 20,
 };
 
@@ -383,6 +384,55 @@ fn the_idle_timeout_counts_from_the_last_byte_moved() {
         out,
         [Action::Close(CloseMode::Graceful, CloseReason::IdleTimeout)]
     );
+}
+
+#[test]
+fn a_client_silent_past_the_first_byte_timeout_is_closed() {
+    let limits = Limits {
+        first_byte_ticks: Some(30),
+        ..LIMITS
+    };
+    let mut relay: Relay<TestBuffer> = Relay::new(limits, 10);
+    let mut pool = TestPool::default();
+    let mut out = Vec::new();
+    relay.start(&mut out);
+    out.clear();
+    assert_eq!(relay.next_deadline(), 40);
+    // The server speaking first does not count: the client has to send.
+    receive(&mut relay, &mut pool, Side::Server, b"hello", 20);
+    sent(&mut relay, &mut pool, Side::Client, Ok(5), 20);
+    relay.on_tick(39, |_| None, &mut out);
+    assert!(!out.contains(&Action::Close(
+        CloseMode::Graceful,
+        CloseReason::FirstByteTimeout
+    )));
+    out.clear();
+    relay.on_tick(40, |_| None, &mut out);
+    assert_eq!(
+        out,
+        [Action::Close(
+            CloseMode::Graceful,
+            CloseReason::FirstByteTimeout
+        )]
+    );
+}
+
+#[test]
+fn a_client_that_sends_in_time_has_no_first_byte_deadline() {
+    let limits = Limits {
+        first_byte_ticks: Some(30),
+        ..LIMITS
+    };
+    let mut relay: Relay<TestBuffer> = Relay::new(limits, 0);
+    let mut pool = TestPool::default();
+    let mut out = Vec::new();
+    relay.start(&mut out);
+    receive(&mut relay, &mut pool, Side::Client, b"a", 29);
+    sent(&mut relay, &mut pool, Side::Server, Ok(1), 29);
+    out.clear();
+    relay.on_tick(31, |_| None, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(relay.next_deadline(), 29 + LIMITS.idle_ticks);
 }
 
 #[test]

@@ -54,6 +54,9 @@ pub enum ShardMessage {
     RemoveListener(ListenerId),
     /// Cut every session on this server now.
     CutServer(ServerId),
+    /// This shard's fractions of listener-wide connection rates (they add up to 1 across
+    /// shards).
+    RateShares(Vec<(ListenerId, f64)>),
     /// Stop accepting, let sessions finish until the drain timeout, then cut them and stop.
     Drain,
     /// Stop accepting and cut every session now.
@@ -153,6 +156,15 @@ impl RuntimeControl {
     pub fn add_listener(&self, id: ListenerId, sockets: Vec<OwnedFd>) {
         for (shard, fd) in self.shards.iter().zip(sockets) {
             shard.send(ShardMessage::AddListener { id, fd });
+        }
+    }
+
+    /// Hands each shard its fractions of listener-wide rates (`shares[shard]`).
+    pub fn set_rate_shares(&self, shares: Vec<Vec<(ListenerId, f64)>>) {
+        for (shard, shares) in self.shards.iter().zip(shares) {
+            if !shares.is_empty() {
+                shard.send(ShardMessage::RateShares(shares));
+            }
         }
     }
 

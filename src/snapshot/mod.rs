@@ -142,6 +142,7 @@ pub struct ListenerSnapshot {
     pub write_timeout: Duration,
     pub tcp: TcpOptions,
     pub log: bool,
+    pub admission: Arc<crate::admission::AdmissionSettings>,
 }
 
 /// One generation of the running config, as every shard sees it.

@@ -111,6 +111,73 @@ fn bind_address_no_port(socket: &Socket) -> io::Result<()> {
     Ok(())
 }
 
+/// asm-generic values (x86-64, arm64, riscv); mips, sparc and parisc number them differently.
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+const SO_DETACH_REUSEPORT_BPF: libc::c_int = 68;
+
+/// Takes the reuseport program off a listener's group: the kernel's hash spreads again.
+/// ENOENT (none attached) is not an error.
+pub fn detach_reuseport_bpf(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let unused: libc::c_int = 0;
+    // SAFETY: setsockopt reads sizeof(c_int) bytes from a live stack value; `fd` is borrowed
+    // for the whole call.
+    let result = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_DETACH_REUSEPORT_BPF,
+            (&unused as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result != 0 {
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::ENOENT) {
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+/// Attaches a classic BPF program that picks the socket of a SO_REUSEPORT group for each new
+/// connection (`SO_ATTACH_REUSEPORT_CBPF`; the kernel checks the program before taking it).
+pub fn attach_reuseport_cbpf(
+    fd: BorrowedFd<'_>,
+    program: &[crate::admission::steer::Insn],
+) -> io::Result<()> {
+    let mut filters: Vec<libc::sock_filter> = program
+        .iter()
+        .map(|insn| libc::sock_filter {
+            code: insn.code,
+            jt: insn.jt,
+            jf: insn.jf,
+            k: insn.k,
+        })
+        .collect();
+    let len = u16::try_from(filters.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "BPF program too long"))?;
+    let fprog = libc::sock_fprog {
+        len,
+        filter: filters.as_mut_ptr(),
+    };
+    // SAFETY: setsockopt reads one sock_fprog from the stack, whose `filter` points at `len`
+    // live instructions in `filters`; the kernel copies them before returning, and `fd` is
+    // borrowed for the whole call.
+    let result = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Makes the next close of `fd` send a RST instead of a FIN (used to pass a reset through).
 pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
     SockRef::from(&fd).set_linger(Some(Duration::ZERO))

@@ -9,7 +9,7 @@ use tracing::{debug, info, warn};
 
 use super::super::log_limit::{self, Verdict};
 use super::{ACCEPT_BACKOFF, CUT_GRACE, IGNORED, Op, Shard, user_data};
-use crate::admission::{self, Admission, RejectReason, shard_share};
+use crate::admission::{self, Admission, Gate, RejectMode, RejectReason, TokenBucket, shard_share};
 use crate::balance::client_key;
 use crate::metrics::{CloseKind, RejectKind};
 use crate::relay::{CloseMode, Limits, Relay};
@@ -44,7 +44,14 @@ pub(super) struct ShardListener {
     pub retry_at: Option<Instant>,
     /// Accept errors since the last accepted connection.
     pub errors_in_a_row: u32,
+    /// ACL, connection rates and per-source limits of this listener on this shard.
+    pub gate: Gate,
+    /// This shard's share of the listener's `bandwidth` (bytes per second, both directions).
+    pub bandwidth: Option<TokenBucket>,
 }
+
+/// A session's per-source slot when it has none.
+pub(super) const NO_SOURCE_SLOT: u32 = u32::MAX;
 
 impl Shard {
     /// Takes this shard's socket of listener `id` (replacing the socket it had for it, if any:
@@ -56,6 +63,12 @@ impl Shard {
             listener.bound = true;
         }
         self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
+        let settings = self
+            .snapshot
+            .listener(id)
+            .map(|config| (*config.admission).clone())
+            .unwrap_or_default();
+        let gate = Gate::new(settings, 1.0 / self.shards as f64, self.now_us);
         let key = self.listeners.insert(ShardListener {
             id,
             generation: self.next_generation,
@@ -66,6 +79,8 @@ impl Shard {
             singles: 0,
             retry_at: None,
             errors_in_a_row: 0,
+            gate,
+            bandwidth: None,
         });
         self.update_listener_shares();
         key
@@ -91,12 +106,74 @@ impl Shard {
         }
     }
 
-    /// Each listener's share of its connection limit, from the current snapshot.
+    /// Each listener's share of its connection limit and its admission settings, from the
+    /// current snapshot (buckets of unchanged keys keep their tokens).
     pub(super) fn update_listener_shares(&mut self) {
         for (_, listener) in &mut self.listeners {
             if let Some(config) = self.snapshot.listener(listener.id) {
                 listener.share = shard_share(config.max_connections.get(), self.index, self.shards);
+                if *config.admission != *listener.gate.settings() {
+                    listener
+                        .gate
+                        .reconfigure((*config.admission).clone(), self.now_us);
+                }
+                let share = config
+                    .admission
+                    .bandwidth
+                    .map(|rate| (rate / self.shards as u64).max(1));
+                listener.bandwidth = match (share, listener.bandwidth.take()) {
+                    (Some(rate), Some(mut bucket)) => {
+                        bucket.reconfigure(
+                            u128::from(rate) * 1_000_000,
+                            (rate / 10).max(1),
+                            self.now_us,
+                        );
+                        Some(bucket)
+                    }
+                    (Some(rate), None) => Some(super::throttle::rate_bucket(rate, self.now_us)),
+                    (None, _) => None,
+                };
             }
+        }
+        self.process_share = self
+            .snapshot
+            .config
+            .runtime
+            .max_connections
+            .map_or(u32::MAX, |limit| {
+                shard_share(limit.get(), self.index, self.shards)
+            });
+    }
+
+    /// The control thread's new shares of listener-wide rates for this shard.
+    pub(super) fn set_rate_shares(&mut self, shares: &[(ListenerId, f64)]) {
+        for (_, listener) in &mut self.listeners {
+            if let Some((_, share)) = shares.iter().find(|(id, _)| *id == listener.id) {
+                listener.gate.set_share(*share, self.now_us);
+            }
+        }
+    }
+
+    /// A session admitted with a per-source slot ended: its address has one connection less.
+    pub(super) fn release_source(&mut self, listener: ListenerId, generation: u32, slot: u32) {
+        if slot == NO_SOURCE_SLOT {
+            return;
+        }
+        let now_us = self.now_us;
+        if let Some((_, shard_listener)) = self
+            .listeners
+            .iter_mut()
+            .find(|(_, l)| l.id == listener && l.generation == generation)
+        {
+            shard_listener.gate.release(slot, now_us);
+        }
+    }
+
+    /// Forgets expired per-source entries (a few hundred per listener per tick).
+    pub(super) fn sweep_sources(&mut self) {
+        let now_us = self.now_us;
+        for (_, listener) in &mut self.listeners {
+            listener.gate.sweep(now_us);
         }
     }
 
@@ -281,6 +358,7 @@ impl Shard {
         let counters_slot = listener.counters;
         let share = listener.share;
         let id = listener.id;
+        let listener_generation = listener.generation;
         let active = self
             .counters
             .listeners
@@ -290,38 +368,91 @@ impl Shard {
             // Accepted in the same batch as the one that filled the room: there is no
             // descriptor for its server side, so it is closed now rather than later.
             self.pause_for_room();
-            self.stats.rejected += 1;
-            if let Some(counters) = self.counters.listeners.get_mut(counters_slot) {
-                counters.reject(RejectKind::ProcessFull);
-            }
-            drop(client);
+            self.refuse(key, counters_slot, client, RejectReason::ProcessFull);
             return;
         }
-        match admission::admit(active, share, self.draining_until.is_some()) {
-            Admission::Reject(reason) => {
-                self.stats.rejected += 1;
-                let kind = match reason {
-                    RejectReason::ListenerFull => {
-                        self.stats.rejected_full += 1;
-                        RejectKind::ListenerFull
-                    }
-                    RejectReason::Draining => RejectKind::Draining,
-                };
-                if let Some(counters) = self.counters.listeners.get_mut(counters_slot) {
-                    counters.reject(kind);
-                }
-                debug!(shard = self.index, ?reason, "connection rejected");
-                // Never seen by the ring: closed here, at once.
-                drop(client);
+        let mut verdict = match admission::admit(active, share, self.draining_until.is_some()) {
+            Admission::Reject(reason) => Err(reason),
+            Admission::Accept if self.sessions.len() >= self.process_share as usize => {
+                Err(RejectReason::ProcessFull)
             }
-            Admission::Accept => self.start_session(id, counters_slot, client),
+            Admission::Accept => Ok(None),
+        };
+        if verdict.is_ok() {
+            let now_us = self.now_us;
+            let listener = &mut self.listeners[key];
+            let address = if listener.gate.settings().needs_address() {
+                match socket::peer_ip(client.as_fd()) {
+                    Ok(address) => Some(address),
+                    Err(error) => {
+                        // The client reset before it was accepted: nothing to admit or count.
+                        debug!(shard = self.index, %error, "accepted connection already gone");
+                        drop(client);
+                        self.arm_accept(key);
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            verdict = listener.gate.check(address, now_us);
+        }
+        match verdict {
+            Err(reason) => self.refuse(key, counters_slot, client, reason),
+            Ok(slot) => self.start_session(
+                (key, id),
+                counters_slot,
+                client,
+                (listener_generation, slot.unwrap_or(NO_SOURCE_SLOT)),
+            ),
         }
         // Top up single accepts, re-arm a multishot one the kernel ended, or pause.
         self.arm_accept(key);
     }
 
-    fn start_session(&mut self, listener: ListenerId, counters_slot: usize, client: OwnedFd) {
+    /// Turns an accepted connection away at once (RST with `reject = "reset"`, FIN otherwise)
+    /// and counts why.
+    fn refuse(&mut self, key: usize, counters_slot: usize, client: OwnedFd, reason: RejectReason) {
+        self.stats.rejected += 1;
+        let kind = match reason {
+            RejectReason::ListenerFull => {
+                self.stats.rejected_full += 1;
+                RejectKind::ListenerFull
+            }
+            RejectReason::Draining => RejectKind::Draining,
+            RejectReason::ProcessFull => RejectKind::ProcessFull,
+            RejectReason::Acl => RejectKind::Acl,
+            RejectReason::Rate => RejectKind::Rate,
+            RejectReason::SourceRate => RejectKind::SourceRate,
+            RejectReason::SourceConnections => RejectKind::SourceConnections,
+            RejectReason::SourceTableFull => RejectKind::SourceTableFull,
+        };
+        if let Some(counters) = self.counters.listeners.get_mut(counters_slot) {
+            counters.reject(kind);
+        }
+        let reset = self
+            .listeners
+            .get(key)
+            .is_some_and(|listener| listener.gate.settings().reject == RejectMode::Reset);
+        if reset {
+            // Best effort: a client that is already gone needs no reset.
+            let _ = socket::set_linger_zero(client.as_fd());
+        }
+        debug!(shard = self.index, ?reason, "connection rejected");
+        // Never seen by the ring: closed here, at once.
+        drop(client);
+    }
+
+    /// `source`: the listener's generation on this shard and the client's per-source slot.
+    fn start_session(
+        &mut self,
+        (listener_key, listener): (usize, ListenerId),
+        counters_slot: usize,
+        client: OwnedFd,
+        source: (u32, u32),
+    ) {
         let Some(config) = self.snapshot.listener(listener) else {
+            self.release_source(listener, source.0, source.1);
             drop(client);
             return;
         };
@@ -331,6 +462,7 @@ impl Shard {
             buffer_size: self.tuning.buffer_size as usize,
             idle_ticks: super::ticks(config.idle_timeout),
             write_ticks: super::ticks(config.write_timeout),
+            first_byte_ticks: config.admission.first_byte_timeout.map(super::ticks),
         };
         let log = if config.log {
             let peer = socket::peer_addr(client.as_fd())
@@ -381,6 +513,9 @@ impl Shard {
             close_kind: None,
             relay: Relay::new(limits, tick),
             timer: None,
+            listener_generation: source.0,
+            source_slot: source.1,
+            throttle: self.new_throttle(listener_key),
         };
         let index = self.sessions.insert(session);
         self.stats.accepted += 1;

@@ -108,6 +108,11 @@ impl Shard {
             counters.session_duration.record(duration);
         }
         self.counters.listeners.unhold(session.listener_counters);
+        self.release_source(
+            session.listener,
+            session.listener_generation,
+            session.source_slot,
+        );
         self.counters.pools.unhold(session.pool_counters);
         let _ = self.ring.close(session.client, IGNORED, true);
         if let Some(server) = session.server.take() {

@@ -22,8 +22,12 @@ mod accept;
 mod close;
 mod connect;
 mod relay_io;
+mod throttle;
 
-use std::collections::VecDeque;
+pub(super) use throttle::Throttle;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -113,6 +117,8 @@ pub struct Shard {
     /// Accepting stopped because the shard is at its descriptor room; it resumes as sessions
     /// end.
     paused_for_room: bool,
+    /// This shard's share of `runtime.max_connections` (u32::MAX: none).
+    process_share: u32,
     tuning: Tuning,
     snapshot: Arc<Snapshot>,
     listeners: Slab<ShardListener>,
@@ -130,6 +136,9 @@ pub struct Shard {
     received: Vec<BufToken>,
     /// Sessions (index, generation, source side) whose receive found no buffer.
     starved: VecDeque<(usize, u32, Side)>,
+    /// Receives held by bandwidth caps: (when due in shard microseconds, session index,
+    /// generation, side 0 client / 1 server), soonest first.
+    throttled: BinaryHeap<Reverse<(u64, usize, u32, u8)>>,
     /// Sessions (index, generation) waiting for a side's socket to drain before a reset.
     lingering: Vec<(usize, u32)>,
     /// A session started lingering this turn: check the lingering ones before waiting.
@@ -182,6 +191,7 @@ impl Shard {
             shards: setup.shards.max(1),
             descriptor_room: setup.descriptor_room.max(1),
             paused_for_room: false,
+            process_share: u32::MAX,
             tuning,
             snapshot,
             listeners: Slab::new(),
@@ -195,6 +205,7 @@ impl Shard {
             actions: Vec::with_capacity(8),
             received: Vec::with_capacity(64),
             starved: VecDeque::new(),
+            throttled: BinaryHeap::new(),
             lingering: Vec::new(),
             linger_check_now: false,
             starved_this_turn: false,
@@ -242,11 +253,14 @@ impl Shard {
         self.publish();
         loop {
             self.ring.buffers_mut().publish();
-            let wait = if self.sessions.is_empty() && self.draining_until.is_none() {
+            let mut wait = if self.sessions.is_empty() && self.draining_until.is_none() {
                 IDLE_WAIT
             } else {
                 TICK
             };
+            if let Some(resume_us) = self.next_resume_us() {
+                wait = wait.min(Duration::from_micros(resume_us.max(200)));
+            }
             self.ring.submit_and_wait(Some(wait))?;
             self.update_clock();
             let mut completions = std::mem::take(&mut self.completions);
@@ -260,6 +274,7 @@ impl Shard {
             if self.now_tick != self.last_maintenance_tick {
                 self.last_maintenance_tick = self.now_tick;
                 self.expire_timers();
+                self.sweep_sources();
                 self.poll_lingering();
                 self.relieve_buffer_pressure();
                 self.pressure_relieved_tick = self.now_tick;
@@ -279,6 +294,7 @@ impl Shard {
                 self.poll_lingering();
             }
             self.rearm_starved();
+            self.resume_throttled();
             self.retry_connects();
             self.retry_accepts();
             if self.now_ms >= self.last_publish_ms + PUBLISH_INTERVAL_MS {
@@ -403,6 +419,7 @@ impl Shard {
                 self.publish();
             }
             ShardMessage::CutServer(server) => self.cut_server_sessions(server),
+            ShardMessage::RateShares(shares) => self.set_rate_shares(&shares),
             ShardMessage::Drain => self.begin_drain(),
             ShardMessage::Stop => {
                 self.begin_drain();
@@ -485,6 +502,18 @@ impl Shard {
                 let counters = servers.entry(id).or_default();
                 counters.active = active;
                 counters.passive_down = u32::from(passive_down);
+            }
+        }
+        let now_us = self.now_us;
+        for (_, listener) in &mut self.listeners {
+            let tokens = listener.gate.tokens(now_us);
+            let share = listener.gate.share();
+            let table = listener.gate.source_table();
+            if let Some(counters) = self.counters.listeners.get_mut(listener.counters) {
+                counters.rate_tokens = tokens.unwrap_or(0);
+                counters.rate_share = if tokens.is_some() { share } else { 0.0 };
+                (counters.sources, counters.source_evictions) =
+                    table.map_or((0, 0), |(len, evictions)| (len as u64, evictions));
             }
         }
         let published = ShardPublished {

@@ -71,6 +71,9 @@ impl Shard {
             }
         }
         self.received = tokens;
+        if result > 0 && self.sessions[index].throttle.is_some() {
+            self.charge_receive(index, source, result as u64);
+        }
         self.execute(index, &mut actions);
         self.actions = actions;
     }
@@ -146,6 +149,10 @@ impl Shard {
             let generation = session.generation;
             match action {
                 Action::Receive(side) => {
+                    if session.throttle.is_some() && self.hold_receive(index, side) {
+                        continue;
+                    }
+                    let session = &mut self.sessions[index];
                     let Some(fd) = session.fd(side) else { continue };
                     // Right after a full buffer more is likely waiting: try at once; otherwise
                     // wait for readiness first (no wasted attempt per request).
@@ -193,6 +200,7 @@ impl Shard {
                         CloseReason::PeerFailed(Side::Client) => CloseKind::ClientReset,
                         CloseReason::PeerFailed(Side::Server) => CloseKind::ServerReset,
                         CloseReason::Cut => CloseKind::LocalError,
+                        CloseReason::FirstByteTimeout => CloseKind::FirstByteTimeout,
                     };
                     self.close_session(index, mode, kind);
                 }
