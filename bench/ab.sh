@@ -28,7 +28,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-http_port=28080 iperf_port=25201 proxy_http=28121 proxy_bulk=25121
+# Below the ephemeral port range (10000-65535 here): no TIME_WAIT connection holds them.
+http_port=9180 iperf_port=9201 proxy_http=9181 proxy_bulk=9221
 cat >"$work/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
