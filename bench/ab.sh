@@ -13,21 +13,15 @@
 # Every load is bounded by DUR; every process started here is stopped by PID.
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: $0 BASE_BIN OTHER_BIN [MORE_BINS...]" >&2; exit 2; }
-for tool in nginx wrk iperf3 jq; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install nginx wrk iperf3 jq)" >&2; exit 2; }
-done
+root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
+require_tools nginx wrk iperf3 jq
 ROUNDS=${ROUNDS:-7}
 DUR=${DUR:-5}
 WORKLOADS=${WORKLOADS:-"ka64 ka256 close64 iperf1 iperf4"}
 bins=("$@")
-work=$(mktemp -d /tmp/ringproxy-ab.XXXXXX)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+start_work ab
 # Below the ephemeral port range (10000-65535 here): no TIME_WAIT connection holds them.
 http_port=9180 iperf_port=9201 proxy_http=9181 proxy_bulk=9221
 cat >"$work/nginx.conf" <<EOF
@@ -65,7 +59,6 @@ nginx -c "$work/nginx.conf" -p "$work" 2>/dev/null & pids+=($!)
 iperf3 -s -B 127.0.0.1 -p "$iperf_port" >/dev/null 2>&1 & pids+=($!)
 sleep 0.5
 clk=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 # One measurement: prints the figure for workload $2 through binary $1.
 measure() {

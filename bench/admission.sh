@@ -17,31 +17,16 @@
 # process started here is stopped by PID.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-for tool in haproxy wrk curl jq python3; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install haproxy wrk curl jq)" >&2; exit 2; }
-done
-if [ $# -ge 1 ]; then
-  bin=$1
-else
-  cargo build --release --manifest-path "$root/Cargo.toml" -p ringproxy -p ringload >/dev/null
-  bin=$root/target/release/ringproxy
-fi
-ringload=$(dirname "$bin")/ringload
-[ -x "$ringload" ] || { echo "no ringload beside $bin" >&2; exit 2; }
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
+require_tools haproxy wrk curl jq python3
+pick_binaries "${1:-}"
 ROUNDS=${ROUNDS:-7}
 DUR=${DUR:-5}
-work=$(mktemp -d /tmp/ringproxy-admission.XXXXXX)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+start_work admission
 # Below the ephemeral port range (10000-65535 here), so no TIME_WAIT connection holds them.
 echo_port=9301 http_port=9380 proxy_port=9321 admin_port=9399 hap_port=9322
 clk=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 "$ringload" serve --mode echo --threads 1 --listen "127.0.0.1:$echo_port" --duration 1h >/dev/null 2>&1 & pids+=($!)
 "$ringload" serve --mode http --threads 1 --listen "127.0.0.1:$http_port" --duration 1h >/dev/null 2>&1 & pids+=($!)

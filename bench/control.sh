@@ -14,27 +14,13 @@
 # and every process started here is stopped by PID.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-for tool in nginx wrk curl jq prometheus python3; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install nginx wrk curl jq prometheus)" >&2; exit 2; }
-done
-if [ $# -ge 1 ]; then
-  bin=$1
-else
-  cargo build --release --manifest-path "$root/Cargo.toml" -p ringproxy -p ringload >/dev/null
-  bin=$root/target/release/ringproxy
-fi
-ringload=$(dirname "$bin")/ringload
-[ -x "$ringload" ] || { echo "no ringload beside $bin" >&2; exit 2; }
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
+require_tools nginx wrk curl jq prometheus python3
+pick_binaries "${1:-}"
 ROUNDS=${ROUNDS:-7}
 DUR=${DUR:-5}
-work=$(mktemp -d /tmp/ringproxy-control.XXXXXX)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+start_work control
 clk=$(getconf CLK_TCK)
 # Below the ephemeral port range (10000-65535 here): no TIME_WAIT connection of an earlier
 # load can hold them.
@@ -96,7 +82,6 @@ prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/tsdb"
   --web.listen-address="127.0.0.1:$prom" --log.level=error >/dev/null 2>&1 & pids+=($!)
 sleep 1
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 measure() {
   local config=$1 pid t0 t1 out reqs
   "$bin" run --config "$config" 2>"$work/proxy.err" & pid=$!
@@ -137,7 +122,7 @@ EOF
 echo "== 2-3. 1,000 checked servers: control-thread CPU and /metrics render time"
 addresses=()
 for host in $(seq 2 251); do
-  for port in 39001 39002 39003 39004; do addresses+=("127.0.0.$host:$port"); done
+  for port in 9001 9002 9003 9004; do addresses+=("127.0.0.$host:$port"); done
 done
 listen=$(IFS=,; echo "${addresses[*]:0:1000}")
 "$ringload" serve --mode http --listen "$listen" --threads 1 --duration 10m >/dev/null 2>&1 & pids+=($!)
@@ -156,6 +141,7 @@ pids+=($proxy)
 sleep 5
 control_tid=$(grep -l '^control$' /proc/$proxy/task/*/comm | head -1 | xargs dirname | xargs basename)
 up=$(curl -s "127.0.0.1:$admin/status" | jq '[.pools[0].servers[] | select(.state == "up")] | length')
+[ "$up" = 1000 ] || echo "WARNING: only $up of 1000 servers are up: these figures are not comparable" >&2
 read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$proxy/task/$control_tid/stat")
 sleep 30
 read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$proxy/task/$control_tid/stat")

@@ -18,14 +18,9 @@ rounds=${ROUNDS:-3}
 cargo build --release -p ringproxy -p ringload --manifest-path "$root/Cargo.toml" >/dev/null
 new_bin=$root/target/release/ringproxy
 ringload=$root/target/release/ringload
-work=$(mktemp -d /tmp/ringproxy-cut.XXXXXX)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
+start_work cut
 ulimit -n "$(ulimit -Hn)"
 
 wait_for_line() { # file pattern seconds

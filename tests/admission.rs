@@ -9,8 +9,8 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -18,14 +18,6 @@ use common::admin;
 use common::*;
 
 const MIB: u64 = 1024 * 1024;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// One listener "front" (with `listener_extra` keys and sub-tables) in front of `server`,
 /// and the admin API.
@@ -89,6 +81,63 @@ fn status_when(
     last
 }
 
+/// Threads opening connections to `addr` as fast as they can (or, with `per_second`, at most
+/// that many per second in total), each reset at once by the client (no TIME_WAIT), until
+/// `stop()` of the returned flood; it counts the attempts.
+struct Flood {
+    stop: Arc<AtomicBool>,
+    attempts: Arc<AtomicU64>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Flood {
+    fn start(addr: SocketAddr, threads: u64, per_second: Option<u64>) -> Flood {
+        let stop = Arc::new(AtomicBool::new(false));
+        let attempts = Arc::new(AtomicU64::new(0));
+        let threads = (0..threads)
+            .map(|thread_index| {
+                let (stop, attempts) = (Arc::clone(&stop), Arc::clone(&attempts));
+                thread::spawn(move || {
+                    let begun = Instant::now();
+                    let mut n = thread_index;
+                    let mut sent = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        if let Some(rate) = per_second {
+                            let due = Duration::from_micros(sent * 1_000_000 * threads / rate);
+                            if let Some(wait) = due.checked_sub(begun.elapsed()) {
+                                thread::sleep(wait);
+                            }
+                        }
+                        sent += 1;
+                        n += threads;
+                        let Ok(socket) = client_socket(source_ip(n), None) else {
+                            continue;
+                        };
+                        if socket.connect(&addr.into()).is_ok() {
+                            let _ = socket.set_linger(Some(Duration::ZERO));
+                        }
+                        attempts.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        Flood {
+            stop,
+            attempts,
+            threads,
+        }
+    }
+
+    /// Stops the threads; returns the attempts made.
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        for thread in self.threads {
+            thread.join().expect("flood thread");
+        }
+        self.attempts.load(Ordering::SeqCst)
+    }
+}
+
 #[test]
 fn the_listener_rate_holds_at_1000_per_second_over_10_seconds_on_2_shards() {
     let _serial = serial();
@@ -100,35 +149,11 @@ fn the_listener_rate_holds_at_1000_per_second_over_10_seconds_on_2_shards() {
         echo.addr,
     ));
     let addr = proxy.addr();
-    let stop = Arc::new(AtomicBool::new(false));
-    let attempts = Arc::new(AtomicU64::new(0));
     let begun = Instant::now();
-    let flooders: Vec<_> = (0..3u64)
-        .map(|thread_index| {
-            let (stop, attempts) = (Arc::clone(&stop), Arc::clone(&attempts));
-            thread::spawn(move || {
-                let mut n = thread_index;
-                while !stop.load(Ordering::SeqCst) {
-                    n += 3;
-                    let Ok(socket) = client_socket(source_ip(n), None) else {
-                        continue;
-                    };
-                    if socket.connect(&addr.into()).is_ok() {
-                        // RST: no TIME_WAIT piles up on the client side.
-                        let _ = socket.set_linger(Some(Duration::ZERO));
-                    }
-                    attempts.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-        })
-        .collect();
+    let flood = Flood::start(addr, 3, None);
     thread::sleep(Duration::from_secs(10));
-    stop.store(true, Ordering::SeqCst);
-    for flooder in flooders {
-        flooder.join().expect("flooder");
-    }
+    let attempts = flood.stop();
     let elapsed = begun.elapsed().as_secs_f64();
-    let attempts = attempts.load(Ordering::SeqCst);
     let status = status_when(proxy.admin(), |status| {
         let listener = front(status);
         listener["accepted"].as_u64().unwrap_or(0) + listener["rejected"].as_u64().unwrap_or(0)
@@ -628,45 +653,18 @@ fn a_flood_at_ten_times_the_rate_beside_5000_idle_clients_leaves_a_normal_client
         front(&status)
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let attempts = Arc::new(AtomicU64::new(0));
-    let flooders: Vec<_> = (0..2u64)
-        .map(|thread_index| {
-            let (stop, attempts) = (Arc::clone(&stop), Arc::clone(&attempts));
-            thread::spawn(move || {
-                let mut n = thread_index;
-                let begun = Instant::now();
-                while !stop.load(Ordering::SeqCst) {
-                    // At most 10x the rate (20,000 per second) between the two threads.
-                    let due = Duration::from_micros(100 * (n / 2));
-                    if let Some(wait) = due.checked_sub(begun.elapsed()) {
-                        thread::sleep(wait);
-                    }
-                    n += 2;
-                    let Ok(socket) = client_socket(source_ip(n), None) else {
-                        continue;
-                    };
-                    if socket.connect(&addr.into()).is_ok() {
-                        let _ = socket.set_linger(Some(Duration::ZERO));
-                    }
-                    attempts.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-        })
-        .collect();
+    // 10x the connection rate.
+    let flood = Flood::start(addr, 2, Some(20_000));
     thread::sleep(Duration::from_millis(500));
     let loaded = measure(300);
-    stop.store(true, Ordering::SeqCst);
-    for flooder in flooders {
-        flooder.join().expect("flooder");
-    }
+    let attempts = flood.stop();
     let p99 = |samples: &[Duration]| samples[(samples.len() * 99).div_ceil(100) - 1];
     eprintln!(
         "normal client p99: unloaded {:?}, under the flood {:?} (max {:?}); {} flood attempts",
         p99(&unloaded),
         p99(&loaded),
         loaded.last().expect("samples"),
-        attempts.load(Ordering::SeqCst)
+        attempts
     );
     assert!(
         *loaded.last().expect("samples") < Duration::from_secs(1),
@@ -727,14 +725,4 @@ fn under_a_low_descriptor_limit_a_flood_neither_spins_nor_wedges_the_proxy() {
     thread::sleep(Duration::from_millis(1500));
     let fresh = connect_from(addr, Ipv4Addr::new(127, 0, 4, 1), None).expect("connect");
     assert!(admitted(&fresh), "the proxy did not recover");
-}
-
-/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
-fn cpu_seconds(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let after_name = &stat[stat.rfind(')').expect("comm") + 2..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: f64 =
-        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
-    ticks / 100.0
 }

@@ -12,7 +12,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,15 +20,6 @@ use common::*;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// One hardening test at a time (a failed one must not block the rest: poison is ignored).
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// The `p`-th percentile (0..=1) of sorted samples, nearest rank.
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

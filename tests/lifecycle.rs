@@ -153,16 +153,6 @@ fn bind_conflict_fails_the_start_with_a_clear_message() {
     );
 }
 
-/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
-fn cpu_seconds(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let after_name = &stat[stat.rfind(')').expect("comm") + 2..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: f64 =
-        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
-    ticks / 100.0
-}
-
 #[test]
 fn out_of_descriptors_backs_off_without_spinning_and_recovers() {
     let echo = TestServer::start(Behaviour::Echo);

@@ -113,6 +113,33 @@ pub enum RejectReason {
     Draining,
 }
 
+impl RejectReason {
+    pub const ALL: [RejectReason; 8] = [
+        RejectReason::Acl,
+        RejectReason::Rate,
+        RejectReason::SourceRate,
+        RejectReason::SourceConnections,
+        RejectReason::SourceTableFull,
+        RejectReason::ListenerFull,
+        RejectReason::ProcessFull,
+        RejectReason::Draining,
+    ];
+
+    /// The `reason` label of metrics and `/status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RejectReason::Acl => "acl",
+            RejectReason::Rate => "rate",
+            RejectReason::SourceRate => "source_rate",
+            RejectReason::SourceConnections => "source_connections",
+            RejectReason::SourceTableFull => "source_table_full",
+            RejectReason::ListenerFull => "listener_full",
+            RejectReason::ProcessFull => "process_full",
+            RejectReason::Draining => "draining",
+        }
+    }
+}
+
 /// The share of `limit` that shard `shard` of `shards` enforces.
 pub fn shard_share(limit: u32, shard: usize, shards: usize) -> u32 {
     let shards = shards.max(1) as u64;

@@ -96,53 +96,9 @@ impl Histogram {
     }
 }
 
-/// Why a connection was turned away before it became a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectKind {
-    /// Denied by the listener's ACL.
-    Acl,
-    /// The listener's connections per second.
-    Rate,
-    /// The client address's connections per second.
-    SourceRate,
-    /// The client address's open connections.
-    SourceConnections,
-    /// The per-source table is full of addresses with open connections.
-    SourceTableFull,
-    /// The listener's (shard share of) `max_connections` is reached.
-    ListenerFull,
-    /// The shard has no descriptors left for another session, or the process's
-    /// `runtime.max_connections` is reached.
-    ProcessFull,
-    /// The proxy is shutting down.
-    Draining,
-}
-
-impl RejectKind {
-    pub const ALL: [RejectKind; 8] = [
-        RejectKind::Acl,
-        RejectKind::Rate,
-        RejectKind::SourceRate,
-        RejectKind::SourceConnections,
-        RejectKind::SourceTableFull,
-        RejectKind::ListenerFull,
-        RejectKind::ProcessFull,
-        RejectKind::Draining,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            RejectKind::Acl => "acl",
-            RejectKind::Rate => "rate",
-            RejectKind::SourceRate => "source_rate",
-            RejectKind::SourceConnections => "source_connections",
-            RejectKind::SourceTableFull => "source_table_full",
-            RejectKind::ListenerFull => "listener_full",
-            RejectKind::ProcessFull => "process_full",
-            RejectKind::Draining => "draining",
-        }
-    }
-}
+/// Why a connection was turned away before it became a session: admission's reasons, which
+/// label `ringproxy_connections_rejected_total`.
+pub use crate::admission::RejectReason as RejectKind;
 
 /// How a session ended, and on whose side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use super::super::log_limit::{self, Verdict};
 use super::{ACCEPT_BACKOFF, CUT_GRACE, IGNORED, Op, Shard, user_data};
 use crate::admission::{self, Admission, Gate, RejectMode, RejectReason, TokenBucket, shard_share};
 use crate::balance::client_key;
-use crate::metrics::{CloseKind, RejectKind};
+use crate::metrics::CloseKind;
 use crate::relay::{CloseMode, Limits, Relay};
 use crate::runtime::session::{GENERATION_MASK, Session};
 use crate::snapshot::ListenerId;
@@ -414,21 +414,11 @@ impl Shard {
     /// and counts why.
     fn refuse(&mut self, key: usize, counters_slot: usize, client: OwnedFd, reason: RejectReason) {
         self.stats.rejected += 1;
-        let kind = match reason {
-            RejectReason::ListenerFull => {
-                self.stats.rejected_full += 1;
-                RejectKind::ListenerFull
-            }
-            RejectReason::Draining => RejectKind::Draining,
-            RejectReason::ProcessFull => RejectKind::ProcessFull,
-            RejectReason::Acl => RejectKind::Acl,
-            RejectReason::Rate => RejectKind::Rate,
-            RejectReason::SourceRate => RejectKind::SourceRate,
-            RejectReason::SourceConnections => RejectKind::SourceConnections,
-            RejectReason::SourceTableFull => RejectKind::SourceTableFull,
-        };
+        if reason == RejectReason::ListenerFull {
+            self.stats.rejected_full += 1;
+        }
         if let Some(counters) = self.counters.listeners.get_mut(counters_slot) {
-            counters.reject(kind);
+            counters.reject(reason);
         }
         let reset = self
             .listeners

@@ -1,0 +1,39 @@
+# Shared by the bench scripts (sourced, never run): tool checks, the binaries under test, a
+# work directory whose processes are stopped by PID on exit, and CPU readings.
+
+# Exits 2 naming the first of these commands that is missing.
+require_tools() {
+  local tool
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install $*)" >&2; exit 2; }
+  done
+}
+
+# Sets `bin` (argument 1, or the release build, built first) and `ringload` beside it.
+pick_binaries() {
+  if [ $# -ge 1 ] && [ -n "$1" ]; then
+    bin=$1
+  else
+    cargo build --release --manifest-path "$root/Cargo.toml" -p ringproxy -p ringload >/dev/null
+    bin=$root/target/release/ringproxy
+  fi
+  ringload=$(dirname "$bin")/ringload
+  [ -x "$ringload" ] || { echo "no ringload beside $bin" >&2; exit 2; }
+}
+
+# A fresh `work` directory; every PID added to `pids` is stopped on exit, then it is removed.
+start_work() { # name
+  work=$(mktemp -d "/tmp/ringproxy-$1.XXXXXX")
+  pids=()
+  trap stop_work EXIT
+}
+
+stop_work() {
+  local pid
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+
+# utime + stime of a process (or task), in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
