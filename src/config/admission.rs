@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use super::file::{FileAcl, FileLimits, FileListener, FilePerSource};
-use super::{ConfigError, Source, format_duration, nonzero_duration};
+use super::{ConfigError, Source, format_duration, in_range, nonzero_duration};
 use crate::admission::{Acl, AdmissionSettings, RateLimit, RejectMode, SourceSettings, Steer};
 
 pub const DEFAULT_IPV6_PREFIX: u8 = 64;
@@ -23,26 +23,6 @@ const MAX_TABLE_SIZE: u64 = 10_000_000;
 const MAX_BYTE_RATE: u64 = 12_500_000_000;
 const MAX_ACL_ENTRIES: usize = 10_000;
 
-fn number(
-    source: &Source,
-    value: &Spanned<i64>,
-    key: &str,
-    range: RangeInclusive<u64>,
-) -> Result<u64, ConfigError> {
-    let number = *value.get_ref();
-    match u64::try_from(number) {
-        Ok(n) if range.contains(&n) => Ok(n),
-        _ => Err(source.at(
-            value,
-            format!(
-                "{key} must be from {} to {}, not {number}",
-                range.start(),
-                range.end()
-            ),
-        )),
-    }
-}
-
 fn optional(
     source: &Source,
     value: Option<&Spanned<i64>>,
@@ -50,7 +30,7 @@ fn optional(
     range: RangeInclusive<u64>,
 ) -> Result<Option<u64>, ConfigError> {
     value
-        .map(|value| number(source, value, key, range))
+        .map(|value| in_range(source, value, key, range))
         .transpose()
 }
 
@@ -120,7 +100,7 @@ pub(super) fn resolve(
 }
 
 fn resolve_limits(source: &Source, limits: &FileLimits) -> Result<RateLimit, ConfigError> {
-    let per_second = number(
+    let per_second = in_range(
         source,
         &limits.connections_per_second,
         "limits.connections_per_second",

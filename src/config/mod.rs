@@ -761,11 +761,21 @@ fn integer(
     default: u32,
     range: RangeInclusive<u32>,
 ) -> Result<u32, ConfigError> {
-    let Some(value) = value else {
-        return Ok(default);
-    };
+    value.map_or(Ok(default), |value| in_range(source, value, key, range))
+}
+
+/// An integer value within `range`, in whatever unsigned width the key has.
+fn in_range<T>(
+    source: &Source,
+    value: &Spanned<i64>,
+    key: &str,
+    range: RangeInclusive<T>,
+) -> Result<T, ConfigError>
+where
+    T: TryFrom<i64> + PartialOrd + std::fmt::Display,
+{
     let number = *value.get_ref();
-    match u32::try_from(number) {
+    match T::try_from(number) {
         Ok(n) if range.contains(&n) => Ok(n),
         _ => Err(source.at(
             value,

@@ -5,8 +5,34 @@ use super::state::Control;
 use super::status::{all_down, unix_seconds};
 use crate::metrics::names::*;
 use crate::metrics::render::Exposition;
-use crate::metrics::{CloseKind, ConnectErrorKind, Histogram, RejectKind, SESSION_BUCKETS};
-use crate::snapshot::{PoolSnapshot, ServerSnapshot, ServerState};
+use crate::metrics::{
+    CloseKind, ConnectErrorKind, Histogram, ListenerCounters, Merged, RejectKind, SESSION_BUCKETS,
+};
+use crate::snapshot::{ListenerSnapshot, PoolSnapshot, ServerSnapshot, ServerState, Snapshot};
+
+/// One sample per listener of a family whose value is a listener counter.
+struct ListenerFamilies<'a> {
+    snapshot: &'a Snapshot,
+    merged: &'a Merged,
+}
+
+impl ListenerFamilies<'_> {
+    fn family(
+        &self,
+        out: &mut Exposition,
+        (name, kind): (&str, &str),
+        help: &str,
+        include: impl Fn(&ListenerSnapshot) -> bool,
+        value: impl Fn(&ListenerCounters) -> f64,
+    ) {
+        out.family(name, kind, help);
+        let empty = ListenerCounters::default();
+        for listener in self.snapshot.listeners.iter().filter(|l| include(l)) {
+            let counters = self.merged.listeners.get(&listener.id).unwrap_or(&empty);
+            out.sample(name, &[("listener", &listener.name)], value(counters));
+        }
+    }
+}
 
 /// The build's commit, when the build knew it.
 const COMMIT: &str = match option_env!("RINGPROXY_COMMIT") {
@@ -26,19 +52,17 @@ pub fn render(control: &Control) -> String {
         1.0,
     );
 
-    out.family(
-        CONNECTIONS_ACCEPTED,
-        "counter",
+    let listeners = ListenerFamilies {
+        snapshot,
+        merged: &merged,
+    };
+    listeners.family(
+        &mut out,
+        (CONNECTIONS_ACCEPTED, "counter"),
         "Client connections accepted, per listener.",
+        |_| true,
+        |c| c.accepted as f64,
     );
-    for listener in &snapshot.listeners {
-        let accepted = merged.listeners.get(&listener.id).map_or(0, |l| l.accepted);
-        out.sample(
-            CONNECTIONS_ACCEPTED,
-            &[("listener", &listener.name)],
-            accepted as f64,
-        );
-    }
     out.family(
         CONNECTIONS_REJECTED,
         "counter",
@@ -55,74 +79,34 @@ pub fn render(control: &Control) -> String {
             );
         }
     }
-    out.family(
-        LISTENER_RATE_TOKENS,
-        "gauge",
+    listeners.family(
+        &mut out,
+        (LISTENER_RATE_TOKENS, "gauge"),
         "Tokens in the listener-wide connection-rate buckets (all shards), per listener with [listener.limits].",
+        |l| l.admission.limits.is_some(),
+        |c| c.rate_tokens as f64,
     );
-    for listener in snapshot
-        .listeners
-        .iter()
-        .filter(|l| l.admission.limits.is_some())
-    {
-        let tokens = merged
-            .listeners
-            .get(&listener.id)
-            .map_or(0, |l| l.rate_tokens);
-        out.sample(
-            LISTENER_RATE_TOKENS,
-            &[("listener", &listener.name)],
-            tokens as f64,
-        );
-    }
-    let with_table = || {
-        snapshot
-            .listeners
-            .iter()
-            .filter(|l| l.admission.per_source.is_some())
-    };
-    out.family(
-        SOURCE_TABLE_ENTRIES,
-        "gauge",
+    listeners.family(
+        &mut out,
+        (SOURCE_TABLE_ENTRIES, "gauge"),
         "Client addresses in the per-source tables (all shards), per listener with [listener.per_source].",
+        |l| l.admission.per_source.is_some(),
+        |c| c.sources as f64,
     );
-    for listener in with_table() {
-        let entries = merged.listeners.get(&listener.id).map_or(0, |c| c.sources);
-        out.sample(
-            SOURCE_TABLE_ENTRIES,
-            &[("listener", &listener.name)],
-            entries as f64,
-        );
-    }
-    out.family(
-        SOURCE_TABLE_EVICTIONS,
-        "counter",
+    listeners.family(
+        &mut out,
+        (SOURCE_TABLE_EVICTIONS, "counter"),
         "Addresses evicted from full per-source tables, per listener.",
+        |l| l.admission.per_source.is_some(),
+        |c| c.source_evictions as f64,
     );
-    for listener in with_table() {
-        let evictions = merged
-            .listeners
-            .get(&listener.id)
-            .map_or(0, |c| c.source_evictions);
-        out.sample(
-            SOURCE_TABLE_EVICTIONS,
-            &[("listener", &listener.name)],
-            evictions as f64,
-        );
-    }
-    out.family(
-        CONNECTIONS_ACTIVE,
-        "gauge",
+    listeners.family(
+        &mut out,
+        (CONNECTIONS_ACTIVE, "gauge"),
         "Sessions open now, per listener.",
+        |_| true,
+        |c| f64::from(c.active),
     );
-    for listener in &snapshot.listeners {
-        let active = merged.listeners.get(&listener.id).map_or(0, |l| l.active);
-        out.sample(
-            CONNECTIONS_ACTIVE,
-            &[("listener", &listener.name)],
-            f64::from(active),
-        );
-    }
     out.family(
         SESSIONS_CLOSED,
         "counter",
