@@ -316,6 +316,56 @@ fn ten_thousand_connections_from_100_addresses_each_stay_on_one_shard() {
     assert_eq!(per_shard_addresses.iter().sum::<u64>(), 100);
 }
 
+/// `steer` changed by a reload applies to the running sockets: after switching from the kernel's
+/// spread to source steering, each address's connections land on one shard.
+#[test]
+fn a_reload_turns_source_steering_on_for_the_running_sockets() {
+    let _serial = serial();
+    let echo = EventServer::start(EventMode::Echo);
+    let config = |steer: &str| {
+        admission_config(
+            2,
+            "",
+            &format!("steer = \"{steer}\"\n[listener.per_source]\nmax_connections = 1000"),
+            echo.addr,
+        )
+    };
+    let proxy = Proxy::launch(
+        &config("kernel"),
+        Launch {
+            env: vec![("RINGPROXY_ADMIN_TOKEN".into(), "admission-token".into())],
+            ..Launch::default()
+        },
+    );
+    proxy.rewrite_config(&config("source"));
+    let reload = admin::http(
+        proxy.admin(),
+        "POST",
+        "/reload",
+        Some("admission-token"),
+        None,
+    );
+    assert_eq!(reload.status, 200, "{}", reload.body);
+    for n in 0..1000u64 {
+        let source = Ipv4Addr::new(127, 0, 5, 1 + (n % 20) as u8);
+        let stream = connect_from(proxy.addr(), source, None).expect("connect");
+        assert!(admitted(&stream));
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    }
+    let status = status_when(proxy.admin(), |status| {
+        front(status)["accepted"].as_u64() == Some(1000)
+    });
+    let listener = front(&status);
+    assert_eq!(listener["admission"]["steer"], "source");
+    let addresses: u64 = listener["admission"]["per_source"]["per_shard_addresses"]
+        .as_array()
+        .expect("per shard addresses")
+        .iter()
+        .map(|v| v.as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(addresses, 20, "{listener}");
+}
+
 #[test]
 fn acl_allows_and_denies_ipv4_sources() {
     let echo = TestServer::start(Behaviour::Echo);

@@ -46,7 +46,8 @@ struct Load {
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
     per_tag: Arc<[AtomicU64; 2]>,
-    thread: Option<thread::JoinHandle<Vec<String>>>,
+    /// The first few failures: when, and what.
+    thread: Option<thread::JoinHandle<Vec<(Instant, String)>>>,
 }
 
 impl Load {
@@ -84,7 +85,7 @@ impl Load {
                     Err(error) => {
                         fails.fetch_add(1, Ordering::SeqCst);
                         if errors.len() < 5 {
-                            errors.push(error.to_string());
+                            errors.push((Instant::now(), error.to_string()));
                         }
                     }
                 }
@@ -105,7 +106,7 @@ impl Load {
         self.per_tag[usize::from(tag - b'a')].load(Ordering::SeqCst)
     }
 
-    fn finish(mut self) -> (u64, u64, Vec<String>) {
+    fn finish(mut self) -> (u64, u64, Vec<(Instant, String)>) {
         self.stop.store(true, Ordering::SeqCst);
         let errors = self
             .thread
@@ -153,6 +154,7 @@ fn a_killed_server_goes_down_within_its_fall_budget_and_comes_back_with_slow_sta
     thread::sleep(Duration::from_millis(500));
     assert!(load.tag(b'a') > 0, "a takes traffic before it is killed");
 
+    let killed_at = Instant::now();
     drop(a);
     let budget = Duration::from_millis((FALL * INTERVAL_MS) * 11 / 10 + TIMEOUT_MS);
     let took = wait_state(admin, "a", "down", Duration::from_secs(5));
@@ -197,8 +199,16 @@ fn a_killed_server_goes_down_within_its_fall_budget_and_comes_back_with_slow_sta
     );
     let (ok, failed, errors) = load.finish();
     eprintln!("load: {ok} connections, {failed} failed {errors:?}");
-    assert_eq!(
-        failed, 0,
+    // The load is one connection at a time: at most the one session already on the server
+    // when it was killed may be lost (as with any proxy); every other connection succeeds.
+    let lost_at_the_kill = errors
+        .iter()
+        .filter(|(at, _)| {
+            *at >= killed_at && at.duration_since(killed_at) < Duration::from_millis(200)
+        })
+        .count() as u64;
+    assert!(
+        failed <= 1 && failed == lost_at_the_kill,
         "every new connection succeeds while a server dies and returns: {errors:?}"
     );
     drop(a);
