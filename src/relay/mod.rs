@@ -130,6 +130,13 @@ enum Phase {
     Closing,
 }
 
+fn held_bit(side: Side) -> u8 {
+    match side {
+        Side::Client => 1,
+        Side::Server => 2,
+    }
+}
+
 /// The actions of one event (at most a handful).
 pub type Actions = Vec<Action>;
 
@@ -144,8 +151,11 @@ pub struct Relay<B> {
     /// Loop tick of the last byte moved either way (idle timeout).
     last_active: u64,
     /// Tick by which the client must have sent its first byte (u64::MAX: no such deadline, or
-    /// it did).
+    /// it did). It runs from `start`: before the server is connected the proxy does not read.
     first_byte_deadline: u64,
+    /// Sides (bit 0 client, bit 1 server) whose next receive a bandwidth cap holds: the session
+    /// is busy, not idle, and a held client has not been given the chance to send.
+    held: u8,
 }
 
 impl<B> Relay<B> {
@@ -156,9 +166,8 @@ impl<B> Relay<B> {
             phase: Phase::Relaying,
             limits,
             last_active: now,
-            first_byte_deadline: limits
-                .first_byte_ticks
-                .map_or(u64::MAX, |ticks| now.saturating_add(ticks)),
+            first_byte_deadline: u64::MAX,
+            held: 0,
         }
     }
 
@@ -198,8 +207,11 @@ impl<B> Relay<B> {
         self.upstream.ring_buffers() + self.downstream.ring_buffers()
     }
 
-    /// The server is connected: start reading both sides.
-    pub fn start(&mut self, out: &mut Actions) {
+    /// The server is connected (at tick `now`): start reading both sides.
+    pub fn start(&mut self, now: u64, out: &mut Actions) {
+        if let Some(ticks) = self.limits.first_byte_ticks {
+            self.first_byte_deadline = now.saturating_add(ticks);
+        }
         for side in [Side::Client, Side::Server] {
             self.arm_receive(side, out);
         }
@@ -331,10 +343,14 @@ impl<B> Relay<B> {
     pub fn take_back_receive(&mut self, source: Side) {
         let flow = self.flow_from(source);
         flow.receiving = flow.receiving.saturating_sub(1);
+        self.held |= held_bit(source);
     }
 
-    /// The cap's wait is over: arm the receives the direction wants.
-    pub fn resume_receive(&mut self, source: Side, out: &mut Actions) {
+    /// The cap's wait is over (at tick `now`): arm the receives the direction wants. The wait
+    /// counts as activity, not idleness.
+    pub fn resume_receive(&mut self, source: Side, now: u64, out: &mut Actions) {
+        self.held &= !held_bit(source);
+        self.last_active = self.last_active.max(now);
         self.arm_receive(source, out);
     }
 
@@ -590,11 +606,17 @@ impl<B> Relay<B> {
                 return;
             }
         }
-        if self.phase == Phase::Relaying && now >= self.first_byte_deadline {
+        if self.phase == Phase::Relaying
+            && now >= self.first_byte_deadline
+            && self.held & held_bit(Side::Client) == 0
+        {
             self.close(CloseMode::Graceful, CloseReason::FirstByteTimeout, out);
             return;
         }
-        if self.phase == Phase::Relaying && now >= self.last_active + self.limits.idle_ticks {
+        if self.phase == Phase::Relaying
+            && self.held == 0
+            && now >= self.last_active + self.limits.idle_ticks
+        {
             self.close(CloseMode::Graceful, CloseReason::IdleTimeout, out);
         }
     }

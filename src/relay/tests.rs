@@ -57,7 +57,7 @@ const LIMITS: Limits = Limits {
 fn started() -> (Relay<TestBuffer>, TestPool) {
     let mut relay = Relay::new(LIMITS, 0);
     let mut out = Vec::new();
-    relay.start(&mut out);
+    relay.start(0, &mut out);
     assert_eq!(
         out,
         [Action::Receive(Side::Client), Action::Receive(Side::Server)]
@@ -392,10 +392,16 @@ fn a_client_silent_past_the_first_byte_timeout_is_closed() {
         first_byte_ticks: Some(30),
         ..LIMITS
     };
-    let mut relay: Relay<TestBuffer> = Relay::new(limits, 10);
+    // Accepted at tick 0, the server connected at tick 10: the deadline runs from there.
+    let mut relay: Relay<TestBuffer> = Relay::new(limits, 0);
     let mut pool = TestPool::default();
     let mut out = Vec::new();
-    relay.start(&mut out);
+    relay.on_tick(35, |_| None, &mut out);
+    assert!(
+        out.is_empty(),
+        "no deadline before the server is connected: {out:?}"
+    );
+    relay.start(10, &mut out);
     out.clear();
     assert_eq!(relay.next_deadline(), 40);
     // The server speaking first does not count: the client has to send.
@@ -426,13 +432,45 @@ fn a_client_that_sends_in_time_has_no_first_byte_deadline() {
     let mut relay: Relay<TestBuffer> = Relay::new(limits, 0);
     let mut pool = TestPool::default();
     let mut out = Vec::new();
-    relay.start(&mut out);
+    relay.start(0, &mut out);
     receive(&mut relay, &mut pool, Side::Client, b"a", 29);
     sent(&mut relay, &mut pool, Side::Server, Ok(1), 29);
     out.clear();
     relay.on_tick(31, |_| None, &mut out);
     assert!(out.is_empty(), "{out:?}");
     assert_eq!(relay.next_deadline(), 29 + LIMITS.idle_ticks);
+}
+
+#[test]
+fn a_receive_held_by_a_cap_is_neither_idle_nor_a_silent_client() {
+    let limits = Limits {
+        first_byte_ticks: Some(30),
+        ..LIMITS
+    };
+    let mut relay: Relay<TestBuffer> = Relay::new(limits, 0);
+    let mut out = Vec::new();
+    relay.start(0, &mut out);
+    out.clear();
+    relay.take_back_receive(Side::Client);
+    relay.take_back_receive(Side::Server);
+    relay.on_tick(LIMITS.idle_ticks + 40, |_| None, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    relay.resume_receive(Side::Client, LIMITS.idle_ticks + 40, &mut out);
+    relay.resume_receive(Side::Server, LIMITS.idle_ticks + 40, &mut out);
+    assert_eq!(
+        out,
+        [Action::Receive(Side::Client), Action::Receive(Side::Server)]
+    );
+    out.clear();
+    // Released, the silent client meets its deadline.
+    relay.on_tick(LIMITS.idle_ticks + 41, |_| None, &mut out);
+    assert_eq!(
+        out,
+        [Action::Close(
+            CloseMode::Graceful,
+            CloseReason::FirstByteTimeout
+        )]
+    );
 }
 
 #[test]

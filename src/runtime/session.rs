@@ -116,9 +116,9 @@ pub struct Session {
     pub close_kind: Option<CloseKind>,
     pub relay: Relay<BufToken>,
     pub timer: Option<TimerId>,
-    /// Its listener's generation on the shard when it was accepted, and its client address's
+    /// Its listener's epoch on the shard when it was accepted, and its client address's
     /// per-source slot (`NO_SOURCE_SLOT`: none), given back when it ends.
-    pub listener_generation: u32,
+    pub listener_epoch: u32,
     pub source_slot: u32,
     /// Bandwidth caps, when its listener has any (boxed: uncapped sessions pay one word).
     pub throttle: Option<Box<super::shard::Throttle>>,

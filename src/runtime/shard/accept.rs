@@ -29,6 +29,9 @@ const ACCEPT_BATCH: usize = 16;
 
 pub(super) struct ShardListener {
     pub id: ListenerId,
+    /// Tells this listener's sessions from those of an earlier one with the same id (32 bits:
+    /// sessions give their per-source slots back by it).
+    pub epoch: u32,
     /// Tells this listener's accept completions from those of an earlier one in the same slot.
     pub generation: u32,
     pub fd: Option<OwnedFd>,
@@ -69,8 +72,10 @@ impl Shard {
             .map(|config| (*config.admission).clone())
             .unwrap_or_default();
         let gate = Gate::new(settings, 1.0 / self.shards as f64, self.now_us);
+        self.next_listener_epoch = self.next_listener_epoch.wrapping_add(1);
         let key = self.listeners.insert(ShardListener {
             id,
+            epoch: self.next_listener_epoch,
             generation: self.next_generation,
             fd: Some(fd),
             counters,
@@ -155,7 +160,7 @@ impl Shard {
     }
 
     /// A session admitted with a per-source slot ended: its address has one connection less.
-    pub(super) fn release_source(&mut self, listener: ListenerId, generation: u32, slot: u32) {
+    pub(super) fn release_source(&mut self, listener: ListenerId, epoch: u32, slot: u32) {
         if slot == NO_SOURCE_SLOT {
             return;
         }
@@ -163,7 +168,7 @@ impl Shard {
         if let Some((_, shard_listener)) = self
             .listeners
             .iter_mut()
-            .find(|(_, l)| l.id == listener && l.generation == generation)
+            .find(|(_, l)| l.id == listener && l.epoch == epoch)
         {
             shard_listener.gate.release(slot, now_us);
         }
@@ -358,7 +363,7 @@ impl Shard {
         let counters_slot = listener.counters;
         let share = listener.share;
         let id = listener.id;
-        let listener_generation = listener.generation;
+        let listener_epoch = listener.epoch;
         let active = self
             .counters
             .listeners
@@ -403,7 +408,7 @@ impl Shard {
                 (key, id),
                 counters_slot,
                 client,
-                (listener_generation, slot.unwrap_or(NO_SOURCE_SLOT)),
+                (listener_epoch, slot.unwrap_or(NO_SOURCE_SLOT)),
             ),
         }
         // Top up single accepts, re-arm a multishot one the kernel ended, or pause.
@@ -434,7 +439,7 @@ impl Shard {
         let _ = self.ring.close(client, IGNORED, true);
     }
 
-    /// `source`: the listener's generation on this shard and the client's per-source slot.
+    /// `source`: the listener's epoch on this shard and the client's per-source slot.
     fn start_session(
         &mut self,
         (listener_key, listener): (usize, ListenerId),
@@ -504,7 +509,7 @@ impl Shard {
             close_kind: None,
             relay: Relay::new(limits, tick),
             timer: None,
-            listener_generation: source.0,
+            listener_epoch: source.0,
             source_slot: source.1,
             throttle: self.new_throttle(listener_key),
         };

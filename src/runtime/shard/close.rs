@@ -110,7 +110,7 @@ impl Shard {
         self.counters.listeners.unhold(session.listener_counters);
         self.release_source(
             session.listener,
-            session.listener_generation,
+            session.listener_epoch,
             session.source_slot,
         );
         self.counters.pools.unhold(session.pool_counters);

@@ -180,9 +180,14 @@ impl Shard {
                     .record(std::time::Duration::from_micros(took));
             }
             let mut actions = std::mem::take(&mut self.actions);
-            session.relay.start(&mut actions);
+            session.relay.start(self.now_tick, &mut actions);
+            let first_byte_deadline = session.relay.limits().first_byte_ticks.is_some();
             self.execute(index, &mut actions);
             self.actions = actions;
+            if first_byte_deadline && self.sessions.get(index).is_some_and(|s| !s.closing) {
+                // The client's first-byte deadline starts now: the timer must not wait longer.
+                self.arm_timer(index);
+            }
             return;
         }
         let errno = if result == -libc::ECANCELED {

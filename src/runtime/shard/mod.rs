@@ -166,6 +166,8 @@ pub struct Shard {
     last_maintenance_tick: u64,
     last_publish_ms: u64,
     next_generation: u32,
+    /// Epochs of the shard's listeners (`ShardListener::epoch`).
+    next_listener_epoch: u32,
     draining_until: Option<Instant>,
     /// Set once the drain deadline has cut the remaining sessions.
     cut_at: Option<Instant>,
@@ -224,6 +226,7 @@ impl Shard {
             last_maintenance_tick: 0,
             last_publish_ms: 0,
             next_generation: 0,
+            next_listener_epoch: 0,
             draining_until: None,
             cut_at: None,
             stats: ShardStats::default(),

@@ -18,8 +18,8 @@ use crate::relay::Side;
 pub struct Throttle {
     pub upload: Option<TokenBucket>,
     pub download: Option<TokenBucket>,
-    /// The listener's slab key on this shard (checked against the session's listener
-    /// generation before use).
+    /// The listener's slab key on this shard (checked against the session's listener epoch
+    /// before use).
     pub listener_key: usize,
     /// A resume of this side's receives is queued.
     pub queued: [bool; 2],
@@ -67,7 +67,7 @@ impl Shard {
         let Some(session) = self.sessions.get_mut(index) else {
             return;
         };
-        let generation = session.listener_generation;
+        let epoch = session.listener_epoch;
         let Some(throttle) = session.throttle.as_deref_mut() else {
             return;
         };
@@ -79,7 +79,7 @@ impl Shard {
             bucket.charge(bytes, now_us);
         }
         if let Some(listener) = self.listeners.get_mut(throttle.listener_key)
-            && listener.generation == generation
+            && listener.epoch == epoch
             && let Some(bucket) = listener.bandwidth.as_mut()
         {
             bucket.charge(bytes, now_us);
@@ -92,7 +92,7 @@ impl Shard {
         let Some(session) = self.sessions.get_mut(index) else {
             return 0;
         };
-        let generation = session.listener_generation;
+        let epoch = session.listener_epoch;
         let Some(throttle) = session.throttle.as_deref_mut() else {
             return 0;
         };
@@ -102,7 +102,7 @@ impl Shard {
         };
         let mut wait = own.map_or(0, |bucket| bucket.wait_us(now_us));
         if let Some(listener) = self.listeners.get_mut(throttle.listener_key)
-            && listener.generation == generation
+            && listener.epoch == epoch
             && let Some(bucket) = listener.bandwidth.as_mut()
         {
             wait = wait.max(bucket.wait_us(now_us));
@@ -158,7 +158,9 @@ impl Shard {
             if session.closing {
                 continue;
             }
-            session.relay.resume_receive(source, &mut actions);
+            session
+                .relay
+                .resume_receive(source, self.now_tick, &mut actions);
             self.execute(index, &mut actions);
         }
         self.actions = actions;
