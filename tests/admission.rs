@@ -35,6 +35,25 @@ fn admission_config(
     )
 }
 
+const TOKEN: &str = "admission-token";
+
+/// A proxy whose admin API takes `TOKEN` for changes.
+fn launch_with_token(config: &str) -> Proxy {
+    Proxy::launch(
+        config,
+        Launch {
+            env: vec![("RINGPROXY_ADMIN_TOKEN".into(), TOKEN.into())],
+            ..Launch::default()
+        },
+    )
+}
+
+/// Reloads the proxy's (rewritten) config through the admin API.
+fn reload(proxy: &Proxy) {
+    let answer = admin::http(proxy.admin(), "POST", "/reload", Some(TOKEN), None);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+}
+
 fn front(status: &serde_json::Value) -> serde_json::Value {
     status["listeners"]
         .as_array()
@@ -330,22 +349,9 @@ fn a_reload_turns_source_steering_on_for_the_running_sockets() {
             echo.addr,
         )
     };
-    let proxy = Proxy::launch(
-        &config("kernel"),
-        Launch {
-            env: vec![("RINGPROXY_ADMIN_TOKEN".into(), "admission-token".into())],
-            ..Launch::default()
-        },
-    );
+    let proxy = launch_with_token(&config("kernel"));
     proxy.rewrite_config(&config("source"));
-    let reload = admin::http(
-        proxy.admin(),
-        "POST",
-        "/reload",
-        Some("admission-token"),
-        None,
-    );
-    assert_eq!(reload.status, 200, "{}", reload.body);
+    reload(&proxy);
     for n in 0..1000u64 {
         let source = Ipv4Addr::new(127, 0, 5, 1 + (n % 20) as u8);
         let stream = connect_from(proxy.addr(), source, None).expect("connect");
@@ -615,27 +621,14 @@ fn a_reload_changes_the_acl_at_once_and_keeps_the_rate_bucket() {
             echo.addr,
         )
     };
-    let proxy = Proxy::launch(
-        &config("127.0.0.66/32"),
-        Launch {
-            env: vec![("RINGPROXY_ADMIN_TOKEN".into(), "admission-token".into())],
-            ..Launch::default()
-        },
-    );
+    let proxy = launch_with_token(&config("127.0.0.66/32"));
     let addr = proxy.addr();
     let mut used: Vec<TcpStream> = (0..3)
         .map(|n| try_connect(addr, Ipv4Addr::new(127, 0, 0, 10 + n)).expect("connect"))
         .collect();
     assert!(used.iter_mut().all(|s| admitted(s)));
     proxy.rewrite_config(&config("127.0.0.67/32"));
-    let reload = admin::http(
-        proxy.admin(),
-        "POST",
-        "/reload",
-        Some("admission-token"),
-        None,
-    );
-    assert_eq!(reload.status, 200, "{}", reload.body);
+    reload(&proxy);
     // The bucket kept its state: no token yet (1 per second; the reload took well under one).
     let after = try_connect(addr, Ipv4Addr::new(127, 0, 0, 20)).expect("connect");
     assert!(!admitted(&after), "the reload refilled the bucket");

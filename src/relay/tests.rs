@@ -54,6 +54,12 @@ const LIMITS: Limits = Limits {
     write_ticks: 20,
 };
 
+/// LIMITS with a first-byte timeout of 30 ticks.
+const FIRST_BYTE_LIMITS: Limits = Limits {
+    first_byte_ticks: Some(30),
+    ..LIMITS
+};
+
 fn started() -> (Relay<TestBuffer>, TestPool) {
     let mut relay = Relay::new(LIMITS, 0);
     let mut out = Vec::new();
@@ -388,12 +394,8 @@ fn the_idle_timeout_counts_from_the_last_byte_moved() {
 
 #[test]
 fn a_client_silent_past_the_first_byte_timeout_is_closed() {
-    let limits = Limits {
-        first_byte_ticks: Some(30),
-        ..LIMITS
-    };
     // Accepted at tick 0, the server connected at tick 10: the deadline runs from there.
-    let mut relay: Relay<TestBuffer> = Relay::new(limits, 0);
+    let mut relay: Relay<TestBuffer> = Relay::new(FIRST_BYTE_LIMITS, 0);
     let mut pool = TestPool::default();
     let mut out = Vec::new();
     relay.on_tick(35, |_| None, &mut out);
@@ -425,11 +427,7 @@ fn a_client_silent_past_the_first_byte_timeout_is_closed() {
 
 #[test]
 fn a_client_that_sends_in_time_has_no_first_byte_deadline() {
-    let limits = Limits {
-        first_byte_ticks: Some(30),
-        ..LIMITS
-    };
-    let mut relay: Relay<TestBuffer> = Relay::new(limits, 0);
+    let mut relay: Relay<TestBuffer> = Relay::new(FIRST_BYTE_LIMITS, 0);
     let mut pool = TestPool::default();
     let mut out = Vec::new();
     relay.start(0, &mut out);
@@ -443,11 +441,7 @@ fn a_client_that_sends_in_time_has_no_first_byte_deadline() {
 
 #[test]
 fn a_receive_held_by_a_cap_is_neither_idle_nor_a_silent_client() {
-    let limits = Limits {
-        first_byte_ticks: Some(30),
-        ..LIMITS
-    };
-    let mut relay: Relay<TestBuffer> = Relay::new(limits, 0);
+    let mut relay: Relay<TestBuffer> = Relay::new(FIRST_BYTE_LIMITS, 0);
     let mut out = Vec::new();
     relay.start(0, &mut out);
     out.clear();

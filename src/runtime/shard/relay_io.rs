@@ -25,6 +25,7 @@ impl Shard {
         let result = completion.result();
         let mut actions = std::mem::take(&mut self.actions);
         let session = &mut self.sessions[index];
+        let throttled = session.throttle.is_some();
         let buffers = self.ring.buffers_mut();
         match result {
             1.. if !tokens.is_empty() => {
@@ -71,7 +72,7 @@ impl Shard {
             }
         }
         self.received = tokens;
-        if result > 0 && self.sessions[index].throttle.is_some() {
+        if result > 0 && throttled {
             self.charge_receive(index, source, result as u64);
         }
         self.execute(index, &mut actions);
@@ -149,10 +150,14 @@ impl Shard {
             let generation = session.generation;
             match action {
                 Action::Receive(side) => {
-                    if session.throttle.is_some() && self.hold_receive(index, side) {
-                        continue;
-                    }
-                    let session = &mut self.sessions[index];
+                    let session = if session.throttle.is_some() {
+                        if self.hold_receive(index, side) {
+                            continue;
+                        }
+                        &mut self.sessions[index]
+                    } else {
+                        session
+                    };
                     let Some(fd) = session.fd(side) else { continue };
                     // Right after a full buffer more is likely waiting: try at once; otherwise
                     // wait for readiness first (no wasted attempt per request).
