@@ -14,6 +14,9 @@ use std::collections::VecDeque;
 pub trait BufferPool<B> {
     fn bytes<'a>(&'a self, buffer: &'a B) -> &'a [u8];
     fn recycle(&mut self, buffer: B);
+    /// Copies `from`'s bytes after `into`'s when both fit in one buffer; whether it did.
+    /// Bytes past `into`'s length must never be under a send in flight.
+    fn append(&mut self, into: &mut B, from: &B) -> bool;
 }
 
 /// Receives armed at once on a streaming source. More than one moves several buffers per loop
@@ -234,11 +237,20 @@ impl<B> Flow<B> {
         if self.waiting_since.is_none() {
             self.waiting_since = Some(now);
         }
-        self.queue.push_back(Pending {
-            buffer,
-            sent: 0,
-            len,
-        });
+        // Small reads behind a slow destination share one buffer: the bound on buffers a
+        // capped multishot receive can fill rests on it (see the relay's invariants).
+        if let Some(tail) = self.queue.back_mut()
+            && pool.append(&mut tail.buffer, &buffer)
+        {
+            tail.len += len;
+            pool.recycle(buffer);
+        } else {
+            self.queue.push_back(Pending {
+                buffer,
+                sent: 0,
+                len,
+            });
+        }
         if self.spill.is_some() {
             self.copy_out(pool);
         }

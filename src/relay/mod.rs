@@ -9,10 +9,16 @@
 //!
 //! Invariants:
 //! - at most one receive per side and one send per direction are in flight;
-//! - a direction holds at most `queued_buffers` ring buffers (a receive is armed only while
-//!   fewer are queued, and a receive fills one buffer), so a session holds at most
+//! - a direction holds at most `queued_buffers` ring buffers, so a session holds at most
 //!   `2 x queued_buffers` ring buffers whatever its peers do; copied-out bytes are bounded by
-//!   `queued_buffers x buffer_size` per direction;
+//!   `queued_buffers x buffer_size` per direction. Two kinds of receive keep that bound:
+//!   single-shot receives (one buffer each), armed only while fewer buffers are queued; and,
+//!   while at least 4 fewer are queued, one multishot receive capped by bytes (it ends by
+//!   itself after that many, overshooting by less than one buffer). A received buffer that
+//!   fits after the last queued one is copied there and returned at once, so any two
+//!   neighbouring buffers filled by one capped receive hold more than `buffer_size` bytes
+//!   together, and a cap of `(room - 2) x buffer_size / 2` can never fill more than the
+//!   `room` buffers left (see `multishot_cap`);
 //! - bytes reach the destination in the order the source sent them, and a FIN is passed on
 //!   only after everything before it was accepted;
 //! - when one side fails or resets, what is already held for the other side is still
@@ -74,6 +80,9 @@ pub enum CloseReason {
 pub enum Action {
     /// Arm one receive on this side's socket.
     Receive(Side),
+    /// Arm a multishot receive on this side's socket that ends after this many bytes; it stays
+    /// in flight until a completion without `more`.
+    ReceiveMany(Side, u32),
     /// Send toward this side, from where `Flow::sending` says.
     Send(Side),
     /// Cancel the send in flight toward this side (its bytes are being copied out).
@@ -115,6 +124,20 @@ pub struct Limits {
     pub write_ticks: u64,
     /// A client that sends no byte for this long is closed (None: it may wait for the server).
     pub first_byte_ticks: Option<u64>,
+    /// Capped multishot receives may be used (the kernel caps them, and no bandwidth cap
+    /// holds the session's receives one at a time).
+    pub multishot: bool,
+}
+
+/// The byte cap of a multishot receive that may fill at most `room` more ring buffers (None
+/// when fewer than 4: then single-shot receives). Buffers filled by one capped receive hold
+/// less than `cap + buffer_size` bytes, and any two neighbours more than `buffer_size`, so `n`
+/// of them need `n / 2 x buffer_size < cap + buffer_size`: `n <= room`.
+pub fn multishot_cap(room: usize, buffer_size: usize) -> Option<u32> {
+    if room < 4 {
+        return None;
+    }
+    u32::try_from(room.saturating_sub(2) * buffer_size / 2).ok()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,10 +247,20 @@ impl<B> Relay<B> {
         let Limits {
             queued_buffers,
             buffer_size,
+            multishot,
             ..
         } = self.limits;
         let flow = self.flow_from(source);
-        for _ in 0..flow.receives_wanted(queued_buffers, buffer_size) {
+        let wanted = flow.receives_wanted(queued_buffers, buffer_size);
+        if wanted > 0 && multishot && flow.receiving == 0 && flow.spill.is_none() {
+            let room = queued_buffers.saturating_sub(flow.queue.len());
+            if let Some(cap) = multishot_cap(room, buffer_size) {
+                flow.receiving = 1;
+                out.push(Action::ReceiveMany(source, cap));
+                return;
+            }
+        }
+        for _ in 0..wanted {
             flow.receiving += 1;
             out.push(Action::Receive(source));
         }
@@ -244,40 +277,54 @@ impl<B> Relay<B> {
         }
     }
 
-    /// A receive from `source` brought `len` bytes in `buffer`.
+    /// A receive from `source` brought `len` bytes in `buffer`; `more`: it is a multishot
+    /// receive that stays armed.
+    #[allow(clippy::too_many_arguments)]
     pub fn on_received(
         &mut self,
         source: Side,
         buffer: B,
         len: u32,
+        more: bool,
         now: u64,
         pool: &mut impl BufferPool<B>,
         out: &mut Actions,
     ) {
         let mut batch = vec![buffer];
-        let _ = len;
-        self.receive_into(source, &mut batch, |_| len, now, pool, out);
+        self.receive_into(source, &mut batch, |_| len, more, now, pool, out);
     }
 
-    /// A receive from `source` filled `buffers` (in order); drains the vector.
+    /// A receive from `source` filled `buffers` (in order); drains the vector. `more`: it is a
+    /// multishot receive that stays armed.
     pub fn on_received_batch(
         &mut self,
         source: Side,
         buffers: &mut Vec<B>,
+        more: bool,
         now: u64,
         pool: &mut impl BufferPool<B>,
         out: &mut Actions,
     ) where
         B: Measured,
     {
-        self.receive_into(source, buffers, |buffer| buffer.byte_len(), now, pool, out);
+        self.receive_into(
+            source,
+            buffers,
+            |buffer| buffer.byte_len(),
+            more,
+            now,
+            pool,
+            out,
+        );
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn receive_into(
         &mut self,
         source: Side,
         buffers: &mut Vec<B>,
         len_of: impl Fn(&B) -> u32,
+        more: bool,
         now: u64,
         pool: &mut impl BufferPool<B>,
         out: &mut Actions,
@@ -288,7 +335,9 @@ impl<B> Relay<B> {
             self.first_byte_deadline = u64::MAX;
         }
         let flow = self.flow_from(source);
-        flow.receiving = flow.receiving.saturating_sub(1);
+        if !more {
+            flow.receiving = flow.receiving.saturating_sub(1);
+        }
         if closing {
             for buffer in buffers.drain(..) {
                 pool.recycle(buffer);

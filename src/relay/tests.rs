@@ -14,10 +14,21 @@ impl Measured for TestBuffer {
     }
 }
 
-#[derive(Default)]
 struct TestPool {
     lent: usize,
     recycled: usize,
+    /// Bytes a buffer holds (appends past it are refused).
+    capacity: usize,
+}
+
+impl Default for TestPool {
+    fn default() -> Self {
+        TestPool {
+            lent: 0,
+            recycled: 0,
+            capacity: LIMITS.buffer_size,
+        }
+    }
 }
 
 impl TestPool {
@@ -44,6 +55,14 @@ impl BufferPool<TestBuffer> for TestPool {
     fn recycle(&mut self, _buffer: TestBuffer) {
         self.recycled += 1;
     }
+
+    fn append(&mut self, into: &mut TestBuffer, from: &TestBuffer) -> bool {
+        if into.bytes.len() + from.bytes.len() > self.capacity {
+            return false;
+        }
+        into.bytes.extend_from_slice(&from.bytes);
+        true
+    }
 }
 
 const LIMITS: Limits = Limits {
@@ -52,6 +71,7 @@ const LIMITS: Limits = Limits {
     idle_ticks: 100,
     first_byte_ticks: None,
     write_ticks: 20,
+    multishot: false,
 };
 
 /// LIMITS with a first-byte timeout of 30 ticks.
@@ -80,7 +100,7 @@ fn receive(
 ) -> Actions {
     let (buffer, len) = pool.buffer(bytes);
     let mut out = Vec::new();
-    relay.on_received(source, buffer, len, now, pool, &mut out);
+    relay.on_received(source, buffer, len, false, now, pool, &mut out);
     out
 }
 
@@ -565,4 +585,190 @@ fn idle_means_no_receive_and_no_send_in_flight() {
     assert!(relay.is_idle());
     assert!(relay.is_closing());
     let _ = &mut pool;
+}
+
+/// Eight buffers of 8 bytes, capped multishot receives allowed.
+const MULTISHOT_LIMITS: Limits = Limits {
+    queued_buffers: 8,
+    multishot: true,
+    ..LIMITS
+};
+
+fn receive_more(
+    relay: &mut Relay<TestBuffer>,
+    pool: &mut TestPool,
+    source: Side,
+    bytes: &[u8],
+    more: bool,
+    now: u64,
+) -> Actions {
+    let (buffer, len) = pool.buffer(bytes);
+    let mut out = Vec::new();
+    relay.on_received(source, buffer, len, more, now, pool, &mut out);
+    out
+}
+
+#[test]
+fn a_multishot_receive_stays_armed_until_its_last_completion() {
+    let mut relay = Relay::new(MULTISHOT_LIMITS, 0);
+    let mut pool = TestPool::default();
+    let mut out = Vec::new();
+    relay.start(0, &mut out);
+    // Nothing queued: room for 8 buffers, a cap of (8 - 2) x 8 / 2 bytes.
+    assert_eq!(
+        out,
+        [
+            Action::ReceiveMany(Side::Client, 24),
+            Action::ReceiveMany(Side::Server, 24)
+        ]
+    );
+    let out = receive_more(&mut relay, &mut pool, Side::Client, b"hello", true, 1);
+    assert_eq!(out, [Action::Send(Side::Server)], "no second receive");
+    assert_eq!(relay.upstream.receiving, 1);
+    let out = sent(&mut relay, &mut pool, Side::Server, Ok(5), 1);
+    assert!(
+        out.is_empty(),
+        "the multishot receive is still armed: {out:?}"
+    );
+    // Its last completion (the cap reached): one buffer queued, 7 of room, a smaller cap.
+    let out = receive_more(&mut relay, &mut pool, Side::Client, b"world", false, 2);
+    assert_eq!(
+        out,
+        [
+            Action::Send(Side::Server),
+            Action::ReceiveMany(Side::Client, 20)
+        ]
+    );
+}
+
+#[test]
+fn without_room_for_four_buffers_receives_are_single_shot() {
+    let mut relay = Relay::new(MULTISHOT_LIMITS, 0);
+    let mut pool = TestPool::default();
+    let mut out = Vec::new();
+    relay.start(0, &mut out);
+    // The server takes nothing; full buffers pile up.
+    for (round, more) in [(1, true), (2, true), (3, false)] {
+        receive_more(
+            &mut relay,
+            &mut pool,
+            Side::Client,
+            b"12345678",
+            more,
+            round,
+        );
+    }
+    // 3 queued, 5 of room: still a (smaller) multishot receive.
+    assert_eq!(relay.upstream.receiving, 1);
+    for (round, more) in [(4, true), (5, false)] {
+        let out = receive_more(
+            &mut relay,
+            &mut pool,
+            Side::Client,
+            b"12345678",
+            more,
+            round,
+        );
+        if !more {
+            assert_eq!(
+                out,
+                [Action::Receive(Side::Client)],
+                "3 of room: single-shot"
+            );
+        }
+    }
+}
+
+#[test]
+fn small_reads_behind_a_slow_destination_share_a_buffer() {
+    let (mut relay, mut pool) = started();
+    receive(&mut relay, &mut pool, Side::Client, b"ab", 1);
+    // The send of "ab" is in flight; more small reads land after it in the same buffer.
+    receive(&mut relay, &mut pool, Side::Client, b"cd", 2);
+    receive(&mut relay, &mut pool, Side::Client, b"efg", 3);
+    assert_eq!(relay.upstream.ring_buffers(), 1);
+    assert_eq!(pool.outstanding(), 1, "the copied buffers went back");
+    // The send in flight covered "ab" only; the rest follows in order.
+    let out = sent(&mut relay, &mut pool, Side::Server, Ok(2), 4);
+    assert_eq!(out.first(), Some(&Action::Send(Side::Server)));
+    let head = relay.upstream.queue.front().expect("queued");
+    assert_eq!(&head.buffer.bytes[head.sent as usize..], b"cdefg");
+    // "hi" does not fit after 7 bytes: a buffer of its own.
+    receive(&mut relay, &mut pool, Side::Client, b"hi", 5);
+    assert_eq!(relay.upstream.ring_buffers(), 2);
+}
+
+/// A tiny deterministic generator (xorshift64).
+struct Random(u64);
+
+impl Random {
+    fn below(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % bound
+    }
+}
+
+/// Capped multishot receives of random sizes, with a destination that takes random parts of
+/// each send or nothing for a while: a direction never holds more than `queued_buffers` ring
+/// buffers, and every byte arrives once and in order. The kernel is modelled as it behaves: a
+/// capped receive ends with the completion that brings its total to the cap or past it.
+#[test]
+fn capped_multishot_receives_never_hold_more_than_queued_buffers() {
+    let buffer_size = MULTISHOT_LIMITS.buffer_size as u64;
+    for seed in 1..300u64 {
+        let mut random = Random(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut relay = Relay::new(MULTISHOT_LIMITS, 0);
+        let mut pool = TestPool::default();
+        let mut out = Vec::new();
+        relay.start(0, &mut out);
+        // The client side's armed receive: (multishot, cap, bytes taken).
+        let mut armed: Option<(bool, u32, u32)> = None;
+        // Bytes the send in flight covers.
+        let mut in_flight: Option<u32> = None;
+        let (mut next_in, mut next_out) = (0u64, 0u64);
+        for step in 0..3_000u64 {
+            for action in out.drain(..) {
+                match action {
+                    Action::ReceiveMany(Side::Client, cap) => armed = Some((true, cap, 0)),
+                    Action::Receive(Side::Client) => armed = Some((false, 0, 0)),
+                    Action::Send(Side::Server) => {
+                        let head = relay.upstream.queue.front().expect("a send has bytes");
+                        in_flight = Some(head.len - head.sent);
+                    }
+                    _ => {}
+                }
+            }
+            let receive_now = random.below(3) < 2;
+            if let (true, Some((multishot, cap, taken))) = (receive_now, armed) {
+                let len = 1 + random.below(buffer_size);
+                let bytes: Vec<u8> = (next_in..next_in + len).map(|at| at as u8).collect();
+                next_in += len;
+                let taken = taken + len as u32;
+                let more = multishot && taken < cap;
+                armed = more.then_some((multishot, cap, taken));
+                out = receive_more(&mut relay, &mut pool, Side::Client, &bytes, more, step);
+            } else if let Some(covered) = in_flight.take() {
+                let count = 1 + random.below(u64::from(covered)) as u32;
+                let head = relay.upstream.queue.front().expect("bytes under the send");
+                let from = head.sent as usize;
+                for (offset, byte) in head.buffer.bytes[from..from + count as usize]
+                    .iter()
+                    .enumerate()
+                {
+                    assert_eq!(*byte, (next_out + offset as u64) as u8, "seed {seed}");
+                }
+                next_out += u64::from(count);
+                out = sent(&mut relay, &mut pool, Side::Server, Ok(count), step);
+            }
+            assert!(
+                relay.upstream.ring_buffers() <= MULTISHOT_LIMITS.queued_buffers,
+                "seed {seed} step {step}: {} buffers held",
+                relay.upstream.ring_buffers()
+            );
+            assert_eq!(pool.outstanding(), relay.upstream.ring_buffers());
+        }
+        assert!(next_out > 0, "seed {seed}: bytes moved");
+    }
 }

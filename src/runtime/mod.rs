@@ -106,6 +106,9 @@ pub struct ShardStats {
     pub stale_completions: u64,
     pub closed: u64,
     /// Loop turns (one io_uring_enter each) and completions handled: their ratio is the batching.
+    /// Receives submitted: single-shot, and capped multishot.
+    pub receives: u64,
+    pub multishot_receives: u64,
     pub loop_turns: u64,
     pub completions: u64,
     pub bytes_to_server: u64,

@@ -274,6 +274,33 @@ impl BufRing {
         unsafe { std::slice::from_raw_parts(self.buffer_ptr(token.id), token.len as usize) }
     }
 
+    /// Appends `from`'s bytes after `into`'s when both fit in one buffer, and says whether it
+    /// did (then `from` only needs to go back with `recycle`). Safe while a send reads `into`:
+    /// a send reads a buffer only up to the length its token had when it was submitted, and
+    /// lengths only grow here, so the appended bytes are never under a send in flight.
+    pub fn append(&mut self, into: &mut BufToken, from: &BufToken) -> bool {
+        if into.ring != self.ring || from.ring != self.ring || into.id == from.id {
+            return false;
+        }
+        let total = into.len + from.len;
+        if total > self.buffer_size {
+            return false;
+        }
+        // SAFETY: both ids are < count (checked when minted) and differ, so the source range
+        // and the destination range (`into.len..total`, total <= buffer_size) lie in two
+        // different buffers inside the mapping; both are checked out, so the kernel writes
+        // neither, and no send in flight reads at or past `into.len` (see above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.buffer_ptr(from.id),
+                self.buffer_ptr(into.id).add(into.len as usize),
+                from.len as usize,
+            );
+        }
+        into.len = total;
+        true
+    }
+
     fn buffer_ptr(&self, id: u16) -> *mut u8 {
         debug_assert!(id < self.count);
         // SAFETY: callers pass id < count, so the offset stays inside the buffer mapping.

@@ -36,6 +36,9 @@ pub const USER_DATA_BITS: u64 = !(ACCEPT_BIT | OWNED_BIT);
 /// IORING_RECVSEND_POLL_FIRST from the kernel's uapi (the io-uring crate does not export it).
 const RECVSEND_POLL_FIRST: u16 = 1;
 
+/// IORING_RECV_MULTISHOT from the kernel's uapi (the io-uring crate does not export it).
+const RECV_MULTISHOT: u16 = 2;
+
 /// Identifies a ring, so tokens and completions of one ring are never used with another.
 static NEXT_RING_ID: AtomicU32 = AtomicU32::new(1);
 
@@ -294,6 +297,34 @@ impl Ring {
             .build()
             .user_data(user_data & USER_DATA_BITS);
         self.push(entry)
+    }
+
+    /// Arms a multishot receive that ends by itself (a completion without `more()`) once it
+    /// has received `total_bytes` or more: at most `total_bytes + buffer_size - 1` bytes in
+    /// all, one buffer per completion. Needs Linux 6.17 or later (`supports_capped_multishot`);
+    /// older kernels fail it with EINVAL.
+    pub fn recv_multishot_capped(
+        &mut self,
+        fd: RawFd,
+        user_data: u64,
+        total_bytes: u32,
+        poll_first: bool,
+    ) -> io::Result<()> {
+        let ioprio = RECV_MULTISHOT | if poll_first { RECVSEND_POLL_FIRST } else { 0 };
+        let entry = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), 0)
+            .buf_group(self.buffers.group())
+            .ioprio(ioprio)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(user_data & USER_DATA_BITS);
+        self.push(with_optlen(entry, total_bytes))
+    }
+
+    /// Whether this kernel caps a multishot receive by total bytes (Linux 6.17+): asked once
+    /// per process on a socket pair with a ring of its own.
+    pub fn supports_capped_multishot() -> bool {
+        static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *SUPPORTED.get_or_init(|| probe_capped_multishot().unwrap_or(false))
     }
 
     /// Sends `token`'s bytes from `offset` on. The buffer is marked in flight, so it cannot go
@@ -561,6 +592,40 @@ impl Ring {
     }
 }
 
+/// The SQE's `optlen` (offset 44, shared with `file_index`), which the io-uring crate's
+/// builders do not set; a capped multishot receive reads its byte cap there.
+fn with_optlen(entry: squeue::Entry, optlen: u32) -> squeue::Entry {
+    const OPTLEN_OFFSET: usize = 44;
+    // SAFETY: `squeue::Entry` is `#[repr(C)]` around the 64-byte `io_uring_sqe`, made of plain
+    // integers and unions of them, so every byte pattern is a valid value of both types and the
+    // sizes match (checked by transmute at compile time).
+    let mut bytes: [u8; 64] = unsafe { std::mem::transmute::<squeue::Entry, [u8; 64]>(entry) };
+    bytes[OPTLEN_OFFSET..OPTLEN_OFFSET + 4].copy_from_slice(&optlen.to_ne_bytes());
+    // SAFETY: as above; only the optlen field changed.
+    unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(bytes) }
+}
+
+/// Two bytes wait on a socket pair; a capped receive of 1 byte must take them in one
+/// completion and end (no `more`). Kernels without the cap refuse it (EINVAL).
+fn probe_capped_multishot() -> io::Result<bool> {
+    let (reader, writer) = std::os::unix::net::UnixStream::pair()?;
+    std::io::Write::write_all(&mut &writer, b"ab")?;
+    let mut ring = Ring::with_buffers(8, 2, 64)?;
+    ring.buffers_mut().publish();
+    ring.recv_multishot_capped(std::os::fd::AsRawFd::as_raw_fd(&reader), 1, 1, false)?;
+    ring.submit_and_wait(Some(Duration::from_secs(1)))?;
+    let mut completions = Vec::new();
+    ring.drain_completions(&mut completions);
+    let Some(mut first) = completions.pop() else {
+        return Ok(false);
+    };
+    let supported = first.result() > 0 && !first.more();
+    if let Some(token) = ring.buffers_mut().take(&mut first) {
+        ring.buffers_mut().recycle(token);
+    }
+    Ok(supported)
+}
+
 /// Errors of io_uring_enter that mean "reap completions and come back", not failure.
 fn is_retry(error: &io::Error) -> bool {
     matches!(
@@ -639,6 +704,44 @@ mod tests {
         assert!(kernel_version("6.0") < (6, 1));
         assert_eq!(kernel_version("garbage"), (0, 0));
         assert_eq!(kernel_version(""), (0, 0));
+    }
+
+    #[test]
+    fn a_capped_multishot_receive_ends_after_its_bytes() {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        if kernel_version(release.trim()) < (6, 17) {
+            eprintln!("SKIP: kernel {release} has no multishot receive cap");
+            return;
+        }
+        assert!(
+            Ring::supports_capped_multishot(),
+            "6.17+ caps multishot receives"
+        );
+        let (reader, mut writer) = UnixStream::pair().expect("pair");
+        let mut ring = Ring::with_buffers(8, 8, 4).expect("ring");
+        ring.buffers_mut().publish();
+        ring.recv_multishot_capped(reader.as_raw_fd(), 7, 6, false)
+            .expect("arm");
+        let mut taken = Vec::new();
+        let mut ended = false;
+        for chunk in [&b"abc"[..], b"de", b"fgh", b"ijk"] {
+            writer.write_all(chunk).expect("write");
+            if ended {
+                break;
+            }
+            let mut completion = wait_one(&mut ring);
+            assert!(completion.result() > 0, "{}", completion.result());
+            let token = ring.buffers_mut().take(&mut completion).expect("a buffer");
+            taken.extend_from_slice(ring.buffers().bytes(&token));
+            ring.buffers_mut().recycle(token);
+            ring.buffers_mut().publish();
+            ended = !completion.more();
+        }
+        assert!(ended, "the receive ended by itself");
+        assert_eq!(
+            taken, b"abcdefgh",
+            "6 bytes asked, the last read overshoots within one buffer"
+        );
     }
 
     fn wait_one(ring: &mut Ring) -> Completion {

@@ -453,12 +453,15 @@ impl Shard {
             return;
         };
         let pool = config.pool;
+        let throttle = self.new_throttle(listener_key);
         let limits = Limits {
             queued_buffers: self.tuning.queued_buffers as usize,
             buffer_size: self.tuning.buffer_size as usize,
             idle_ticks: super::ticks(config.idle_timeout),
             write_ticks: super::ticks(config.write_timeout),
             first_byte_ticks: config.admission.first_byte_timeout.map(super::ticks),
+            // A bandwidth cap holds receives one at a time.
+            multishot: self.capped_multishot && throttle.is_none(),
         };
         let log = if config.log {
             let peer = socket::peer_addr(client.as_fd())
@@ -511,7 +514,7 @@ impl Shard {
             timer: None,
             listener_epoch: source.0,
             source_slot: source.1,
-            throttle: self.new_throttle(listener_key),
+            throttle,
         };
         let index = self.sessions.insert(session);
         self.stats.accepted += 1;

@@ -83,6 +83,10 @@ impl BufferPool<BufToken> for BufRing {
     fn recycle(&mut self, buffer: BufToken) {
         BufRing::recycle(self, buffer);
     }
+
+    fn append(&mut self, into: &mut BufToken, from: &BufToken) -> bool {
+        BufRing::append(self, into, from)
+    }
 }
 
 /// What a shard needs to start: the first snapshot, its listener sockets, its inbox and slot.
@@ -120,6 +124,8 @@ pub struct Shard {
     /// This shard's share of `runtime.max_connections` (u32::MAX: none).
     process_share: u32,
     tuning: Tuning,
+    /// This kernel caps multishot receives by bytes (else receives are single-shot).
+    capped_multishot: bool,
     snapshot: Arc<Snapshot>,
     listeners: Slab<ShardListener>,
     sessions: Slab<Session>,
@@ -195,6 +201,7 @@ impl Shard {
             paused_for_room: false,
             process_share: u32::MAX,
             tuning,
+            capped_multishot: Ring::supports_capped_multishot(),
             snapshot,
             listeners: Slab::new(),
             sessions: Slab::new(),
@@ -330,6 +337,8 @@ impl Shard {
             timer_nodes = self.timers.capacity(),
             bytes_to_server = stats.bytes_to_server,
             bytes_to_client = stats.bytes_to_client,
+            receives = stats.receives,
+            multishot_receives = stats.multishot_receives,
             loop_turns = stats.loop_turns,
             completions = stats.completions,
             "shard stopped"

@@ -23,15 +23,21 @@ impl Shard {
             tokens.push(token);
         }
         let result = completion.result();
+        let more = completion.more();
         let mut actions = std::mem::take(&mut self.actions);
         let session = &mut self.sessions[index];
         let throttled = session.throttle.is_some();
         let buffers = self.ring.buffers_mut();
         match result {
             1.. if !tokens.is_empty() => {
-                session
-                    .relay
-                    .on_received_batch(source, &mut tokens, tick, buffers, &mut actions);
+                session.relay.on_received_batch(
+                    source,
+                    &mut tokens,
+                    more,
+                    tick,
+                    buffers,
+                    &mut actions,
+                );
             }
             _ => {
                 for token in tokens.drain(..) {
@@ -162,9 +168,21 @@ impl Shard {
                     // Right after a full buffer more is likely waiting: try at once; otherwise
                     // wait for readiness first (no wasted attempt per request).
                     let poll_first = !session.relay.flow_from(side).last_receive_full;
+                    self.stats.receives += 1;
                     let _ = self.ring.recv(
                         fd,
                         user_data(Op::recv_from(side), index, generation),
+                        poll_first,
+                    );
+                }
+                Action::ReceiveMany(side, cap) => {
+                    let Some(fd) = session.fd(side) else { continue };
+                    let poll_first = !session.relay.flow_from(side).last_receive_full;
+                    self.stats.multishot_receives += 1;
+                    let _ = self.ring.recv_multishot_capped(
+                        fd,
+                        user_data(Op::recv_from(side), index, generation),
+                        cap,
                         poll_first,
                     );
                 }
