@@ -93,11 +93,12 @@ impl Spill {
 #[derive(Debug)]
 pub struct Flow<B> {
     pub queue: VecDeque<Pending<B>>,
-    pub spill: Option<Spill>,
+    /// Boxed: most flows never spill, and an idle session should stay small.
+    pub spill: Option<Box<Spill>>,
     /// A send toward the destination is in flight, and from where.
     pub sending: Option<SendFrom>,
     /// How many queued buffers (from the head) the send in flight reads.
-    pub sending_buffers: usize,
+    pub sending_buffers: u16,
     /// The in-flight send was cancelled so its buffer can be copied out.
     pub cancelling: bool,
     /// Receives armed on the source (each fills at most one buffer; their completions come
@@ -157,7 +158,7 @@ impl<B> Flow<B> {
     pub fn is_flushed(&self) -> bool {
         self.queue.is_empty()
             && self.sending.is_none()
-            && self.spill.as_ref().is_none_or(Spill::is_empty)
+            && self.spill.as_deref().is_none_or(Spill::is_empty)
     }
 
     /// Everything received has been delivered and the FIN passed on (or the destination is
@@ -260,7 +261,7 @@ impl<B> Flow<B> {
     /// the emptied ring buffers to the pool. A buffer that does not fit whole stays queued.
     pub fn spill_queue(&mut self, capacity: usize, pool: &mut impl BufferPool<B>) {
         if self.spill.is_none() {
-            self.spill = Some(Spill::new(capacity));
+            self.spill = Some(Box::new(Spill::new(capacity)));
         }
         self.copy_out(pool);
     }
@@ -339,7 +340,7 @@ impl<B> Flow<B> {
             if !self.queue.is_empty() {
                 self.copy_out(pool);
             }
-            if self.queue.is_empty() && self.spill.as_ref().is_some_and(Spill::is_empty) {
+            if self.queue.is_empty() && self.spill.as_deref().is_some_and(Spill::is_empty) {
                 // Drained: back to zero copy, and the memory goes back.
                 self.spill = None;
             }

@@ -176,3 +176,14 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod size {
+    /// Idle memory per proxied connection is mostly this struct (README: about 500 bytes of
+    /// user space per idle connection): growing it should be a decision, not an accident.
+    #[test]
+    fn a_session_stays_small() {
+        let bytes = std::mem::size_of::<super::Session>();
+        assert!(bytes <= 464, "Session is {bytes} bytes");
+    }
+}

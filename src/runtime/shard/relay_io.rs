@@ -94,7 +94,7 @@ impl Shard {
         if let Some(data) = completion.take_owned() {
             flow.restore_spill(data);
         } else if flow.sending == Some(SendFrom::Queue) {
-            let count = flow.sending_buffers.max(1);
+            let count = usize::from(flow.sending_buffers.max(1));
             for pending in flow.queue.iter().take(count) {
                 self.ring.buffers_mut().send_completed(&pending.buffer);
             }
@@ -255,7 +255,7 @@ impl Shard {
                     // Everything queued goes in one sendmsg: fewer sends and completions per
                     // byte when the source streams.
                     let count = queued.min(MAX_SEND_BUFFERS);
-                    flow.sending_buffers = count;
+                    flow.sending_buffers = u16::try_from(count).unwrap_or(u16::MAX);
                     let tokens: Vec<&BufToken> =
                         flow.queue.iter().take(count).map(|p| &p.buffer).collect();
                     let offset = flow.queue[0].sent;
