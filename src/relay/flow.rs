@@ -3,7 +3,7 @@
 //!
 //! Owns the received buffers not yet sent, and the copy-out ("spill") buffer that takes their
 //! bytes when the destination stalls while receive buffers are scarce. Invariants: a flow holds
-//! at most `queued_buffers` ring buffers, counting the one its armed receive may fill; bytes go
+//! at most `queued_buffers` ring buffers, counting those its armed receive may fill; bytes go
 //! out in the order they came in (spilled bytes are always older than queued buffers); the
 //! spill buffer never grows past `queued_buffers x buffer_size` bytes and is freed once it
 //! drains.
@@ -101,8 +101,9 @@ pub struct Flow<B> {
     pub sending_buffers: u16,
     /// The in-flight send was cancelled so its buffer can be copied out.
     pub cancelling: bool,
-    /// Receives armed on the source (each fills at most one buffer; their completions come
-    /// in the order the bytes were read).
+    /// Receives armed on the source (a single-shot one fills at most one buffer, a capped
+    /// multishot one at most the room it was armed with; completions come in the order the
+    /// bytes were read).
     pub receiving: u8,
     /// The source's receive found no buffer; the loop re-arms it when buffers return.
     pub starved: bool,
@@ -177,7 +178,8 @@ impl<B> Flow<B> {
         queued + self.spill.as_ref().map_or(0, |spill| spill.len() as u64)
     }
 
-    /// How many more receives to arm on the source now. Queued buffers plus armed receives
+    /// How many more receives to arm on the source now (counted as single-shot ones; the relay
+    /// arms one capped multishot receive instead where it may). Queued buffers plus armed receives
     /// never exceed `queued_buffers` (each receive fills at most one buffer); while the source
     /// streams (its last receive filled a whole buffer) up to `PARALLEL_RECEIVES` are armed,
     /// otherwise one.
