@@ -20,4 +20,5 @@ pub mod metrics;
 pub mod relay;
 pub mod runtime;
 pub mod snapshot;
+pub mod sniff;
 pub mod uring;
