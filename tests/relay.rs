@@ -24,8 +24,19 @@ fn payload_size(index: u64, random: &mut Payload) -> usize {
 
 #[test]
 fn random_payloads_relay_byte_exact_both_ways_over_1000_connections() {
+    random_payloads_over_1000_connections("");
+}
+
+/// The same with one single-shot receive per buffer, as kernels before 6.17 run it.
+#[test]
+fn random_payloads_relay_byte_exact_with_single_shot_receives() {
+    random_payloads_over_1000_connections("[tuning]\nreceives = \"single_shot\"\n");
+}
+
+fn random_payloads_over_1000_connections(tuning: &str) {
     let echo = TestServer::start(Behaviour::Echo);
-    let mut proxy = Proxy::start(&config(2, "", &[server(echo.addr)]));
+    let text = format!("{tuning}{}", config(2, "", &[server(echo.addr)]));
+    let mut proxy = Proxy::start(&text);
     let addr = proxy.addr();
     let started = Instant::now();
     let clients: Vec<_> = (0..1000u64)
@@ -182,14 +193,32 @@ fn idle_timeout_closes_quiet_sessions_only() {
 
 #[test]
 fn slow_server_stops_client_reads_and_memory_stays_bounded() {
+    slow_server_pushes_back("auto");
+}
+
+#[test]
+fn slow_server_pushes_back_with_single_shot_receives() {
+    slow_server_pushes_back("single_shot");
+}
+
+fn slow_server_pushes_back(receives: &str) {
     let silent = TestServer::start(Behaviour::Silent);
     // A 128 MiB buffer ring: without backpressure the proxy would soak up well over 100 MB of
     // the client's bytes before running out of buffers.
     let text = format!(
-        "[tuning]\nbuffer_count = 8192\nbuffer_size = 16384\n\n{}",
+        "[tuning]\nbuffer_count = 8192\nbuffer_size = 16384\nreceives = \"{receives}\"\n\n{}",
         config(1, "", &[server(silent.addr)])
     );
     let proxy = Proxy::start(&text);
+    // The mode in force is the one asked for (or the only one this kernel has).
+    let expected = if receives == "single_shot" || !kernel_at_least(6, 17) {
+        "single-shot"
+    } else {
+        "capped multishot"
+    };
+    let mode = proxy.logs_with("receive mode");
+    assert_eq!(mode.len(), 1, "one receive mode line: {mode:?}");
+    assert_eq!(mode[0]["fields"]["receives"], expected);
     let rss_before = rss_bytes(proxy.pid());
     let mut stream = connect(proxy.addr());
     stream
@@ -261,4 +290,10 @@ fn relays_over_ipv6_loopback() {
     let mut echoed = Vec::new();
     stream.read_to_end(&mut echoed).expect("echo");
     assert_eq!(echoed, b"over v6");
+}
+
+/// Whether the running kernel is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    ringproxy::uring::kernel_version(release.trim()) >= (major, minor)
 }

@@ -63,6 +63,7 @@ pub struct FileTuning {
     pub buffer_size: Option<Spanned<i64>>,
     pub buffer_count: Option<Spanned<i64>>,
     pub queued_buffers: Option<Spanned<i64>>,
+    pub receives: Option<Spanned<String>>,
 }
 
 /// A tuning profile file: only the `[tuning]` table.

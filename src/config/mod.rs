@@ -96,6 +96,26 @@ pub struct Tuning {
     pub buffer_count: u32,
     /// Buffers a direction may hold unsent before the proxy stops reading its source.
     pub queued_buffers: u32,
+    /// Which receives the relay arms.
+    pub receives: ReceiveMode,
+}
+
+/// `auto`: capped multishot receives where the kernel has them (6.17+), else single-shot;
+/// `single_shot`: one single-shot receive per buffer everywhere (what older kernels get; for
+/// comparison and troubleshooting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiveMode {
+    Auto,
+    SingleShot,
+}
+
+impl ReceiveMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReceiveMode::Auto => "auto",
+            ReceiveMode::SingleShot => "single_shot",
+        }
+    }
 }
 
 impl Default for Tuning {
@@ -105,6 +125,7 @@ impl Default for Tuning {
             buffer_size: 16 * 1024,
             buffer_count: 1024,
             queued_buffers: 8,
+            receives: ReceiveMode::Auto,
         }
     }
 }
@@ -547,11 +568,25 @@ fn resolve_tuning(source: &Source, file: &FileTuning, base: Tuning) -> Result<Tu
         base.queued_buffers,
         1..=64,
     )?;
+    let receives = match &file.receives {
+        None => base.receives,
+        Some(text) => match text.get_ref().as_str() {
+            "auto" => ReceiveMode::Auto,
+            "single_shot" => ReceiveMode::SingleShot,
+            other => {
+                return Err(source.at(
+                    text,
+                    format!("unknown receives {other:?}: use auto or single_shot"),
+                ));
+            }
+        },
+    };
     Ok(Tuning {
         ring_entries,
         buffer_size,
         buffer_count,
         queued_buffers,
+        receives,
     })
 }
 

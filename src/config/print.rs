@@ -44,6 +44,7 @@ impl Config {
         writeln!(out, "buffer_size = {}", tuning.buffer_size)?;
         writeln!(out, "buffer_count = {}", tuning.buffer_count)?;
         writeln!(out, "queued_buffers = {}", tuning.queued_buffers)?;
+        writeln!(out, "receives = {:?}", tuning.receives.name())?;
         for listener in &self.listeners {
             writeln!(out, "\n[[listener]]")?;
             writeln!(out, "name = {:?}", listener.name)?;

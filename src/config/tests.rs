@@ -333,3 +333,22 @@ fn bad_admission_keys_are_located_errors() {
         assert!(error.line > 1, "{to}: {error}");
     }
 }
+
+#[test]
+fn receives_is_auto_by_default_and_single_shot_on_request() {
+    let config = Config::parse("t.toml", MINIMAL).expect("valid");
+    assert_eq!(config.tuning.receives, ReceiveMode::Auto);
+    let text = format!("[tuning]\nreceives = \"single_shot\"\n{MINIMAL}");
+    let config = Config::parse("t.toml", &text).expect("valid");
+    assert_eq!(config.tuning.receives, ReceiveMode::SingleShot);
+    let again = Config::parse("printed", &config.to_toml()).expect("printed config parses");
+    assert_eq!(again.tuning.receives, ReceiveMode::SingleShot);
+    let text = format!("[tuning]\nreceives = \"multishot\"\n{MINIMAL}");
+    let error = Config::parse("t.toml", &text).expect_err("unknown mode");
+    assert!(
+        error
+            .to_string()
+            .contains("unknown receives \"multishot\": use auto or single_shot"),
+        "{error}"
+    );
+}

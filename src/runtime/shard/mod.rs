@@ -193,6 +193,18 @@ impl Shard {
             .collect();
         let source_cursor = vec![setup.index; snapshot.pools.len()];
         let now = Instant::now();
+        let capped_multishot = tuning.receives == crate::config::ReceiveMode::Auto
+            && Ring::supports_capped_multishot();
+        if setup.index == 0 {
+            info!(
+                receives = if capped_multishot {
+                    "capped multishot"
+                } else {
+                    "single-shot"
+                },
+                "receive mode"
+            );
+        }
         let mut shard = Shard {
             ring,
             index: setup.index,
@@ -201,7 +213,7 @@ impl Shard {
             paused_for_room: false,
             process_share: u32::MAX,
             tuning,
-            capped_multishot: Ring::supports_capped_multishot(),
+            capped_multishot,
             snapshot,
             listeners: Slab::new(),
             sessions: Slab::new(),
