@@ -18,6 +18,7 @@ pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod relay;
+pub mod route;
 pub mod runtime;
 pub mod snapshot;
 pub mod sniff;
