@@ -105,6 +105,8 @@ pub struct Flow<B> {
     /// multishot one at most the room it was armed with; completions come in the order the
     /// bytes were read).
     pub receiving: u8,
+    /// The armed receive is a capped multishot one: nothing else is armed beside it.
+    pub multishot: bool,
     /// The source's receive found no buffer; the loop re-arms it when buffers return.
     pub starved: bool,
     /// The source sent FIN.
@@ -140,6 +142,7 @@ impl<B> Default for Flow<B> {
             sending_buffers: 0,
             cancelling: false,
             receiving: 0,
+            multishot: false,
             starved: false,
             eof: false,
             shut: false,
@@ -184,7 +187,7 @@ impl<B> Flow<B> {
     /// streams (its last receive filled a whole buffer) up to `PARALLEL_RECEIVES` are armed,
     /// otherwise one.
     pub fn receives_wanted(&self, queued_buffers: usize, buffer_size: usize) -> usize {
-        if self.starved || self.eof || self.abandoned || self.source_failed {
+        if self.starved || self.eof || self.abandoned || self.source_failed || self.multishot {
             return 0;
         }
         let armed = usize::from(self.receiving);

@@ -256,6 +256,7 @@ impl<B> Relay<B> {
             let room = queued_buffers.saturating_sub(flow.queue.len());
             if let Some(cap) = multishot_cap(room, buffer_size) {
                 flow.receiving = 1;
+                flow.multishot = true;
                 out.push(Action::ReceiveMany(source, cap));
                 return;
             }
@@ -337,6 +338,7 @@ impl<B> Relay<B> {
         let flow = self.flow_from(source);
         if !more {
             flow.receiving = flow.receiving.saturating_sub(1);
+            flow.multishot = false;
         }
         if closing {
             for buffer in buffers.drain(..) {
@@ -358,6 +360,7 @@ impl<B> Relay<B> {
     pub fn on_eof(&mut self, source: Side, out: &mut Actions) {
         let flow = self.flow_from(source);
         flow.receiving = flow.receiving.saturating_sub(1);
+        flow.multishot = false;
         if self.phase == Phase::Closing {
             return;
         }
@@ -375,6 +378,7 @@ impl<B> Relay<B> {
     ) {
         let flow = self.flow_from(source);
         flow.receiving = flow.receiving.saturating_sub(1);
+        flow.multishot = false;
         if self.phase == Phase::Closing {
             return;
         }

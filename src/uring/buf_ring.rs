@@ -282,7 +282,9 @@ impl BufRing {
         if into.ring != self.ring || from.ring != self.ring || into.id == from.id {
             return false;
         }
-        let total = into.len + from.len;
+        let Some(total) = into.len.checked_add(from.len) else {
+            return false;
+        };
         if total > self.buffer_size {
             return false;
         }

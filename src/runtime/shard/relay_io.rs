@@ -24,6 +24,19 @@ impl Shard {
         }
         let result = completion.result();
         let more = completion.more();
+        if more && tokens.is_empty() {
+            // A completion that keeps its receive armed must bring a buffer; without one the
+            // kernel broke its side of the contract. End the session: its shutdown ends the
+            // receive with a final completion, so `receiving` stays right.
+            self.received = tokens;
+            warn!(
+                shard = self.index,
+                result, "multishot receive completion without a buffer"
+            );
+            self.stats.local_errors += 1;
+            self.close_session(index, CloseMode::ResetBoth, CloseKind::LocalError);
+            return;
+        }
         let mut actions = std::mem::take(&mut self.actions);
         let session = &mut self.sessions[index];
         let throttled = session.throttle.is_some();
