@@ -217,7 +217,7 @@ fn resolve_acl(source: &Source, acl: &FileAcl) -> Result<Acl, ConfigError> {
 }
 
 /// A CIDR (host bits are cleared) or a single address.
-fn parse_network(text: &str) -> Option<IpNet> {
+pub(super) fn parse_network(text: &str) -> Option<IpNet> {
     if let Ok(network) = text.parse::<IpNet>() {
         return Some(network.trunc());
     }

@@ -97,6 +97,24 @@ pub struct FileListener {
     pub limits: Option<Spanned<FileLimits>>,
     pub per_source: Option<Spanned<FilePerSource>>,
     pub acl: Option<Spanned<FileAcl>>,
+    pub routes: Option<Vec<Spanned<FileRoute>>>,
+    pub unmatched: Option<Spanned<String>>,
+    pub sniff_max_bytes: Option<Spanned<i64>>,
+    pub sniff_timeout: Option<Spanned<String>>,
+    pub server_first_after: Option<Spanned<String>>,
+}
+
+/// One entry of a listener's `routes`: conditions, and the pool it sends to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRoute {
+    pub protocol: Option<Spanned<String>>,
+    pub sni: Option<Spanned<String>>,
+    pub alpn: Option<Spanned<String>>,
+    pub host: Option<Spanned<String>>,
+    pub path_prefix: Option<Spanned<String>>,
+    pub source: Option<Spanned<String>>,
+    pub pool: Spanned<String>,
 }
 
 /// `[listener.limits]`: the listener-wide connection rate.

@@ -13,6 +13,12 @@ mod duration;
 mod file;
 mod health;
 mod print;
+mod routing;
+
+pub use routing::{
+    DEFAULT_SERVER_FIRST_AFTER, DEFAULT_SNIFF_MAX_BYTES, DEFAULT_SNIFF_TIMEOUT, RoutingConfig,
+    Unmatched,
+};
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -147,6 +153,8 @@ pub struct ListenerConfig {
     pub log: bool,
     /// ACL, connection rates, per-source limits, bandwidth caps, first-byte timeout.
     pub admission: std::sync::Arc<crate::admission::AdmissionSettings>,
+    /// Routes by what the client speaks (None: every client goes to `pool`).
+    pub routing: Option<std::sync::Arc<RoutingConfig>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -403,6 +411,7 @@ fn resolve(source: &Source, file: FileConfig) -> Result<Config, ConfigError> {
             )?,
             log: listener.log,
             admission: std::sync::Arc::new(admission::resolve(source, listener)?),
+            routing: routing::resolve(source, listener, &pools)?.map(std::sync::Arc::new),
         });
     }
 

@@ -65,6 +65,9 @@ impl Config {
             listener.tcp.write_toml(out)?;
             writeln!(out, "log = {}", listener.log)?;
             super::admission::write_keys(&listener.admission, out)?;
+            if let Some(routing) = &listener.routing {
+                super::routing::write_keys(routing, |index| self.pool(index).name.clone(), out)?;
+            }
             super::admission::write_tables(&listener.admission, out)?;
         }
         for pool in &self.pools {

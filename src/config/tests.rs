@@ -352,3 +352,125 @@ fn receives_is_auto_by_default_and_single_shot_on_request() {
         "{error}"
     );
 }
+
+const ROUTED: &str = r#"
+[[listener]]
+name = "edge"
+bind = "127.0.0.1:5000"
+pool = "web"
+routes = [
+  { protocol = "postgres", pool = "pg" },
+  { protocol = "mysql", pool = "pg" },
+  { sni = "*.api.example.com", pool = "web" },
+  { alpn = "h2", pool = "web" },
+  { host = "admin.example.com", path_prefix = "/v1/", pool = "pg" },
+  { source = "10.0.0.0/8", pool = "pg" },
+]
+unmatched = "reject"
+sniff_max_bytes = 2048
+
+[[pool]]
+name = "web"
+servers = [ { addr = "127.0.0.1:9001" } ]
+
+[[pool]]
+name = "pg"
+servers = [ { addr = "127.0.0.1:9002" } ]
+"#;
+
+#[test]
+fn routes_resolve_and_print_back() {
+    let config = Config::parse("t.toml", ROUTED).expect("valid");
+    let routing = config.listeners[0].routing.as_ref().expect("routes");
+    assert_eq!(routing.routes.len(), 6);
+    assert_eq!(routing.unmatched, Unmatched::Reject);
+    assert_eq!(routing.sniff_max_bytes, 2048);
+    assert_eq!(routing.sniff_timeout, DEFAULT_SNIFF_TIMEOUT);
+    assert_eq!(routing.server_first_after, DEFAULT_SERVER_FIRST_AFTER);
+    assert_eq!(routing.routes[0].target, PoolIndex(1));
+    let again = Config::parse("printed", &config.to_toml()).expect("printed config parses");
+    assert_eq!(config, again);
+    // A listener without routes reads nothing first.
+    assert!(
+        Config::parse("t.toml", MINIMAL).expect("valid").listeners[0]
+            .routing
+            .is_none()
+    );
+}
+
+#[test]
+fn bad_routes_are_refused_with_the_reason() {
+    for (from, to, message) in [
+        (
+            "protocol = \"postgres\"",
+            "protocol = \"pgsql\"",
+            "unknown protocol \"pgsql\"",
+        ),
+        (
+            "pool = \"pg\" },\n  { protocol = \"mysql\"",
+            "pool = \"nope\" },\n  { protocol = \"mysql\"",
+            "pool \"nope\", which is not defined",
+        ),
+        (
+            "{ alpn = \"h2\", pool = \"web\" }",
+            "{ pool = \"web\" }",
+            "needs at least one of",
+        ),
+        (
+            "sni = \"*.api.example.com\"",
+            "sni = \"a.*.com\"",
+            "not a DNS name",
+        ),
+        (
+            "path_prefix = \"/v1/\"",
+            "path_prefix = \"v1\"",
+            "must start with",
+        ),
+        (
+            "source = \"10.0.0.0/8\"",
+            "source = \"ten\"",
+            "not a network",
+        ),
+        (
+            "unmatched = \"reject\"",
+            "unmatched = \"drop\"",
+            "unmatched must be",
+        ),
+        (
+            "sniff_max_bytes = 2048",
+            "sniff_max_bytes = 1",
+            "sniff_max_bytes must be from 16",
+        ),
+        (
+            "{ protocol = \"mysql\", pool = \"pg\" }",
+            "{ protocol = \"mysql\", sni = \"a.b\", pool = \"pg\" }",
+            "cannot be combined",
+        ),
+        (
+            "{ alpn = \"h2\", pool = \"web\" }",
+            "{ alpn = \"h2\", split = \"app\", pool = \"web\" }",
+            "unknown field",
+        ),
+    ] {
+        assert!(ROUTED.contains(from), "{from}");
+        let text = ROUTED.replace(from, to);
+        let error = Config::parse("t.toml", &text).expect_err(message);
+        assert!(error.to_string().contains(message), "{message}: {error}");
+    }
+    // Waiting for silence needs a first-byte timeout longer than the wait.
+    let text = ROUTED.replace("unmatched = \"reject\"", "first_byte_timeout = \"200ms\"");
+    let error = Config::parse("t.toml", &text).expect_err("first byte");
+    assert!(
+        error
+            .to_string()
+            .contains("must be longer than server_first_after"),
+        "{error}"
+    );
+    // Routing keys without routes.
+    let text = MINIMAL.replace(
+        "pool = \"app\"\n",
+        "pool = \"app\"\nsniff_timeout = \"1s\"\n",
+    );
+    let error = Config::parse("t.toml", &text).expect_err("no routes");
+    assert!(error.to_string().contains("has no routes"), "{error}");
+}

@@ -6,7 +6,8 @@ use super::status::{all_down, unix_seconds};
 use crate::metrics::names::*;
 use crate::metrics::render::Exposition;
 use crate::metrics::{
-    CloseKind, ConnectErrorKind, Histogram, ListenerCounters, Merged, RejectKind, SESSION_BUCKETS,
+    CloseKind, ConnectErrorKind, Detection, Histogram, ListenerCounters, Merged, RejectKind,
+    SESSION_BUCKETS,
 };
 use crate::snapshot::{ListenerSnapshot, PoolSnapshot, ServerSnapshot, ServerState, Snapshot};
 
@@ -99,6 +100,36 @@ pub fn render(control: &Control) -> String {
         "Addresses evicted from full per-source tables, per listener.",
         |l| l.admission.per_source.is_some(),
         |c| c.source_evictions as f64,
+    );
+    out.family(
+        LISTENER_DETECTED,
+        "counter",
+        "Clients of listeners with routes, by what sniffing found (a protocol, silence or unknown).",
+    );
+    for listener in snapshot.listeners.iter().filter(|l| l.routing.is_some()) {
+        let counters = merged.listeners.get(&listener.id);
+        for (index, detection) in Detection::ALL.iter().enumerate() {
+            let count = counters.map_or(0, |c| c.detected[index]);
+            out.sample(
+                LISTENER_DETECTED,
+                &[("listener", &listener.name), ("protocol", detection.name())],
+                count as f64,
+            );
+        }
+    }
+    listeners.family(
+        &mut out,
+        (LISTENER_SNIFF_TIMEOUTS, "counter"),
+        "Clients that sent nothing decisive within sniff_timeout or sniff_max_bytes, per listener with routes.",
+        |l| l.routing.is_some(),
+        |c| c.sniff_timeouts as f64,
+    );
+    listeners.family(
+        &mut out,
+        (LISTENER_UNMATCHED, "counter"),
+        "Clients no route matched (sent to the listener's pool, or refused with unmatched = \"reject\"), per listener with routes.",
+        |l| l.routing.is_some(),
+        |c| c.unmatched as f64,
     );
     listeners.family(
         &mut out,

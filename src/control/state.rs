@@ -247,6 +247,30 @@ impl Control {
                 tcp: listener.tcp,
                 log: listener.log,
                 admission: Arc::clone(&listener.admission),
+                routing: listener.routing.as_ref().map(|routing| {
+                    let routes: Vec<crate::route::Route<crate::snapshot::PoolId>> = routing
+                        .routes
+                        .iter()
+                        .map(|route| crate::route::Route {
+                            conditions: route.conditions.clone(),
+                            target: self.ids.pool(&config.pool(route.target).name),
+                        })
+                        .collect();
+                    Arc::new(crate::snapshot::Routing {
+                        wanted: crate::route::sniffers_needed(&routes),
+                        server_first: routes.iter().any(|route| {
+                            matches!(
+                                route.conditions.protocol,
+                                Some(crate::route::RouteProtocol::ServerFirst(_))
+                            )
+                        }),
+                        routes,
+                        unmatched: routing.unmatched,
+                        sniff_max_bytes: routing.sniff_max_bytes,
+                        sniff_timeout: routing.sniff_timeout,
+                        server_first_after: routing.server_first_after,
+                    })
+                }),
             })
             .collect();
         let snapshot = Arc::new(Snapshot::new(generation, config, listeners, pools));

@@ -123,10 +123,12 @@ pub enum CloseKind {
     LocalError,
     /// The client sent nothing within `first_byte_timeout`.
     FirstByteTimeout,
+    /// No route matched and the listener has `unmatched = "reject"`.
+    Unmatched,
 }
 
 impl CloseKind {
-    pub const ALL: [CloseKind; 10] = [
+    pub const ALL: [CloseKind; 11] = [
         CloseKind::Done,
         CloseKind::Idle,
         CloseKind::WriteTimeout,
@@ -137,6 +139,7 @@ impl CloseKind {
         CloseKind::AdminCut,
         CloseKind::LocalError,
         CloseKind::FirstByteTimeout,
+        CloseKind::Unmatched,
     ];
 
     pub fn name(self) -> &'static str {
@@ -151,13 +154,14 @@ impl CloseKind {
             CloseKind::AdminCut => "admin_cut",
             CloseKind::LocalError => "local_error",
             CloseKind::FirstByteTimeout => "first_byte_timeout",
+            CloseKind::Unmatched => "unmatched",
         }
     }
 
     /// The side whose doing it was, for the connection log.
     pub fn side(self) -> &'static str {
         match self {
-            CloseKind::ClientReset | CloseKind::FirstByteTimeout => "client",
+            CloseKind::ClientReset | CloseKind::FirstByteTimeout | CloseKind::Unmatched => "client",
             CloseKind::ServerReset | CloseKind::ConnectFailed => "server",
             CloseKind::Done | CloseKind::Idle | CloseKind::WriteTimeout => "-",
             CloseKind::DrainCut | CloseKind::AdminCut | CloseKind::LocalError => "proxy",
@@ -222,6 +226,44 @@ pub struct ListenerCounters {
     pub rate_share: f64,
     pub sources: u64,
     pub source_evictions: u64,
+    /// Routing: clients by what sniffing found (`Detection::ALL` order), sniffs that ran out
+    /// of time, and clients no route matched.
+    pub detected: [u64; Detection::ALL.len()],
+    pub sniff_timeouts: u64,
+    pub unmatched: u64,
+}
+
+/// What the sniff step found, for the per-listener counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detection {
+    Protocol(crate::sniff::Protocol),
+    /// No byte before `server_first_after`: a server-speaks-first protocol.
+    Silence,
+    /// Bytes no sniffer recognised, or none decided within the limits.
+    Unknown,
+}
+
+impl Detection {
+    pub const ALL: [Detection; 10] = [
+        Detection::Protocol(crate::sniff::Protocol::Tls),
+        Detection::Protocol(crate::sniff::Protocol::Http),
+        Detection::Protocol(crate::sniff::Protocol::H2),
+        Detection::Protocol(crate::sniff::Protocol::Postgres),
+        Detection::Protocol(crate::sniff::Protocol::MongoDb),
+        Detection::Protocol(crate::sniff::Protocol::Redis),
+        Detection::Protocol(crate::sniff::Protocol::Rtmp),
+        Detection::Protocol(crate::sniff::Protocol::Ssh),
+        Detection::Silence,
+        Detection::Unknown,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Detection::Protocol(protocol) => protocol.name(),
+            Detection::Silence => "silence",
+            Detection::Unknown => "unknown",
+        }
+    }
 }
 
 impl Default for ListenerCounters {
@@ -239,6 +281,9 @@ impl Default for ListenerCounters {
             rate_share: 0.0,
             sources: 0,
             source_evictions: 0,
+            detected: [0; Detection::ALL.len()],
+            sniff_timeouts: 0,
+            unmatched: 0,
         }
     }
 }
@@ -251,6 +296,12 @@ impl ListenerCounters {
 
     pub fn close(&mut self, kind: CloseKind) {
         self.closed[kind.index()] += 1;
+    }
+
+    pub fn detect(&mut self, detection: Detection) {
+        if let Some(index) = Detection::ALL.iter().position(|&d| d == detection) {
+            self.detected[index] += 1;
+        }
     }
 
     pub fn rejected_total(&self) -> u64 {
@@ -274,6 +325,11 @@ impl ListenerCounters {
         self.rate_share += other.rate_share;
         self.sources += other.sources;
         self.source_evictions += other.source_evictions;
+        for (mine, theirs) in self.detected.iter_mut().zip(&other.detected) {
+            *mine += theirs;
+        }
+        self.sniff_timeouts += other.sniff_timeouts;
+        self.unmatched += other.unmatched;
     }
 }
 

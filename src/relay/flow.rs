@@ -65,6 +65,16 @@ impl Spill {
         }
     }
 
+    /// A spill holding exactly `bytes` (no room for more until they drain).
+    pub fn filled(bytes: Box<[u8]>) -> Spill {
+        let end = bytes.len();
+        Spill {
+            data: Some(bytes),
+            start: 0,
+            end,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.end - self.start
     }

@@ -240,6 +240,20 @@ impl<B> Relay<B> {
         }
     }
 
+    /// As `start`, with bytes the client sent before the server was chosen (sniffing): they go
+    /// to the server first, and the client is read again once they are delivered.
+    pub fn start_with_replay(&mut self, now: u64, replay: Box<[u8]>, out: &mut Actions) {
+        if replay.is_empty() {
+            return self.start(now, out);
+        }
+        self.upstream.spill = Some(Box::new(Spill::filled(replay)));
+        self.last_active = now;
+        for side in [Side::Client, Side::Server] {
+            self.arm_receive(side, out);
+        }
+        self.start_send(Side::Server, out);
+    }
+
     fn arm_receive(&mut self, source: Side, out: &mut Actions) {
         if self.phase != Phase::Relaying {
             return;

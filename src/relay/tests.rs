@@ -772,3 +772,40 @@ fn capped_multishot_receives_never_hold_more_than_queued_buffers() {
         assert!(next_out > 0, "seed {seed}: bytes moved");
     }
 }
+
+#[test]
+fn replayed_bytes_go_to_the_server_first_and_the_client_waits_for_them() {
+    let mut relay: Relay<TestBuffer> = Relay::new(MULTISHOT_LIMITS, 0);
+    let mut pool = TestPool::default();
+    let mut out = Vec::new();
+    relay.start_with_replay(0, b"sniffed".to_vec().into_boxed_slice(), &mut out);
+    // The server is read; the client is not until the replay is delivered.
+    assert_eq!(
+        out,
+        [
+            Action::ReceiveMany(Side::Server, 24),
+            Action::Send(Side::Server)
+        ]
+    );
+    assert_eq!(relay.upstream.sending, Some(SendFrom::Spill));
+    let (data, start, end) = relay.upstream.lend_spill().expect("lent");
+    assert_eq!(&data[start..end], b"sniffed");
+    relay.upstream.restore_spill(data);
+    // A partial send keeps the rest for the next one.
+    let out = sent(&mut relay, &mut pool, Side::Server, Ok(3), 1);
+    assert_eq!(out, [Action::Send(Side::Server)]);
+    let (data, start, end) = relay.upstream.lend_spill().expect("lent");
+    assert_eq!(&data[start..end], b"ffed");
+    relay.upstream.restore_spill(data);
+    let out = sent(&mut relay, &mut pool, Side::Server, Ok(4), 2);
+    assert_eq!(
+        out,
+        [Action::ReceiveMany(Side::Client, 24)],
+        "the client is read now"
+    );
+    assert!(
+        relay.upstream.spill.is_none(),
+        "the replay memory went back"
+    );
+    assert_eq!(relay.delivered(), (7, 0));
+}

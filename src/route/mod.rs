@@ -41,6 +41,16 @@ pub enum ServerFirst {
 }
 
 impl RouteProtocol {
+    /// The name used in configs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            RouteProtocol::Sniffed(protocol) => protocol.name(),
+            RouteProtocol::ServerFirst(ServerFirst::Mysql) => "mysql",
+            RouteProtocol::ServerFirst(ServerFirst::Smtp) => "smtp",
+            RouteProtocol::ServerFirst(ServerFirst::Ftp) => "ftp",
+        }
+    }
+
     /// Parses a protocol name of the config (`tls`, `http`, ..., `mysql`, `smtp`, `ftp`).
     pub fn from_name(name: &str) -> Option<RouteProtocol> {
         let server_first = match name {
@@ -94,6 +104,14 @@ impl NamePattern {
         })
     }
 
+    /// The pattern as written in a config (`api.example.com`, `*.example.com`).
+    pub fn text(&self) -> String {
+        match self {
+            NamePattern::Exact(name) => name.clone(),
+            NamePattern::Below(suffix) => format!("*{suffix}"),
+        }
+    }
+
     pub fn matches(&self, name: &str) -> bool {
         let name = normalise(name);
         match self {
@@ -120,6 +138,11 @@ pub struct Conditions {
 }
 
 impl Conditions {
+    /// No condition at all (a route that would match everything).
+    pub fn is_empty(&self) -> bool {
+        *self == Conditions::default()
+    }
+
     /// Whether deciding needs the client's first bytes (a route on the source address alone
     /// does not: such a listener reads nothing before connecting).
     pub fn needs_bytes(&self) -> bool {

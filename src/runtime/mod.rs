@@ -99,6 +99,11 @@ pub struct ShardStats {
     pub write_timeouts: u64,
     /// Receives that found the buffer ring empty.
     pub buffer_starvation: u64,
+    /// Sniffing: clients whose bytes reached sniff_max_bytes or sniff_timeout undecided, and
+    /// clients no route matched.
+    pub sniff_limits: u64,
+    pub sniff_timeouts: u64,
+    pub unmatched: u64,
     /// Directions copied out of their ring buffers because their destination stalled while
     /// buffers were scarce.
     pub spills: u64,

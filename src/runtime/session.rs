@@ -115,6 +115,9 @@ pub struct Session {
     /// Why it ended (set once, by the first close).
     pub close_kind: Option<CloseKind>,
     pub relay: Relay<BufToken>,
+    /// Reading the client's first bytes to choose a route, then holding them for the server
+    /// (None on listeners without routes, and once replayed).
+    pub sniffing: Option<Box<Sniffing>>,
     pub timer: Option<TimerId>,
     /// Its listener's epoch on the shard when it was accepted, and its client address's
     /// per-source slot (`NO_SOURCE_SLOT`: none), given back when it ends.
@@ -174,6 +177,41 @@ mod tests {
             Session::decode(user_data(Op::Wake, 5, GENERATION_MASK + 2)),
             (Op::Wake, 5, 1)
         );
+    }
+}
+
+/// A session's route choice in progress.
+#[derive(Debug)]
+pub struct Sniffing {
+    /// What the client sent so far: replayed to the server byte for byte, first.
+    pub bytes: Vec<u8>,
+    pub phase: SniffPhase,
+    /// Tick after which a client that sent nothing counts as silent (server-first routes).
+    pub silence_deadline: Option<u64>,
+    /// Tick after which sniffing gives up (`sniff_timeout`).
+    pub deadline: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SniffPhase {
+    /// Receiving the client's bytes; no route chosen yet.
+    Reading,
+    /// A route is chosen (by time); the receive still armed is being cancelled, and whatever
+    /// it brings is kept for the server.
+    Cancelling,
+    /// Connecting to the chosen pool; the bytes wait for the relay.
+    Replay,
+}
+
+impl Sniffing {
+    pub fn next_deadline(&self) -> u64 {
+        self.silence_deadline
+            .filter(|_| self.bytes.is_empty())
+            .map_or(self.deadline, |silence| silence.min(self.deadline))
+    }
+
+    pub fn reading(&self) -> bool {
+        self.phase != SniffPhase::Replay
     }
 }
 

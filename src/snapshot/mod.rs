@@ -143,6 +143,29 @@ pub struct ListenerSnapshot {
     pub tcp: TcpOptions,
     pub log: bool,
     pub admission: Arc<crate::admission::AdmissionSettings>,
+    /// Routes by what the client speaks; None: every client goes to `pool` at once.
+    pub routing: Option<Arc<Routing>>,
+}
+
+/// A listener's routes with pools by id, and what deciding needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    pub routes: Vec<crate::route::Route<PoolId>>,
+    /// The sniffers the routes need (empty: no route looks at the client's bytes).
+    pub wanted: Vec<crate::sniff::Protocol>,
+    /// A route chooses a server-speaks-first protocol by the client's silence.
+    pub server_first: bool,
+    pub unmatched: crate::config::Unmatched,
+    pub sniff_max_bytes: u32,
+    pub sniff_timeout: Duration,
+    pub server_first_after: Duration,
+}
+
+impl Routing {
+    /// Whether a client must be read (or waited for) before a route can be chosen.
+    pub fn reads_first(&self) -> bool {
+        !self.wanted.is_empty() || self.server_first
+    }
 }
 
 /// One generation of the running config, as every shard sees it.

@@ -511,6 +511,7 @@ impl Shard {
             close_mode: CloseMode::Graceful,
             close_kind: None,
             relay: Relay::new(limits, tick),
+            sniffing: None,
             timer: None,
             listener_epoch: source.0,
             source_slot: source.1,
@@ -518,8 +519,21 @@ impl Shard {
         };
         let index = self.sessions.insert(session);
         self.stats.accepted += 1;
-        self.arm_timer(index);
-        self.connect_next(index);
+        match &config.routing {
+            Some(routing) if routing.reads_first() => {
+                let routing = std::sync::Arc::clone(routing);
+                self.start_sniffing(index, &routing);
+            }
+            Some(routing) => {
+                // Routes on the client's address alone: chosen at once, nothing read.
+                let routing = std::sync::Arc::clone(routing);
+                self.choose(index, &routing, &crate::route::Detected::Unknown);
+            }
+            None => {
+                self.arm_timer(index);
+                self.connect_next(index);
+            }
+        }
         self.finish_if_done(index);
     }
 

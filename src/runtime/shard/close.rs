@@ -196,7 +196,10 @@ impl Shard {
         let now = self.now_tick;
         let session = &mut self.sessions[index];
         let period = session.relay.check_period();
-        let deadline = session.relay.next_deadline().min(now + period);
+        let deadline = match session.sniffing.as_deref() {
+            Some(sniffing) if sniffing.reading() => sniffing.next_deadline().min(now + period),
+            _ => session.relay.next_deadline().min(now + period),
+        };
         if let Some(old) = session.timer.take() {
             self.timers.cancel(old);
         }
@@ -219,6 +222,15 @@ impl Shard {
             session.timer = None;
             if session.closing {
                 self.cancel_stuck_operations(index);
+                continue;
+            }
+            if session
+                .sniffing
+                .as_deref()
+                .is_some_and(|sniffing| sniffing.reading())
+            {
+                self.sniff_tick(index);
+                self.finish_if_done(index);
                 continue;
             }
             let (client, server) = (&session.client, &session.server);

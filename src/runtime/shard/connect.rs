@@ -180,7 +180,14 @@ impl Shard {
                     .record(std::time::Duration::from_micros(took));
             }
             let mut actions = std::mem::take(&mut self.actions);
-            session.relay.start(self.now_tick, &mut actions);
+            match session.sniffing.take() {
+                Some(sniffed) => session.relay.start_with_replay(
+                    self.now_tick,
+                    sniffed.bytes.into_boxed_slice(),
+                    &mut actions,
+                ),
+                None => session.relay.start(self.now_tick, &mut actions),
+            }
             let first_byte_deadline = session.relay.limits().first_byte_ticks.is_some();
             self.execute(index, &mut actions);
             self.actions = actions;

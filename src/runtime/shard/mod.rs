@@ -22,6 +22,7 @@ mod accept;
 mod close;
 mod connect;
 mod relay_io;
+mod sniffing;
 mod throttle;
 
 pub(super) use throttle::Throttle;

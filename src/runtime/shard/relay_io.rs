@@ -17,6 +17,14 @@ const MAX_SEND_BUFFERS: usize = 64;
 
 impl Shard {
     pub(super) fn on_receive(&mut self, index: usize, source: Side, mut completion: Completion) {
+        if source == Side::Client
+            && self.sessions[index]
+                .sniffing
+                .as_deref()
+                .is_some_and(|sniffing| sniffing.reading())
+        {
+            return self.on_sniff_receive(index, completion);
+        }
         let tick = self.now_tick;
         let mut tokens = std::mem::take(&mut self.received);
         if let Some(token) = self.ring.buffers_mut().take(&mut completion) {

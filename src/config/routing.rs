@@ -1,0 +1,284 @@
+//! A listener's routing keys (`routes`, `unmatched`, `sniff_max_bytes`, `sniff_timeout`,
+//! `server_first_after`), resolved into `RoutingConfig`, and their printed form.
+
+use std::fmt::{self, Write as _};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::file::{FileListener, FileRoute};
+use super::{ConfigError, PoolConfig, PoolIndex, Source, format_duration, in_range};
+use crate::route::{Conditions, NamePattern, Route, RouteProtocol};
+
+pub const DEFAULT_SNIFF_MAX_BYTES: u32 = 4096;
+pub const DEFAULT_SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_SERVER_FIRST_AFTER: Duration = Duration::from_millis(300);
+const MAX_ROUTES: usize = 1024;
+
+/// What happens to a client no route matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmatched {
+    /// The listener's `pool`.
+    Default,
+    /// The connection is closed (and counted).
+    Reject,
+}
+
+impl Unmatched {
+    pub fn name(self) -> &'static str {
+        match self {
+            Unmatched::Default => "default",
+            Unmatched::Reject => "reject",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingConfig {
+    pub routes: Vec<Route<PoolIndex>>,
+    pub unmatched: Unmatched,
+    pub sniff_max_bytes: u32,
+    pub sniff_timeout: Duration,
+    pub server_first_after: Duration,
+}
+
+/// `None` for a listener without routes: it reads nothing before connecting.
+pub(super) fn resolve(
+    source: &Source,
+    listener: &FileListener,
+    pools: &[PoolConfig],
+) -> Result<Option<RoutingConfig>, ConfigError> {
+    let Some(entries) = &listener.routes else {
+        for (key, present) in [
+            ("unmatched", listener.unmatched.is_some()),
+            ("sniff_max_bytes", listener.sniff_max_bytes.is_some()),
+            ("sniff_timeout", listener.sniff_timeout.is_some()),
+            ("server_first_after", listener.server_first_after.is_some()),
+        ] {
+            if present {
+                return Err(source.at(
+                    &listener.name,
+                    format!("{key} is set but the listener has no routes"),
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    if entries.len() > MAX_ROUTES {
+        return Err(source.at(
+            &listener.name,
+            format!("at most {MAX_ROUTES} routes per listener"),
+        ));
+    }
+    let mut routes = Vec::with_capacity(entries.len());
+    for entry in entries {
+        routes.push(resolve_route(source, entry, pools)?);
+    }
+    let unmatched = match &listener.unmatched {
+        None => Unmatched::Default,
+        Some(text) => match text.get_ref().as_str() {
+            "default" => Unmatched::Default,
+            "reject" => Unmatched::Reject,
+            other => {
+                return Err(source.at(
+                    text,
+                    format!("unmatched must be \"default\" or \"reject\", not {other:?}"),
+                ));
+            }
+        },
+    };
+    let sniff_max_bytes = match &listener.sniff_max_bytes {
+        None => DEFAULT_SNIFF_MAX_BYTES,
+        Some(value) => in_range(source, value, "sniff_max_bytes", 16..=65_536)?,
+    };
+    let sniff_timeout = super::nonzero_duration(
+        source,
+        listener.sniff_timeout.as_ref(),
+        "sniff_timeout",
+        DEFAULT_SNIFF_TIMEOUT,
+    )?;
+    let server_first_after = super::nonzero_duration(
+        source,
+        listener.server_first_after.as_ref(),
+        "server_first_after",
+        DEFAULT_SERVER_FIRST_AFTER,
+    )?;
+    let server_first = routes.iter().any(|route| {
+        matches!(
+            route.conditions.protocol,
+            Some(RouteProtocol::ServerFirst(_))
+        )
+    });
+    if server_first {
+        if server_first_after >= sniff_timeout {
+            return Err(source.at(
+                &listener.name,
+                "server_first_after must be shorter than sniff_timeout on a listener with a \
+                 server-speaks-first route",
+            ));
+        }
+        if let Some(first_byte) = &listener.first_byte_timeout
+            && let Ok(timeout) = super::duration_at(source, first_byte, "first_byte_timeout")
+            && timeout <= server_first_after
+        {
+            return Err(source.at(
+                first_byte,
+                format!(
+                    "first_byte_timeout ({}) must be longer than server_first_after ({}) on a \
+                     listener with a server-speaks-first route: silent clients are waited for",
+                    format_duration(timeout),
+                    format_duration(server_first_after)
+                ),
+            ));
+        }
+    }
+    Ok(Some(RoutingConfig {
+        routes,
+        unmatched,
+        sniff_max_bytes,
+        sniff_timeout,
+        server_first_after,
+    }))
+}
+
+fn resolve_route(
+    source: &Source,
+    entry: &Spanned<FileRoute>,
+    pools: &[PoolConfig],
+) -> Result<Route<PoolIndex>, ConfigError> {
+    let route = entry.get_ref();
+    let pool_name = route.pool.get_ref();
+    let pool = pools
+        .iter()
+        .position(|pool| &pool.name == pool_name)
+        .ok_or_else(|| {
+            source.at(
+                &route.pool,
+                format!("route refers to pool {pool_name:?}, which is not defined"),
+            )
+        })?;
+    let pattern = |text: &Option<Spanned<String>>, key: &str| match text {
+        None => Ok(None),
+        Some(text) => NamePattern::parse(text.get_ref()).map(Some).ok_or_else(|| {
+            source.at(
+                text,
+                format!(
+                    "{key} {:?} is not a DNS name or a `*.domain` pattern",
+                    text.get_ref()
+                ),
+            )
+        }),
+    };
+    let protocol = match &route.protocol {
+        None => None,
+        Some(text) => Some(RouteProtocol::from_name(text.get_ref()).ok_or_else(|| {
+            source.at(
+                text,
+                format!(
+                    "unknown protocol {:?}: use tls, http, h2, postgres, mongodb, redis, rtmp, \
+                     ssh, mysql, smtp or ftp",
+                    text.get_ref()
+                ),
+            )
+        })?),
+    };
+    let alpn = match &route.alpn {
+        Some(text) if text.get_ref().is_empty() || text.get_ref().len() > 255 => {
+            return Err(source.at(text, "alpn must be 1 to 255 bytes"));
+        }
+        other => other.as_ref().map(|text| text.get_ref().clone()),
+    };
+    let path_prefix = match &route.path_prefix {
+        Some(text) if !text.get_ref().starts_with('/') => {
+            return Err(source.at(text, "path_prefix must start with \"/\""));
+        }
+        other => other.as_ref().map(|text| text.get_ref().clone()),
+    };
+    let source_network = match &route.source {
+        None => None,
+        Some(text) => Some(
+            super::admission::parse_network(text.get_ref()).ok_or_else(|| {
+                source.at(
+                    text,
+                    format!("source {:?} is not a network or an address", text.get_ref()),
+                )
+            })?,
+        ),
+    };
+    let conditions = Conditions {
+        protocol,
+        sni: pattern(&route.sni, "sni")?,
+        alpn,
+        host: pattern(&route.host, "host")?,
+        path_prefix,
+        source: source_network,
+    };
+    if conditions.is_empty() {
+        return Err(source.at(
+            entry,
+            "a route needs at least one of protocol, sni, alpn, host, path_prefix or source",
+        ));
+    }
+    if matches!(conditions.protocol, Some(RouteProtocol::ServerFirst(_)))
+        && (conditions.sni.is_some()
+            || conditions.alpn.is_some()
+            || conditions.host.is_some()
+            || conditions.path_prefix.is_some())
+    {
+        return Err(source.at(
+            entry,
+            "a server-speaks-first protocol is chosen by the client's silence: it cannot be \
+             combined with sni, alpn, host or path_prefix",
+        ));
+    }
+    Ok(Route {
+        conditions,
+        target: PoolIndex(pool as u16),
+    })
+}
+
+/// The listener's routing keys as TOML lines (`pool_name` names a pool by index).
+pub fn write_keys(
+    routing: &RoutingConfig,
+    pool_name: impl Fn(PoolIndex) -> String,
+    out: &mut String,
+) -> fmt::Result {
+    writeln!(out, "routes = [")?;
+    for route in &routing.routes {
+        let conditions = &route.conditions;
+        let mut fields = Vec::new();
+        if let Some(protocol) = conditions.protocol {
+            fields.push(format!("protocol = {:?}", protocol.name()));
+        }
+        if let Some(sni) = &conditions.sni {
+            fields.push(format!("sni = {:?}", sni.text()));
+        }
+        if let Some(alpn) = &conditions.alpn {
+            fields.push(format!("alpn = {alpn:?}"));
+        }
+        if let Some(host) = &conditions.host {
+            fields.push(format!("host = {:?}", host.text()));
+        }
+        if let Some(prefix) = &conditions.path_prefix {
+            fields.push(format!("path_prefix = {prefix:?}"));
+        }
+        if let Some(network) = &conditions.source {
+            fields.push(format!("source = \"{network}\""));
+        }
+        fields.push(format!("pool = {:?}", pool_name(route.target)));
+        writeln!(out, "  {{ {} }},", fields.join(", "))?;
+    }
+    writeln!(out, "]")?;
+    writeln!(out, "unmatched = \"{}\"", routing.unmatched.name())?;
+    writeln!(out, "sniff_max_bytes = {}", routing.sniff_max_bytes)?;
+    writeln!(
+        out,
+        "sniff_timeout = \"{}\"",
+        format_duration(routing.sniff_timeout)
+    )?;
+    writeln!(
+        out,
+        "server_first_after = \"{}\"",
+        format_duration(routing.server_first_after)
+    )
+}
