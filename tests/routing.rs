@@ -385,3 +385,120 @@ fn sniffed_bytes_are_replayed_byte_for_byte_before_the_rest() {
     assert_eq!(seen, [expected]);
     assert!(web.received().is_empty());
 }
+
+/// A server that requires a PROXY header first (as HAProxy's `accept-proxy` does): it answers
+/// "HEALTHY <client address>\n" after a valid one and closes the connection otherwise.
+fn proxy_requiring_server() -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let record = Arc::clone(&record);
+            thread::spawn(move || {
+                let mut stream = stream;
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut bytes = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match ringproxy::sniff::proxy::parse(&bytes) {
+                        ringproxy::sniff::proxy::ProxyVerdict::Header(header) => {
+                            let client = header.addresses.map(|(source, _)| source.to_string());
+                            let answer = format!("HEALTHY {}\n", client.unwrap_or_default());
+                            let _ = stream.write_all(answer.as_bytes());
+                            // Keep reading what follows the header, for the record.
+                            let _ = stream.set_read_timeout(Some(Duration::from_millis(300)));
+                            while let Ok(count) = stream.read(&mut chunk) {
+                                if count == 0 {
+                                    break;
+                                }
+                                bytes.extend_from_slice(&chunk[..count]);
+                            }
+                            break;
+                        }
+                        ringproxy::sniff::proxy::ProxyVerdict::NeedMore => {}
+                        _ => break,
+                    }
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(count) => bytes.extend_from_slice(&chunk[..count]),
+                    }
+                }
+                record.lock().expect("lock").push(bytes);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn pools_send_the_proxy_header_before_the_clients_bytes_and_their_checks() {
+    let (server, seen) = proxy_requiring_server();
+    let text = format!(
+        "[runtime]\nshards = 1\n\n[admin]\nbind = \"127.0.0.1:0\"\n\n\
+         [[listener]]\nname = \"front\"\nbind = \"127.0.0.1:0\"\npool = \"v1\"\n\n\
+         [[listener]]\nname = \"routed\"\nbind = \"127.0.0.1:0\"\npool = \"plain\"\n\
+         routes = [ {{ protocol = \"redis\", pool = \"v2\" }} ]\n\n\
+         [[pool]]\nname = \"v1\"\nsend_proxy = \"v1\"\nservers = [ {{ addr = \"{server}\" }} ]\n\
+         [pool.health]\nkind = \"send_expect\"\nsend = \"ping\\n\"\nexpect = \"HEALTHY\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\n\n\
+         [[pool]]\nname = \"v2\"\nsend_proxy = \"v2\"\nservers = [ {{ addr = \"{server}\" }} ]\n\n\
+         [[pool]]\nname = \"plain\"\nservers = [ {{ addr = \"{server}\" }} ]\n\
+         [pool.health]\nkind = \"send_expect\"\nsend = \"ping\\n\"\nexpect = \"HEALTHY\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\n"
+    );
+    let proxy = Proxy::start(&text);
+    // Checks with the header pass; without it the same server fails them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline
+        && (admin::server_state(proxy.admin(), "v1", &server.to_string()) != "up"
+            || admin::server_state(proxy.admin(), "plain", &server.to_string()) != "down")
+    {
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        admin::server_state(proxy.admin(), "v1", &server.to_string()),
+        "up"
+    );
+    assert_eq!(
+        admin::server_state(proxy.admin(), "plain", &server.to_string()),
+        "down"
+    );
+
+    // A client through the v1 pool: the server sees the client's own address and port.
+    let mut client = TcpStream::connect(proxy.addr()).expect("connect");
+    client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    client.write_all(b"hello").expect("write");
+    let mut answer = String::new();
+    let mut byte = [0u8; 1];
+    while client.read(&mut byte).expect("answer") == 1 && byte[0] != b'\n' {
+        answer.push(byte[0] as char);
+    }
+    let local = client.local_addr().expect("local");
+    assert_eq!(answer, format!("HEALTHY {local}"));
+
+    // A redis client routed to the v2 pool: header, then the sniffed command, then the rest.
+    let routed = proxy.listeners["routed"];
+    let mut client = TcpStream::connect(routed).expect("connect");
+    client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    client.write_all(b"*1\r\n$4\r\nPING\r\n").expect("write");
+    let mut answer = [0u8; 8];
+    client.read_exact(&mut answer).expect("answer");
+    assert_eq!(&answer, b"HEALTHY ");
+    client.write_all(b"more").expect("write");
+    drop(client);
+    thread::sleep(Duration::from_millis(600));
+    let recorded = seen.lock().expect("lock").clone();
+    let v2 = recorded
+        .iter()
+        .find(|bytes| bytes.starts_with(b"\r\n\r\n\0\r\nQUIT\n"))
+        .expect("a v2 header");
+    let ringproxy::sniff::proxy::ProxyVerdict::Header(header) = ringproxy::sniff::proxy::parse(v2)
+    else {
+        panic!("not a header");
+    };
+    assert_eq!(&v2[header.length..], b"*1\r\n$4\r\nPING\r\nmore");
+}

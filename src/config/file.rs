@@ -169,6 +169,7 @@ pub struct FilePool {
     pub tcp_user_timeout: Option<Spanned<String>>,
     pub source_addresses: Option<Spanned<Vec<Spanned<String>>>>,
     pub slow_start: Option<Spanned<String>>,
+    pub send_proxy: Option<Spanned<String>>,
     pub health: Option<Spanned<FileHealth>>,
     pub servers: Spanned<Vec<Spanned<FileServer>>>,
 }

@@ -65,6 +65,9 @@ pub struct HealthCheck {
     /// Probe this port instead of the server's traffic port (HAProxy `check port`).
     pub port: Option<u16>,
     pub start: StartState,
+    /// The pool's `send_proxy`: probes send the same header first (HAProxy's
+    /// `check-send-proxy`), so servers that require it can be checked.
+    pub send_proxy: Option<crate::sniff::proxy::ProxyVersion>,
 }
 
 impl HealthCheck {
@@ -299,6 +302,7 @@ pub(super) fn resolve_health(
         fall,
         port,
         start,
+        send_proxy: None,
     })
 }
 

@@ -171,6 +171,8 @@ pub struct PoolConfig {
     pub source_addresses: Vec<IpAddr>,
     /// A server coming back up ramps its weight from zero to full over this long.
     pub slow_start: Option<Duration>,
+    /// A PROXY protocol header before the client's bytes (and before health checks' own).
+    pub send_proxy: Option<crate::sniff::proxy::ProxyVersion>,
     pub health: Option<HealthCheck>,
     pub servers: Vec<ServerConfig>,
 }
@@ -721,10 +723,26 @@ fn resolve_pool(
             (!duration.is_zero()).then_some(duration)
         }
     };
-    let health = match &pool.health {
+    let mut health = match &pool.health {
         None => None,
         Some(spanned) => Some(health::resolve_health(source, spanned)?),
     };
+    let send_proxy = match &pool.send_proxy {
+        None => None,
+        Some(text) => match text.get_ref().as_str() {
+            "v1" => Some(crate::sniff::proxy::ProxyVersion::V1),
+            "v2" => Some(crate::sniff::proxy::ProxyVersion::V2),
+            other => {
+                return Err(source.at(
+                    text,
+                    format!("send_proxy must be \"v1\" or \"v2\", not {other:?}"),
+                ));
+            }
+        },
+    };
+    if let Some(health) = health.as_mut() {
+        health.send_proxy = send_proxy;
+    }
     Ok(PoolConfig {
         name,
         balance,
@@ -735,6 +753,7 @@ fn resolve_pool(
         tcp,
         source_addresses,
         slow_start,
+        send_proxy,
         health,
         servers,
     })

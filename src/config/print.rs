@@ -90,6 +90,9 @@ impl Config {
                 writeln!(out, "slow_start = \"{}\"", format_duration(slow_start))?;
             }
             pool.tcp.write_toml(out)?;
+            if let Some(version) = pool.send_proxy {
+                writeln!(out, "send_proxy = \"{}\"", version.name())?;
+            }
             if !pool.source_addresses.is_empty() {
                 writeln!(
                     out,

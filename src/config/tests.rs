@@ -474,3 +474,22 @@ fn bad_routes_are_refused_with_the_reason() {
     let error = Config::parse("t.toml", &text).expect_err("no routes");
     assert!(error.to_string().contains("has no routes"), "{error}");
 }
+
+#[test]
+fn send_proxy_resolves_reaches_the_checks_and_prints_back() {
+    let text = MINIMAL.replace("name = \"app\"\n", "name = \"app\"\nsend_proxy = \"v2\"\n")
+        + "[pool.health]\nkind = \"tcp\"\n";
+    let config = Config::parse("t.toml", &text).expect("valid");
+    let pool = &config.pools[0];
+    assert_eq!(pool.send_proxy, Some(crate::sniff::proxy::ProxyVersion::V2));
+    assert_eq!(
+        pool.health.as_ref().expect("health").send_proxy,
+        pool.send_proxy,
+        "checks send the pool's header"
+    );
+    let again = Config::parse("printed", &config.to_toml()).expect("printed config parses");
+    assert_eq!(config, again);
+    let text = MINIMAL.replace("name = \"app\"\n", "name = \"app\"\nsend_proxy = \"v3\"\n");
+    let error = Config::parse("t.toml", &text).expect_err("v3");
+    assert!(error.to_string().contains("send_proxy must be"), "{error}");
+}

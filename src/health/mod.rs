@@ -125,6 +125,7 @@ mod tests {
             fall,
             port: None,
             start,
+            send_proxy: None,
         }
     }
 

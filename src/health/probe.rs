@@ -82,6 +82,13 @@ async fn run(addr: SocketAddr, check: &HealthCheck, deadline: Instant) -> Result
     // Close with a reset: no TIME_WAIT per check (a zero linger never blocks the close).
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     let _ = stream.set_nodelay(true);
+    if let Some(version) = check.send_proxy {
+        let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr()) else {
+            return Err("cannot read the probe's addresses for its PROXY header".to_string());
+        };
+        let header = crate::sniff::proxy::header(version, local, peer);
+        write(&mut stream, &header, check, deadline).await?;
+    }
     match &check.kind {
         HealthKind::Tcp => Ok("connected".to_string()),
         HealthKind::SendExpect { send, expect } => {

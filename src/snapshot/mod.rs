@@ -105,6 +105,7 @@ pub struct PoolSnapshot {
     pub fail_timeout: Duration,
     pub tcp: TcpOptions,
     pub source_addresses: Vec<IpAddr>,
+    pub send_proxy: Option<crate::sniff::proxy::ProxyVersion>,
     pub servers: Vec<ServerSnapshot>,
 }
 
@@ -121,6 +122,7 @@ impl PoolSnapshot {
             fail_timeout: pool.fail_timeout,
             tcp: pool.tcp,
             source_addresses: pool.source_addresses.clone(),
+            send_proxy: pool.send_proxy,
             servers,
         }
     }

@@ -2,7 +2,7 @@
 //! client's own bytes: the `ppp` crate parses it; this module decides when enough bytes are
 //! there, bounds them, and keeps what the proxy needs (addresses, TLVs, header length).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ppp::v1;
 use ppp::v2;
@@ -128,4 +128,68 @@ fn parse_v1(bytes: &[u8]) -> ProxyVerdict {
         tlvs: Vec::new(),
         length,
     })
+}
+
+/// Which PROXY header a pool sends its servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyVersion {
+    V1,
+    V2,
+}
+
+impl ProxyVersion {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProxyVersion::V1 => "v1",
+            ProxyVersion::V2 => "v2",
+        }
+    }
+}
+
+/// The header announcing a TCP connection from `source` to `destination`. Mixed families (an
+/// IPv4 client on a dual-stack IPv6 socket) are written as IPv6, with the IPv4 address mapped.
+pub fn header(version: ProxyVersion, source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let (source_ip, destination_ip) = match (source.ip(), destination.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => (IpAddr::V4(s), IpAddr::V4(d)),
+        (s, d) => (IpAddr::V6(as_v6(s)), IpAddr::V6(as_v6(d))),
+    };
+    match version {
+        ProxyVersion::V1 => {
+            let family = if source_ip.is_ipv4() { "TCP4" } else { "TCP6" };
+            format!(
+                "PROXY {family} {source_ip} {destination_ip} {} {}\r\n",
+                source.port(),
+                destination.port()
+            )
+            .into_bytes()
+        }
+        ProxyVersion::V2 => {
+            let mut bytes = V2_SIGNATURE.to_vec();
+            bytes.push(0x21); // version 2, PROXY
+            match (source_ip, destination_ip) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => {
+                    bytes.push(0x11); // TCP over IPv4
+                    bytes.extend_from_slice(&12u16.to_be_bytes());
+                    bytes.extend_from_slice(&s.octets());
+                    bytes.extend_from_slice(&d.octets());
+                }
+                (s, d) => {
+                    bytes.push(0x21); // TCP over IPv6
+                    bytes.extend_from_slice(&36u16.to_be_bytes());
+                    bytes.extend_from_slice(&as_v6(s).octets());
+                    bytes.extend_from_slice(&as_v6(d).octets());
+                }
+            }
+            bytes.extend_from_slice(&source.port().to_be_bytes());
+            bytes.extend_from_slice(&destination.port().to_be_bytes());
+            bytes
+        }
+    }
+}
+
+fn as_v6(ip: IpAddr) -> std::net::Ipv6Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
 }

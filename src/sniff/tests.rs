@@ -290,6 +290,37 @@ fn proxy_v2_from_haproxy_ipv4_ipv6_and_tlvs() {
     assert!(matches!(parse(&broken), ProxyVerdict::Invalid(_)));
 }
 
+#[test]
+fn headers_we_send_parse_back() {
+    use super::proxy::{ProxyVersion, header};
+    let cases: [(&str, &str); 3] = [
+        ("192.0.2.7:41000", "127.0.0.1:5432"),
+        ("[2001:db8::1]:41000", "[::1]:443"),
+        ("192.0.2.7:41000", "[::1]:443"),
+    ];
+    for (source, destination) in cases {
+        let source: std::net::SocketAddr = source.parse().expect("addr");
+        let destination: std::net::SocketAddr = destination.parse().expect("addr");
+        for version in [ProxyVersion::V1, ProxyVersion::V2] {
+            let mut bytes = header(version, source, destination);
+            let length = bytes.len();
+            bytes.extend_from_slice(b"payload");
+            let ProxyVerdict::Header(parsed) = parse(&bytes) else {
+                panic!("{version:?} {source} {destination}: {:?}", parse(&bytes));
+            };
+            assert_eq!(parsed.length, length);
+            let (got_source, got_destination) = parsed.addresses.expect("addresses");
+            assert_eq!(got_source.port(), source.port());
+            assert_eq!(got_destination.port(), destination.port());
+            if source.is_ipv4() == destination.is_ipv4() {
+                assert_eq!((got_source, got_destination), (source, destination));
+            } else {
+                assert!(got_source.is_ipv6(), "mixed families become IPv6");
+            }
+        }
+    }
+}
+
 /// Every capture, cut anywhere, with bytes flipped, dropped and repeated: no sniffer panics,
 /// and a verdict on a prefix never contradicts the whole (a match on a prefix stays a match).
 #[test]

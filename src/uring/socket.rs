@@ -187,6 +187,14 @@ pub fn peer_ip(fd: BorrowedFd<'_>) -> io::Result<IpAddr> {
     peer_addr(fd).map(|addr| addr.ip())
 }
 
+/// The local address of a connected socket (getsockname).
+pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    socket2::SockRef::from(&fd)
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IP socket"))
+}
+
 pub fn peer_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
     SockRef::from(&fd)
         .peer_addr()?

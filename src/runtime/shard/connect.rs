@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use tracing::{debug, warn};
 
@@ -180,13 +180,32 @@ impl Shard {
                     .record(std::time::Duration::from_micros(took));
             }
             let mut actions = std::mem::take(&mut self.actions);
-            match session.sniffing.take() {
-                Some(sniffed) => session.relay.start_with_replay(
+            // The server hears first the PROXY header its pool asks for, then what sniffing
+            // read, then the relay.
+            let mut replay = Vec::new();
+            if let Some(version) = self
+                .snapshot
+                .pool(session.pool)
+                .and_then(|pool| pool.send_proxy)
+            {
+                let client = session.client.as_fd();
+                if let (Ok(peer), Ok(local)) =
+                    (socket::peer_addr(client), socket::local_addr(client))
+                {
+                    replay = crate::sniff::proxy::header(version, peer, local);
+                }
+            }
+            if let Some(sniffed) = session.sniffing.take() {
+                replay.extend_from_slice(&sniffed.bytes);
+            }
+            if replay.is_empty() {
+                session.relay.start(self.now_tick, &mut actions);
+            } else {
+                session.relay.start_with_replay(
                     self.now_tick,
-                    sniffed.bytes.into_boxed_slice(),
+                    replay.into_boxed_slice(),
                     &mut actions,
-                ),
-                None => session.relay.start(self.now_tick, &mut actions),
+                );
             }
             let first_byte_deadline = session.relay.limits().first_byte_ticks.is_some();
             self.execute(index, &mut actions);
