@@ -322,6 +322,13 @@ fn unmatched_clients_are_refused_when_the_listener_says_reject() {
     for line in expected {
         assert!(text.contains(line), "missing {line}");
     }
+    let status = admin::status(proxy.admin());
+    let routing = &status["listeners"][0]["routing"];
+    assert_eq!(routing["routes"][0]["protocol"], "postgres");
+    assert_eq!(routing["routes"][0]["pool"], "pg");
+    assert_eq!(routing["unmatched"], "reject");
+    assert_eq!(routing["detected"]["unknown"], 1);
+    assert_eq!(routing["unmatched_clients"], 1);
 }
 
 #[test]

@@ -16,6 +16,49 @@ pub fn unix_seconds(at: SystemTime) -> f64 {
         .map_or(0.0, |elapsed| elapsed.as_secs_f64())
 }
 
+/// A listener's routes (conditions and pool, in order) and what its sniffing found; null for a
+/// listener without routes.
+fn routing_json(
+    control: &Control,
+    listener: &ListenerSnapshot,
+    counters: &ListenerCounters,
+) -> Value {
+    let Some(routing) = &listener.routing else {
+        return Value::Null;
+    };
+    let routes: Vec<Value> = routing
+        .routes
+        .iter()
+        .map(|route| {
+            let conditions = &route.conditions;
+            json!({
+                "protocol": conditions.protocol.map(|protocol| protocol.name()),
+                "sni": conditions.sni.as_ref().map(|pattern| pattern.text()),
+                "alpn": conditions.alpn,
+                "host": conditions.host.as_ref().map(|pattern| pattern.text()),
+                "path_prefix": conditions.path_prefix,
+                "source": conditions.source.map(|network| network.to_string()),
+                "pool": control.snapshot.pool(route.target).map(|pool| pool.name.clone()),
+            })
+        })
+        .collect();
+    let detected: serde_json::Map<String, Value> = crate::metrics::Detection::ALL
+        .iter()
+        .zip(counters.detected)
+        .map(|(detection, count)| (detection.name().to_string(), Value::from(count)))
+        .collect();
+    json!({
+        "routes": routes,
+        "unmatched": routing.unmatched.name(),
+        "sniff_max_bytes": routing.sniff_max_bytes,
+        "sniff_timeout_ms": routing.sniff_timeout.as_millis() as u64,
+        "server_first_after_ms": routing.server_first_after.as_millis() as u64,
+        "detected": detected,
+        "sniff_timeouts": counters.sniff_timeouts,
+        "unmatched_clients": counters.unmatched,
+    })
+}
+
 /// A listener's admission settings and live state: its connection-rate bucket (tokens and
 /// rate share per shard), its per-source table (addresses per shard, evictions).
 fn admission_json(
@@ -227,6 +270,7 @@ pub fn status_json(control: &Control) -> Value {
                 "max_connections": listener.max_connections.get(),
                 "log": listener.log,
                 "admission": admission_json(&merged, listener, &counters),
+                "routing": routing_json(control, listener, &counters),
             })
         })
         .collect();
