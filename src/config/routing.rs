@@ -64,6 +64,12 @@ pub(super) fn resolve(
         }
         return Ok(None);
     };
+    if entries.is_empty() {
+        return Err(source.at(
+            &listener.name,
+            "routes is empty: list at least one route, or leave routes out",
+        ));
+    }
     if entries.len() > MAX_ROUTES {
         return Err(source.at(
             &listener.name,
@@ -217,6 +223,32 @@ fn resolve_route(
         return Err(source.at(
             entry,
             "a route needs at least one of protocol, sni, alpn, host, path_prefix or source",
+        ));
+    }
+    let tls_only = conditions.sni.is_some() || conditions.alpn.is_some();
+    let http_only = conditions.host.is_some() || conditions.path_prefix.is_some();
+    if tls_only && http_only {
+        return Err(source.at(
+            entry,
+            "sni and alpn are TLS conditions, host and path_prefix HTTP/1.x ones: one route cannot \
+             have both",
+        ));
+    }
+    if let Some(RouteProtocol::Sniffed(protocol)) = conditions.protocol
+        && ((tls_only && protocol != crate::sniff::Protocol::Tls)
+            || (http_only && protocol != crate::sniff::Protocol::Http))
+    {
+        return Err(source.at(
+            entry,
+            format!(
+                "protocol {:?} never carries {}: such a route could not match",
+                protocol.name(),
+                if tls_only {
+                    "sni or alpn"
+                } else {
+                    "host or path_prefix"
+                }
+            ),
         ));
     }
     if matches!(conditions.protocol, Some(RouteProtocol::ServerFirst(_)))

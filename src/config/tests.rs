@@ -448,6 +448,16 @@ fn bad_routes_are_refused_with_the_reason() {
         ),
         (
             "{ alpn = \"h2\", pool = \"web\" }",
+            "{ protocol = \"http\", alpn = \"h2\", pool = \"web\" }",
+            "never carries sni or alpn",
+        ),
+        (
+            "{ alpn = \"h2\", pool = \"web\" }",
+            "{ alpn = \"h2\", host = \"a.b\", pool = \"web\" }",
+            "cannot have both",
+        ),
+        (
+            "{ alpn = \"h2\", pool = \"web\" }",
             "{ alpn = \"h2\", split = \"app\", pool = \"web\" }",
             "unknown field",
         ),
@@ -466,6 +476,11 @@ fn bad_routes_are_refused_with_the_reason() {
             .contains("must be longer than server_first_after"),
         "{error}"
     );
+    let start = ROUTED.find("routes = [").expect("routes");
+    let end = start + ROUTED[start..].find("]\n").expect("end") + 2;
+    let text = format!("{}routes = []\n{}", &ROUTED[..start], &ROUTED[end..]);
+    let error = Config::parse("t.toml", &text).expect_err("empty routes");
+    assert!(error.to_string().contains("routes is empty"), "{error}");
     // Routing keys without routes.
     let text = MINIMAL.replace(
         "pool = \"app\"\n",

@@ -232,6 +232,7 @@ impl<B> Relay<B> {
 
     /// The server is connected (at tick `now`): start reading both sides.
     pub fn start(&mut self, now: u64, out: &mut Actions) {
+        self.last_active = self.last_active.max(now);
         if let Some(ticks) = self.limits.first_byte_ticks {
             self.first_byte_deadline = now.saturating_add(ticks);
         }
@@ -240,14 +241,24 @@ impl<B> Relay<B> {
         }
     }
 
-    /// As `start`, with bytes the client sent before the server was chosen (sniffing): they go
-    /// to the server first, and the client is read again once they are delivered.
-    pub fn start_with_replay(&mut self, now: u64, replay: Box<[u8]>, out: &mut Actions) {
+    /// As `start`, with bytes for the server first (a PROXY header, what sniffing read): the
+    /// client is read again once they are delivered. `client_spoke`: they include the client's
+    /// own bytes (else the first-byte deadline still runs).
+    pub fn start_with_replay(
+        &mut self,
+        now: u64,
+        replay: Box<[u8]>,
+        client_spoke: bool,
+        out: &mut Actions,
+    ) {
         if replay.is_empty() {
             return self.start(now, out);
         }
+        if !client_spoke && let Some(ticks) = self.limits.first_byte_ticks {
+            self.first_byte_deadline = now.saturating_add(ticks);
+        }
         self.upstream.spill = Some(Box::new(Spill::filled(replay)));
-        self.last_active = now;
+        self.last_active = self.last_active.max(now);
         for side in [Side::Client, Side::Server] {
             self.arm_receive(side, out);
         }

@@ -778,7 +778,7 @@ fn replayed_bytes_go_to_the_server_first_and_the_client_waits_for_them() {
     let mut relay: Relay<TestBuffer> = Relay::new(MULTISHOT_LIMITS, 0);
     let mut pool = TestPool::default();
     let mut out = Vec::new();
-    relay.start_with_replay(0, b"sniffed".to_vec().into_boxed_slice(), &mut out);
+    relay.start_with_replay(0, b"sniffed".to_vec().into_boxed_slice(), true, &mut out);
     // The server is read; the client is not until the replay is delivered.
     assert_eq!(
         out,
@@ -808,4 +808,27 @@ fn replayed_bytes_go_to_the_server_first_and_the_client_waits_for_them() {
         "the replay memory went back"
     );
     assert_eq!(relay.delivered(), (7, 0));
+}
+
+#[test]
+fn a_replayed_proxy_header_alone_keeps_the_first_byte_deadline() {
+    let mut relay: Relay<TestBuffer> = Relay::new(FIRST_BYTE_LIMITS, 0);
+    let mut out = Vec::new();
+    relay.start_with_replay(
+        5,
+        b"PROXY ...\r\n".to_vec().into_boxed_slice(),
+        false,
+        &mut out,
+    );
+    assert_eq!(
+        relay.next_deadline(),
+        35,
+        "the client must still speak by tick 35"
+    );
+    let mut spoke: Relay<TestBuffer> = Relay::new(FIRST_BYTE_LIMITS, 0);
+    spoke.start_with_replay(5, b"GET /".to_vec().into_boxed_slice(), true, &mut out);
+    assert!(
+        spoke.next_deadline() > 35,
+        "sniffed client bytes count as its first byte"
+    );
 }

@@ -189,24 +189,30 @@ impl Shard {
                 .and_then(|pool| pool.send_proxy)
             {
                 let client = session.client.as_fd();
-                if let (Ok(peer), Ok(local)) =
-                    (socket::peer_addr(client), socket::local_addr(client))
-                {
-                    replay = crate::sniff::proxy::header(version, peer, local);
+                match (socket::peer_addr(client), socket::local_addr(client)) {
+                    (Ok(peer), Ok(local)) => {
+                        replay = crate::sniff::proxy::header(version, peer, local);
+                    }
+                    _ => {
+                        // The client is gone (a reset ends getpeername): never relay its bytes
+                        // without the header the server trusts for its address.
+                        self.actions = actions;
+                        self.close_session(index, CloseMode::ResetBoth, CloseKind::ClientReset);
+                        return;
+                    }
                 }
             }
-            if let Some(sniffed) = session.sniffing.take() {
-                replay.extend_from_slice(&sniffed.bytes);
+            let sniffed = session.sniffing.take().map(|sniffed| sniffed.bytes);
+            let client_spoke = sniffed.as_ref().is_some_and(|bytes| !bytes.is_empty());
+            if let Some(bytes) = sniffed {
+                replay.extend_from_slice(&bytes);
             }
-            if replay.is_empty() {
-                session.relay.start(self.now_tick, &mut actions);
-            } else {
-                session.relay.start_with_replay(
-                    self.now_tick,
-                    replay.into_boxed_slice(),
-                    &mut actions,
-                );
-            }
+            session.relay.start_with_replay(
+                self.now_tick,
+                replay.into_boxed_slice(),
+                client_spoke,
+                &mut actions,
+            );
             let first_byte_deadline = session.relay.limits().first_byte_ticks.is_some();
             self.execute(index, &mut actions);
             self.actions = actions;

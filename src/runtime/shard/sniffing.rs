@@ -78,8 +78,13 @@ impl Shard {
                 self.close_session(index, CloseMode::Graceful, CloseKind::Done);
                 return;
             }
+            error if error == -libc::ENOBUFS && sniffing.phase == SniffPhase::Reading => {
+                // No buffer now: the timer tick re-arms (no retry every loop turn).
+                self.stats.buffer_starvation += 1;
+                return;
+            }
             error if error == -libc::ENOBUFS || error == -libc::ECANCELED => {
-                // No buffer: the timer tick re-arms. Cancelled: a route was chosen.
+                // Cancelled (or starved while cancelling): a route was chosen.
             }
             error => {
                 debug!(shard = self.index, error, "client failed while sniffing");
@@ -99,7 +104,7 @@ impl Shard {
     /// Sniffs what has arrived: a verdict chooses the route; undecided, reads on.
     fn try_route(&mut self, index: usize) {
         let Some(routing) = self.routing_of(index) else {
-            self.connect_routed(index);
+            self.route_to_default(index);
             return;
         };
         let session = &self.sessions[index];
@@ -133,7 +138,7 @@ impl Shard {
     pub(super) fn sniff_tick(&mut self, index: usize) {
         let now = self.now_tick;
         let Some(routing) = self.routing_of(index) else {
-            self.connect_routed(index);
+            self.route_to_default(index);
             return;
         };
         let session = &self.sessions[index];
@@ -157,6 +162,25 @@ impl Shard {
             self.arm_sniff_receive(index);
             self.arm_timer(index);
         }
+    }
+
+    /// The listener lost its routes (a reload): the listener's pool, once no receive of the
+    /// sniff step is armed any more (its bytes, if any, are kept for the server).
+    fn route_to_default(&mut self, index: usize) {
+        let Some(session) = self.sessions.get_mut(index) else {
+            return;
+        };
+        if session.relay.flow_from(Side::Client).receiving > 0 {
+            if let Some(sniffing) = session.sniffing.as_deref_mut()
+                && sniffing.phase == SniffPhase::Reading
+            {
+                sniffing.phase = SniffPhase::Cancelling;
+                let target = user_data(Op::ClientRecv, index, session.generation);
+                let _ = self.ring.cancel(target, super::IGNORED);
+            }
+            return;
+        }
+        self.connect_routed(index);
     }
 
     fn count_sniff_timeout(&mut self, index: usize) {
