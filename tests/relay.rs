@@ -34,6 +34,8 @@ fn random_payloads_relay_byte_exact_with_single_shot_receives() {
 }
 
 fn random_payloads_over_1000_connections(tuning: &str) {
+    // The 1,000-connection runs and the timing-sensitive reset checks do not overlap.
+    let _serial = serial();
     let echo = TestServer::start(Behaviour::Echo);
     let text = format!("{tuning}{}", config(2, "", &[server(echo.addr)]));
     let mut proxy = Proxy::start(&text);
@@ -122,6 +124,8 @@ fn half_close_from_server_keeps_forward_direction() {
 
 #[test]
 fn server_reset_reaches_client_promptly() {
+    // The 1,000-connection runs and the timing-sensitive reset checks do not overlap.
+    let _serial = serial();
     let resetter = TestServer::start(Behaviour::ResetAfterRead);
     let proxy = Proxy::start(&config(1, "", &[server(resetter.addr)]));
     let mut stream = connect(proxy.addr());
@@ -139,6 +143,8 @@ fn server_reset_reaches_client_promptly() {
 
 #[test]
 fn client_reset_reaches_server() {
+    // The 1,000-connection runs and the timing-sensitive reset checks do not overlap.
+    let _serial = serial();
     let counter = TestServer::start(Behaviour::CountUntilFin);
     let proxy = Proxy::start(&config(1, "", &[server(counter.addr)]));
     let mut stream = connect(proxy.addr());
