@@ -13,24 +13,6 @@ use std::time::Duration;
 use common::admin;
 use common::*;
 
-/// A tool from the Debian packages the CI installs. Under `CI=true` a missing one fails the
-/// test; elsewhere the test says loudly that it skipped.
-fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|path| path.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{name} is missing (Debian package prometheus); CI must install it"
-        );
-        eprintln!("SKIPPED: {name} is not installed (apt-get install prometheus)");
-    }
-    found
-}
-
 fn config(echo: SocketAddr, listener_extra: &str) -> String {
     format!(
         "[runtime]\nshards = 2\n\n[admin]\nbind = \"127.0.0.1:0\"\n\n\
@@ -58,7 +40,7 @@ fn drive(addr: SocketAddr, count: usize, size: usize) {
 
 #[test]
 fn promtool_accepts_the_exposition() {
-    let Some(promtool) = tool("promtool") else {
+    let Some(promtool) = tool("promtool", "prometheus") else {
         return;
     };
     let echo = TestServer::start(Behaviour::Echo);
@@ -178,7 +160,7 @@ impl Drop for Prometheus {
 
 #[test]
 fn a_real_prometheus_scrape_reads_exactly_what_the_clients_counted() {
-    let Some(binary) = tool("prometheus") else {
+    let Some(binary) = tool("prometheus", "prometheus") else {
         return;
     };
     const CONNECTIONS: usize = 137;

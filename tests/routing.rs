@@ -15,24 +15,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A tool from the Debian packages the test command installs. Under `CI=true` a missing one
-/// fails the test; elsewhere the test says loudly that it skipped.
-fn tool(name: &str, package: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|path| path.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{name} is missing (Debian package {package}); CI must install it"
-        );
-        eprintln!("SKIPPED: {name} is not installed (apt-get install {package})");
-    }
-    found
-}
-
 /// A server that records what each connection sends (until 300 ms of quiet), optionally
 /// greets first and echoes, then closes.
 struct Recorder {

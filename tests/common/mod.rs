@@ -994,3 +994,21 @@ pub fn cpu_seconds(pid: i32) -> f64 {
         fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
     ticks / 100.0
 }
+
+/// A tool from the Debian packages the test command installs. Under `CI=true` a missing one
+/// fails the test; elsewhere the test says loudly that it skipped.
+pub fn tool(name: &str, package: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|path| path.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{name} is missing (Debian package {package}); CI must install it"
+        );
+        eprintln!("SKIPPED: {name} is not installed (apt-get install {package})");
+    }
+    found
+}

@@ -10,7 +10,7 @@ use tracing::debug;
 
 use super::{Op, Shard, ticks, user_data};
 use crate::config::Unmatched;
-use crate::metrics::{CloseKind, Detection};
+use crate::metrics::{CloseKind, Detection, ListenerCounters};
 use crate::relay::{CloseMode, Side};
 use crate::route::{self, Detected};
 use crate::runtime::session::{SniffPhase, Sniffing};
@@ -122,7 +122,7 @@ impl Shard {
             Verdict::NoMatch => Detected::Unknown,
             Verdict::NeedMore if sniffing.bytes.len() >= limit => {
                 self.stats.sniff_limits += 1;
-                self.count_sniff_timeout(index);
+                self.count(index, |counters| counters.sniff_timeouts += 1);
                 Detected::Unknown
             }
             Verdict::NeedMore => {
@@ -156,7 +156,7 @@ impl Shard {
             self.choose(index, &routing, &Detected::Silence);
         } else if now >= sniffing.deadline {
             self.stats.sniff_timeouts += 1;
-            self.count_sniff_timeout(index);
+            self.count(index, |counters| counters.sniff_timeouts += 1);
             self.choose(index, &routing, &Detected::Unknown);
         } else {
             self.arm_sniff_receive(index);
@@ -164,12 +164,17 @@ impl Shard {
         }
     }
 
-    /// The listener lost its routes (a reload): the listener's pool, once no receive of the
-    /// sniff step is armed any more (its bytes, if any, are kept for the server).
+    /// The listener lost its routes (a reload): the listener's pool.
     fn route_to_default(&mut self, index: usize) {
-        let Some(session) = self.sessions.get_mut(index) else {
-            return;
-        };
+        if self.sessions.contains(index) {
+            self.connect_when_quiet(index);
+        }
+    }
+
+    /// Connects once no receive of the sniff step is armed: an armed one (a route chosen by
+    /// time, or lost to a reload) is cancelled first, and what it brings is kept for the server.
+    fn connect_when_quiet(&mut self, index: usize) {
+        let session = &mut self.sessions[index];
         if session.relay.flow_from(Side::Client).receiving > 0 {
             if let Some(sniffing) = session.sniffing.as_deref_mut()
                 && sniffing.phase == SniffPhase::Reading
@@ -183,17 +188,11 @@ impl Shard {
         self.connect_routed(index);
     }
 
-    fn count_sniff_timeout(&mut self, index: usize) {
+    /// Counts on the session's listener.
+    fn count(&mut self, index: usize, what: impl FnOnce(&mut ListenerCounters)) {
         let slot = self.sessions[index].listener_counters;
         if let Some(counters) = self.counters.listeners.get_mut(slot) {
-            counters.sniff_timeouts += 1;
-        }
-    }
-
-    fn count_unmatched(&mut self, index: usize) {
-        let slot = self.sessions[index].listener_counters;
-        if let Some(counters) = self.counters.listeners.get_mut(slot) {
-            counters.unmatched += 1;
+            what(counters);
         }
     }
 
@@ -208,38 +207,30 @@ impl Shard {
             .routes
             .iter()
             .any(|route| route.conditions.source.is_some());
-        let session = &mut self.sessions[index];
         let detection = match detected {
             Detected::Protocol(protocol, _) => Detection::Protocol(*protocol),
             Detected::Silence => Detection::Silence,
             Detected::Unknown => Detection::Unknown,
         };
-        let listener_counters = self.counters.listeners.get_mut(session.listener_counters);
-        if let Some(counters) = listener_counters {
-            counters.detect(detection);
-        }
+        self.count(index, |counters| counters.detect(detection));
+        let session = &mut self.sessions[index];
         let client = if needs_address {
             socket::peer_ip(std::os::fd::AsFd::as_fd(&session.client))
                 .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]))
         } else {
             std::net::IpAddr::from([0, 0, 0, 0])
         };
-        let pool = match route::decide(&routing.routes, detected, client) {
-            Some(&pool) => pool,
-            None if routing.unmatched == Unmatched::Reject => {
-                self.stats.unmatched += 1;
-                self.count_unmatched(index);
+        let chosen = route::decide(&routing.routes, detected, client).copied();
+        if chosen.is_none() {
+            self.stats.unmatched += 1;
+            self.count(index, |counters| counters.unmatched += 1);
+            if routing.unmatched == Unmatched::Reject {
                 self.close_session(index, CloseMode::ResetBoth, CloseKind::Unmatched);
                 return;
             }
-            None => {
-                self.stats.unmatched += 1;
-                if let Some(counters) = self.counters.listeners.get_mut(session.listener_counters) {
-                    counters.unmatched += 1;
-                }
-                session.pool
-            }
-        };
+        }
+        let session = &mut self.sessions[index];
+        let pool = chosen.unwrap_or(session.pool);
         if pool != session.pool {
             self.counters.pools.unhold(session.pool_counters);
             session.pool = pool;
@@ -247,17 +238,7 @@ impl Shard {
             self.counters.pools.hold(session.pool_counters);
         }
         debug!(shard = self.index, detected = ?detected, "route chosen");
-        let receiving = session.relay.flow_from(Side::Client).receiving > 0;
-        if let Some(sniffing) = session.sniffing.as_deref_mut()
-            && receiving
-        {
-            // Chosen by time with a receive still armed: cancel it, keep what it brings.
-            sniffing.phase = SniffPhase::Cancelling;
-            let target = user_data(Op::ClientRecv, index, session.generation);
-            let _ = self.ring.cancel(target, super::IGNORED);
-            return;
-        }
-        self.connect_routed(index);
+        self.connect_when_quiet(index);
     }
 
     /// Connects to the chosen pool; the sniffed bytes wait in the session for the relay.
