@@ -457,15 +457,18 @@ fn wait_for_stall(stream: &TcpStream, still: Duration, max: Duration) -> Option<
 /// blocked write to B fails at once. Expected: 2 s after the stall, +-0.5 s for the timer tick
 /// and buffer filling; the window asserted is 1.5 s ..= 3.5 s.
 ///
-/// Client A takes 64 KiB every 500 ms. Its socket may not report writable to the proxy for
+/// Client A takes 128 KiB every 500 ms. Its socket may not report writable to the proxy for
 /// longer than 2 s at that pace (TCP wakes a writer only once a good part of a large send
 /// buffer is free), so the timeout has to count any byte the destination accepts, not only
-/// completed sends.
+/// completed sends. A's receive buffer is fixed (SO_RCVBUF 128 KiB, 256 KiB in the kernel):
+/// with an autotuned one of several MiB, the receiver's own silly-window avoidance keeps its
+/// window shut until a sixteenth of the buffer is free, which at a slow pace can take longer
+/// than 2 s; the proxy then truly sees no byte taken (CI once cut A that way).
 #[test]
 fn write_timeout_cuts_a_stuck_reader_and_keeps_a_slow_one() {
     const STREAM: u64 = 32 * MIB;
     const SLOW_READS: u64 = 16;
-    const SLOW_CHUNK: usize = 64 * 1024;
+    const SLOW_CHUNK: usize = 128 * 1024;
     let _serial = serial();
     let server = PatternServer::start(STREAM);
     let text = config_with(
@@ -477,8 +480,8 @@ fn write_timeout_cuts_a_stuck_reader_and_keeps_a_slow_one() {
     let proxy = Proxy::start(&text);
     let addr = proxy.addr();
 
-    // A: reads 64 KiB every 500 ms for 8 s, checking every byte.
-    let mut slow = connect_from(addr, source_ip(0), None).expect("connect A");
+    // A: reads 128 KiB every 500 ms for 8 s, checking every byte.
+    let mut slow = connect_from(addr, source_ip(0), Some(128 * 1024)).expect("connect A");
     assert!(wait_for(Duration::from_secs(5), || server.connections() == 1));
     let reader = thread::spawn(move || {
         let mut buffer = vec![0u8; SLOW_CHUNK];
