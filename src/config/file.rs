@@ -102,6 +102,8 @@ pub struct FileListener {
     pub sniff_max_bytes: Option<Spanned<i64>>,
     pub sniff_timeout: Option<Spanned<String>>,
     pub server_first_after: Option<Spanned<String>>,
+    pub proxy_protocol: Option<Spanned<String>>,
+    pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// One entry of a listener's `routes`: conditions, and the pool it sends to.

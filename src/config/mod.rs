@@ -16,8 +16,8 @@ mod print;
 mod routing;
 
 pub use routing::{
-    DEFAULT_SERVER_FIRST_AFTER, DEFAULT_SNIFF_MAX_BYTES, DEFAULT_SNIFF_TIMEOUT, RoutingConfig,
-    Unmatched,
+    DEFAULT_SERVER_FIRST_AFTER, DEFAULT_SNIFF_MAX_BYTES, DEFAULT_SNIFF_TIMEOUT, ProxyAccept,
+    RoutingConfig, Unmatched,
 };
 
 use std::collections::HashSet;
@@ -155,6 +155,8 @@ pub struct ListenerConfig {
     pub admission: std::sync::Arc<crate::admission::AdmissionSettings>,
     /// Routes by what the client speaks (None: every client goes to `pool`).
     pub routing: Option<std::sync::Arc<RoutingConfig>>,
+    /// PROXY protocol headers accepted from trusted peers (None: `proxy_protocol = "off"`).
+    pub proxy: Option<std::sync::Arc<ProxyAccept>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -414,6 +416,7 @@ fn resolve(source: &Source, file: FileConfig) -> Result<Config, ConfigError> {
             log: listener.log,
             admission: std::sync::Arc::new(admission::resolve(source, listener)?),
             routing: routing::resolve(source, listener, &pools)?.map(std::sync::Arc::new),
+            proxy: routing::resolve_proxy_accept(source, listener)?.map(std::sync::Arc::new),
         });
     }
 

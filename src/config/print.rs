@@ -68,6 +68,9 @@ impl Config {
             if let Some(routing) = &listener.routing {
                 super::routing::write_keys(routing, |index| self.pool(index).name.clone(), out)?;
             }
+            if let Some(proxy) = &listener.proxy {
+                super::routing::write_proxy_keys(proxy, listener.routing.is_none(), out)?;
+            }
             super::admission::write_tables(&listener.admission, out)?;
         }
         for pool in &self.pools {

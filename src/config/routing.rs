@@ -1,9 +1,11 @@
 //! A listener's routing keys (`routes`, `unmatched`, `sniff_max_bytes`, `sniff_timeout`,
-//! `server_first_after`), resolved into `RoutingConfig`, and their printed form.
+//! `server_first_after`), resolved into `RoutingConfig`; its PROXY protocol keys
+//! (`proxy_protocol`, `trusted_proxies`), resolved into `ProxyAccept`; and their printed form.
 
 use std::fmt::{self, Write as _};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use toml::Spanned;
 
 use super::file::{FileListener, FileRoute};
@@ -42,20 +44,159 @@ pub struct RoutingConfig {
     pub server_first_after: Duration,
 }
 
-/// `None` for a listener without routes: it reads nothing before connecting.
+/// How a listener takes PROXY protocol headers (`proxy_protocol = "optional" | "required"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyAccept {
+    /// A trusted peer must send a header (`required`); otherwise it may (`optional`).
+    pub required: bool,
+    /// Peers whose header is believed; a header from anyone else is refused.
+    pub trusted: Vec<IpNet>,
+    /// The header must be complete within this long (`sniff_timeout`).
+    pub header_timeout: Duration,
+    /// A peer that may go without a header and says nothing for this long has none
+    /// (`server_first_after`): server-speaks-first clients are not kept waiting longer.
+    pub silence_after: Duration,
+}
+
+impl ProxyAccept {
+    pub fn trusts(&self, peer: std::net::IpAddr) -> bool {
+        let peer = match peer {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.trusted.iter().any(|network| network.contains(&peer))
+    }
+}
+
+/// `None` for `proxy_protocol = "off"` (the default): nothing is read for a header.
+pub(super) fn resolve_proxy_accept(
+    source: &Source,
+    listener: &FileListener,
+) -> Result<Option<ProxyAccept>, ConfigError> {
+    let required = match &listener.proxy_protocol {
+        None => None,
+        Some(text) => match text.get_ref().as_str() {
+            "off" => None,
+            "optional" => Some(false),
+            "required" => Some(true),
+            other => {
+                return Err(source.at(
+                    text,
+                    format!(
+                        "proxy_protocol must be \"off\", \"optional\" or \"required\", not \
+                         {other:?}"
+                    ),
+                ));
+            }
+        },
+    };
+    let Some(required) = required else {
+        if let Some(list) = &listener.trusted_proxies {
+            return Err(source.at(
+                list,
+                "trusted_proxies is set but proxy_protocol is off: no header is read",
+            ));
+        }
+        return Ok(None);
+    };
+    let Some(list) = listener
+        .trusted_proxies
+        .as_ref()
+        .filter(|list| !list.get_ref().is_empty())
+    else {
+        return Err(source.at(
+            &listener.name,
+            "proxy_protocol is on but trusted_proxies is empty: list the load balancers whose \
+             headers are believed (a header from any other peer is refused)",
+        ));
+    };
+    let trusted = list
+        .get_ref()
+        .iter()
+        .map(|text| {
+            super::admission::parse_network(text.get_ref()).ok_or_else(|| {
+                source.at(
+                    text,
+                    format!(
+                        "trusted_proxies: {:?} is not a network such as \"10.0.0.0/8\" or an \
+                         address",
+                        text.get_ref()
+                    ),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(ProxyAccept {
+        required,
+        trusted,
+        header_timeout: super::nonzero_duration(
+            source,
+            listener.sniff_timeout.as_ref(),
+            "sniff_timeout",
+            DEFAULT_SNIFF_TIMEOUT,
+        )?,
+        silence_after: super::nonzero_duration(
+            source,
+            listener.server_first_after.as_ref(),
+            "server_first_after",
+            DEFAULT_SERVER_FIRST_AFTER,
+        )?,
+    }))
+}
+
+/// `proxy_protocol` and `trusted_proxies` as TOML lines; with `timing`, also the sniff keys
+/// that bound the header (a listener with routes prints them with its routes).
+pub fn write_proxy_keys(proxy: &ProxyAccept, timing: bool, out: &mut String) -> fmt::Result {
+    let mode = if proxy.required {
+        "required"
+    } else {
+        "optional"
+    };
+    writeln!(out, "proxy_protocol = \"{mode}\"")?;
+    let trusted: Vec<String> = proxy
+        .trusted
+        .iter()
+        .map(|network| format!("\"{network}\""))
+        .collect();
+    writeln!(out, "trusted_proxies = [{}]", trusted.join(", "))?;
+    if timing {
+        writeln!(
+            out,
+            "sniff_timeout = \"{}\"",
+            format_duration(proxy.header_timeout)
+        )?;
+        writeln!(
+            out,
+            "server_first_after = \"{}\"",
+            format_duration(proxy.silence_after)
+        )?;
+    }
+    Ok(())
+}
+
+/// `None` for a listener without routes: it reads nothing before connecting (unless it takes
+/// PROXY headers).
 pub(super) fn resolve(
     source: &Source,
     listener: &FileListener,
     pools: &[PoolConfig],
 ) -> Result<Option<RoutingConfig>, ConfigError> {
     let Some(entries) = &listener.routes else {
-        for (key, present) in [
-            ("unmatched", listener.unmatched.is_some()),
-            ("sniff_max_bytes", listener.sniff_max_bytes.is_some()),
-            ("sniff_timeout", listener.sniff_timeout.is_some()),
-            ("server_first_after", listener.server_first_after.is_some()),
+        let proxy = listener
+            .proxy_protocol
+            .as_ref()
+            .is_some_and(|mode| mode.get_ref() != "off");
+        for (key, present, header_key) in [
+            ("unmatched", listener.unmatched.is_some(), false),
+            ("sniff_max_bytes", listener.sniff_max_bytes.is_some(), false),
+            ("sniff_timeout", listener.sniff_timeout.is_some(), true),
+            (
+                "server_first_after",
+                listener.server_first_after.is_some(),
+                true,
+            ),
         ] {
-            if present {
+            if present && !(header_key && proxy) {
                 return Err(source.at(
                     &listener.name,
                     format!("{key} is set but the listener has no routes"),

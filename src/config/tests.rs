@@ -508,3 +508,56 @@ fn send_proxy_resolves_reaches_the_checks_and_prints_back() {
     let error = Config::parse("t.toml", &text).expect_err("v3");
     assert!(error.to_string().contains("send_proxy must be"), "{error}");
 }
+
+#[test]
+fn proxy_protocol_keys_resolve_print_back_and_refuse_mistakes() {
+    let text = MINIMAL.replace(
+        "pool = \"app\"\n",
+        "pool = \"app\"\nproxy_protocol = \"required\"\ntrusted_proxies = [\"10.0.0.0/8\", \
+         \"2001:db8::1\"]\nsniff_timeout = \"2s\"\n",
+    );
+    let config = Config::parse("t.toml", &text).expect("valid");
+    let proxy = config.listeners[0].proxy.as_ref().expect("proxy");
+    assert!(proxy.required);
+    assert_eq!(proxy.header_timeout, std::time::Duration::from_secs(2));
+    assert_eq!(proxy.silence_after, DEFAULT_SERVER_FIRST_AFTER);
+    assert!(proxy.trusts("10.9.8.7".parse().expect("ip")));
+    assert!(
+        proxy.trusts("::ffff:10.9.8.7".parse().expect("ip")),
+        "v4-mapped peers"
+    );
+    assert!(!proxy.trusts("11.0.0.1".parse().expect("ip")));
+    assert!(proxy.trusts("2001:db8::1".parse().expect("ip")));
+    let again = Config::parse("printed", &config.to_toml()).expect("printed config parses");
+    assert_eq!(config, again);
+    assert!(
+        Config::parse("t.toml", MINIMAL).expect("valid").listeners[0]
+            .proxy
+            .is_none(),
+        "off by default"
+    );
+    for (keys, message) in [
+        ("proxy_protocol = \"on\"\n", "proxy_protocol must be"),
+        (
+            "proxy_protocol = \"optional\"\n",
+            "trusted_proxies is empty",
+        ),
+        (
+            "proxy_protocol = \"optional\"\ntrusted_proxies = []\n",
+            "trusted_proxies is empty",
+        ),
+        (
+            "trusted_proxies = [\"10.0.0.1\"]\n",
+            "proxy_protocol is off",
+        ),
+        (
+            "proxy_protocol = \"optional\"\ntrusted_proxies = [\"lb\"]\n",
+            "\"lb\" is not a network",
+        ),
+        ("server_first_after = \"1s\"\n", "has no routes"),
+    ] {
+        let text = MINIMAL.replace("pool = \"app\"\n", &format!("pool = \"app\"\n{keys}"));
+        let error = Config::parse("t.toml", &text).expect_err(message);
+        assert!(error.to_string().contains(message), "{message}: {error}");
+    }
+}

@@ -6,8 +6,8 @@ use super::status::{all_down, unix_seconds};
 use crate::metrics::names::*;
 use crate::metrics::render::Exposition;
 use crate::metrics::{
-    CloseKind, ConnectErrorKind, Detection, Histogram, ListenerCounters, Merged, RejectKind,
-    SESSION_BUCKETS,
+    CloseKind, ConnectErrorKind, Detection, Histogram, ListenerCounters, Merged, ProxyError,
+    RejectKind, SESSION_BUCKETS,
 };
 use crate::snapshot::{ListenerSnapshot, PoolSnapshot, ServerSnapshot, ServerState, Snapshot};
 
@@ -131,6 +131,29 @@ pub fn render(control: &Control) -> String {
         |l| l.routing.is_some(),
         |c| c.unmatched as f64,
     );
+    listeners.family(
+        &mut out,
+        (LISTENER_PROXY_HEADERS, "counter"),
+        "PROXY protocol headers taken from trusted peers, per listener with proxy_protocol on.",
+        |l| l.proxy.is_some(),
+        |c| c.proxy_headers as f64,
+    );
+    out.family(
+        LISTENER_PROXY_ERRORS,
+        "counter",
+        "Connections refused for their PROXY protocol header, by reason: untrusted (a header from a peer not in trusted_proxies), missing (required but absent), invalid, timeout.",
+    );
+    for listener in snapshot.listeners.iter().filter(|l| l.proxy.is_some()) {
+        let counters = merged.listeners.get(&listener.id);
+        for (index, error) in ProxyError::ALL.iter().enumerate() {
+            let count = counters.map_or(0, |c| c.proxy_errors[index]);
+            out.sample(
+                LISTENER_PROXY_ERRORS,
+                &[("listener", &listener.name), ("reason", error.name())],
+                count as f64,
+            );
+        }
+    }
     listeners.family(
         &mut out,
         (CONNECTIONS_ACTIVE, "gauge"),

@@ -271,6 +271,7 @@ impl Control {
                         server_first_after: routing.server_first_after,
                     })
                 }),
+                proxy: listener.proxy.clone(),
             })
             .collect();
         let snapshot = Arc::new(Snapshot::new(generation, config, listeners, pools));

@@ -125,10 +125,14 @@ pub enum CloseKind {
     FirstByteTimeout,
     /// No route matched and the listener has `unmatched = "reject"`.
     Unmatched,
+    /// A PROXY protocol header was refused (untrusted, missing, malformed or late).
+    ProxyHeader,
+    /// Refused by admission on the address a PROXY header carried.
+    Rejected,
 }
 
 impl CloseKind {
-    pub const ALL: [CloseKind; 11] = [
+    pub const ALL: [CloseKind; 13] = [
         CloseKind::Done,
         CloseKind::Idle,
         CloseKind::WriteTimeout,
@@ -140,6 +144,8 @@ impl CloseKind {
         CloseKind::LocalError,
         CloseKind::FirstByteTimeout,
         CloseKind::Unmatched,
+        CloseKind::ProxyHeader,
+        CloseKind::Rejected,
     ];
 
     pub fn name(self) -> &'static str {
@@ -155,13 +161,19 @@ impl CloseKind {
             CloseKind::LocalError => "local_error",
             CloseKind::FirstByteTimeout => "first_byte_timeout",
             CloseKind::Unmatched => "unmatched",
+            CloseKind::ProxyHeader => "proxy_header",
+            CloseKind::Rejected => "rejected",
         }
     }
 
     /// The side whose doing it was, for the connection log.
     pub fn side(self) -> &'static str {
         match self {
-            CloseKind::ClientReset | CloseKind::FirstByteTimeout | CloseKind::Unmatched => "client",
+            CloseKind::ClientReset
+            | CloseKind::FirstByteTimeout
+            | CloseKind::Unmatched
+            | CloseKind::ProxyHeader
+            | CloseKind::Rejected => "client",
             CloseKind::ServerReset | CloseKind::ConnectFailed => "server",
             CloseKind::Done | CloseKind::Idle | CloseKind::WriteTimeout => "-",
             CloseKind::DrainCut | CloseKind::AdminCut | CloseKind::LocalError => "proxy",
@@ -231,6 +243,41 @@ pub struct ListenerCounters {
     pub detected: [u64; Detection::ALL.len()],
     pub sniff_timeouts: u64,
     pub unmatched: u64,
+    /// PROXY protocol headers taken from trusted peers, and headers refused by why
+    /// (`ProxyError::ALL` order).
+    pub proxy_headers: u64,
+    pub proxy_errors: [u64; ProxyError::ALL.len()],
+}
+
+/// Why a PROXY protocol header was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyError {
+    /// A header from a peer not in `trusted_proxies`.
+    Untrusted,
+    /// `proxy_protocol = "required"` and a trusted peer sent none.
+    Missing,
+    /// The bytes start like a header but break its rules (or pass its size).
+    Invalid,
+    /// The header was not complete within `sniff_timeout`.
+    Timeout,
+}
+
+impl ProxyError {
+    pub const ALL: [ProxyError; 4] = [
+        ProxyError::Untrusted,
+        ProxyError::Missing,
+        ProxyError::Invalid,
+        ProxyError::Timeout,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ProxyError::Untrusted => "untrusted",
+            ProxyError::Missing => "missing",
+            ProxyError::Invalid => "invalid",
+            ProxyError::Timeout => "timeout",
+        }
+    }
 }
 
 /// What the sniff step found, for the per-listener counters.
@@ -284,6 +331,8 @@ impl Default for ListenerCounters {
             detected: [0; Detection::ALL.len()],
             sniff_timeouts: 0,
             unmatched: 0,
+            proxy_headers: 0,
+            proxy_errors: [0; ProxyError::ALL.len()],
         }
     }
 }
@@ -302,6 +351,14 @@ impl ListenerCounters {
         if let Some(index) = Detection::ALL.iter().position(|&d| d == detection) {
             self.detected[index] += 1;
         }
+    }
+
+    pub fn proxy_error(&mut self, error: ProxyError) {
+        let index = ProxyError::ALL
+            .iter()
+            .position(|&e| e == error)
+            .unwrap_or(0);
+        self.proxy_errors[index] += 1;
     }
 
     pub fn rejected_total(&self) -> u64 {
@@ -330,6 +387,10 @@ impl ListenerCounters {
         }
         self.sniff_timeouts += other.sniff_timeouts;
         self.unmatched += other.unmatched;
+        self.proxy_headers += other.proxy_headers;
+        for (mine, theirs) in self.proxy_errors.iter_mut().zip(&other.proxy_errors) {
+            *mine += theirs;
+        }
     }
 }
 

@@ -190,6 +190,29 @@ pub struct Sniffing {
     pub silence_deadline: Option<u64>,
     /// Tick after which sniffing gives up (`sniff_timeout`).
     pub deadline: u64,
+    /// A PROXY protocol header may still come first (listeners with `proxy_protocol` on).
+    pub header: Option<HeaderWait>,
+    /// The original client and destination a trusted PROXY header carried, and its v2 TLVs:
+    /// what the server's own PROXY header repeats.
+    pub carried: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+    pub tlvs: Vec<(u8, Vec<u8>)>,
+}
+
+/// What is expected of a client's PROXY protocol header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderWait {
+    /// The peer is in `trusted_proxies`: its header is believed, and admission waits for the
+    /// address it carries.
+    pub trusted: bool,
+    /// `proxy_protocol = "required"`.
+    pub required: bool,
+}
+
+impl HeaderWait {
+    /// The connection cannot go on without a header.
+    pub fn must_have(self) -> bool {
+        self.trusted && self.required
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -147,6 +147,8 @@ pub struct ListenerSnapshot {
     pub admission: Arc<crate::admission::AdmissionSettings>,
     /// Routes by what the client speaks; None: every client goes to `pool` at once.
     pub routing: Option<Arc<Routing>>,
+    /// PROXY protocol headers taken from trusted peers (None: `proxy_protocol = "off"`).
+    pub proxy: Option<Arc<crate::config::ProxyAccept>>,
 }
 
 /// A listener's routes with pools by id, and what deciding needs.

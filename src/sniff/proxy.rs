@@ -146,6 +146,43 @@ impl ProxyVersion {
     }
 }
 
+/// v2 TLV types not passed on: a checksum of the header it came in (wrong for ours) and
+/// padding.
+const TLV_CRC32C: u8 = 0x03;
+const TLV_NOOP: u8 = 0x04;
+
+/// The header announcing a TCP connection from `source` to `destination`, with the TLVs of a
+/// v2 header the client's own load balancer sent (v1 has no TLVs; a checksum and padding are
+/// left out). TLVs that would not fit the header's 16-bit length are left out too.
+pub fn header_passing_on(
+    version: ProxyVersion,
+    source: SocketAddr,
+    destination: SocketAddr,
+    tlvs: &[(u8, Vec<u8>)],
+) -> Vec<u8> {
+    let mut bytes = header(version, source, destination);
+    if version == ProxyVersion::V1 {
+        return bytes;
+    }
+    for (kind, value) in tlvs {
+        if matches!(*kind, TLV_CRC32C | TLV_NOOP) {
+            continue;
+        }
+        let Ok(length) = u16::try_from(value.len()) else {
+            continue;
+        };
+        let announced = usize::from(u16::from_be_bytes([bytes[14], bytes[15]]));
+        let Ok(total) = u16::try_from(announced + 3 + value.len()) else {
+            continue;
+        };
+        bytes.push(*kind);
+        bytes.extend_from_slice(&length.to_be_bytes());
+        bytes.extend_from_slice(value);
+        bytes[14..16].copy_from_slice(&total.to_be_bytes());
+    }
+    bytes
+}
+
 /// The header announcing a TCP connection from `source` to `destination`. Mixed families (an
 /// IPv4 client on a dual-stack IPv6 socket) are written as IPv6, with the IPv4 address mapped.
 pub fn header(version: ProxyVersion, source: SocketAddr, destination: SocketAddr) -> Vec<u8> {

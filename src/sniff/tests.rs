@@ -321,6 +321,37 @@ fn headers_we_send_parse_back() {
     }
 }
 
+/// A v2 header passed on keeps the TLVs it came with (not a checksum, which would be wrong
+/// for the new header, nor padding); v1 has none to keep.
+#[test]
+fn headers_passed_on_keep_their_tlvs() {
+    use super::proxy::{ProxyVersion, header_passing_on};
+    let source: std::net::SocketAddr = "192.0.2.7:41000".parse().expect("addr");
+    let destination: std::net::SocketAddr = "198.51.100.1:443".parse().expect("addr");
+    let tlvs = vec![
+        (0x01, b"h2".to_vec()),
+        (0x03, vec![1, 2, 3, 4]),
+        (0x04, vec![0; 8]),
+        (0xE0, b"vpc-1".to_vec()),
+        (0xE1, vec![7; 70_000]),
+    ];
+    let mut bytes = header_passing_on(ProxyVersion::V2, source, destination, &tlvs);
+    let length = bytes.len();
+    bytes.extend_from_slice(b"rest");
+    let ProxyVerdict::Header(parsed) = parse(&bytes) else {
+        panic!("{:?}", parse(&bytes));
+    };
+    assert_eq!(parsed.length, length);
+    assert_eq!(parsed.addresses, Some((source, destination)));
+    assert_eq!(
+        parsed.tlvs,
+        vec![(0x01, b"h2".to_vec()), (0xE0, b"vpc-1".to_vec())],
+        "checksum, padding and a value too long for the header are left out"
+    );
+    let v1 = header_passing_on(ProxyVersion::V1, source, destination, &tlvs);
+    assert_eq!(v1, b"PROXY TCP4 192.0.2.7 198.51.100.1 41000 443\r\n");
+}
+
 /// Every capture, cut anywhere, with bytes flipped, dropped and repeated: no sniffer panics,
 /// and a verdict on a prefix never contradicts the whole (a match on a prefix stays a match).
 #[test]

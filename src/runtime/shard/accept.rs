@@ -13,7 +13,7 @@ use crate::admission::{self, Admission, Gate, RejectMode, RejectReason, TokenBuc
 use crate::balance::client_key;
 use crate::metrics::CloseKind;
 use crate::relay::{CloseMode, Limits, Relay};
-use crate::runtime::session::{GENERATION_MASK, Session};
+use crate::runtime::session::{GENERATION_MASK, HeaderWait, Session};
 use crate::snapshot::ListenerId;
 use crate::uring::{Completion, socket};
 
@@ -383,7 +383,28 @@ impl Shard {
             }
             Admission::Accept => Ok(None),
         };
-        if verdict.is_ok() {
+        // A listener taking PROXY headers reads one first; a trusted peer's connection is
+        // admitted on the address its header carries, once it has arrived.
+        let mut header = None;
+        if verdict.is_ok()
+            && let Some(proxy) = self.snapshot.listener(id).and_then(|l| l.proxy.as_ref())
+        {
+            match socket::peer_ip(client.as_fd()) {
+                Ok(peer) => {
+                    header = Some(HeaderWait {
+                        trusted: proxy.trusts(peer),
+                        required: proxy.required,
+                    });
+                }
+                Err(error) => {
+                    debug!(shard = self.index, %error, "accepted connection already gone");
+                    drop(client);
+                    self.arm_accept(key);
+                    return;
+                }
+            }
+        }
+        if verdict.is_ok() && !header.is_some_and(|wait| wait.trusted) {
             let now_us = self.now_us;
             let listener = &mut self.listeners[key];
             let address = if listener.gate.settings().needs_address() {
@@ -409,6 +430,7 @@ impl Shard {
                 counters_slot,
                 client,
                 (listener_epoch, slot.unwrap_or(NO_SOURCE_SLOT)),
+                header,
             ),
         }
         // Top up single accepts, re-arm a multishot one the kernel ended, or pause.
@@ -439,13 +461,15 @@ impl Shard {
         let _ = self.ring.close(client, IGNORED, true);
     }
 
-    /// `source`: the listener's epoch on this shard and the client's per-source slot.
+    /// `source`: the listener's epoch on this shard and the client's per-source slot;
+    /// `header`: the PROXY header expected first.
     fn start_session(
         &mut self,
         (listener_key, listener): (usize, ListenerId),
         counters_slot: usize,
         client: OwnedFd,
         source: (u32, u32),
+        header: Option<HeaderWait>,
     ) {
         let Some(config) = self.snapshot.listener(listener) else {
             self.release_source(listener, source.0, source.1);
@@ -519,17 +543,22 @@ impl Shard {
         };
         let index = self.sessions.insert(session);
         self.stats.accepted += 1;
-        match &config.routing {
-            Some(routing) if routing.reads_first() => {
-                let routing = std::sync::Arc::clone(routing);
-                self.start_sniffing(index, &routing);
+        let proxy = config.proxy.clone();
+        match (&config.routing, header.zip(proxy)) {
+            (routing, Some((wait, proxy))) => {
+                let routing = routing.clone();
+                self.start_reading(index, routing.as_deref(), Some((wait, &proxy)));
             }
-            Some(routing) => {
+            (Some(routing), None) if routing.reads_first() => {
+                let routing = std::sync::Arc::clone(routing);
+                self.start_reading(index, Some(&routing), None);
+            }
+            (Some(routing), None) => {
                 // Routes on the client's address alone: chosen at once, nothing read.
                 let routing = std::sync::Arc::clone(routing);
                 self.choose(index, &routing, &crate::route::Detected::Unknown);
             }
-            None => {
+            (None, None) => {
                 self.arm_timer(index);
                 self.connect_next(index);
             }

@@ -189,9 +189,21 @@ impl Shard {
                 .and_then(|pool| pool.send_proxy)
             {
                 let client = session.client.as_fd();
-                match (socket::peer_addr(client), socket::local_addr(client)) {
-                    (Ok(peer), Ok(local)) => {
-                        replay = crate::sniff::proxy::header(version, peer, local);
+                let (carried, tlvs) = session
+                    .sniffing
+                    .as_deref()
+                    .map_or((None, &[][..]), |sniffing| {
+                        (sniffing.carried, sniffing.tlvs.as_slice())
+                    });
+                let addresses = match carried {
+                    // What the client's own load balancer said, passed on with its TLVs.
+                    Some(addresses) => Ok(addresses),
+                    None => socket::peer_addr(client)
+                        .and_then(|peer| Ok((peer, socket::local_addr(client)?))),
+                };
+                match addresses {
+                    Ok((peer, local)) => {
+                        replay = crate::sniff::proxy::header_passing_on(version, peer, local, tlvs);
                     }
                     _ => {
                         // The client is gone (a reset ends getpeername): never relay its bytes

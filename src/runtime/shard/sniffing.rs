@@ -1,35 +1,62 @@
-//! The sniff step of the connection path, on listeners with routes: read the client's first
-//! bytes (or wait for its silence), choose a route, then connect to that pool and replay the
-//! bytes to the server before relaying. The decisions are `sniff` and `route`'s (pure); this
+//! The sniff step of the connection path, on listeners with routes or PROXY protocol: read
+//! the client's PROXY header (from a trusted peer; admission then runs on the address it
+//! carries), then its first bytes (or wait for its silence), choose a route, then connect to
+//! that pool and replay the bytes to the server before relaying. The decisions are `sniff` and `route`'s (pure); this
 //! only does the I/O, the limits and the timers.
 
-use std::os::fd::AsRawFd;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 
 use tracing::debug;
 
+use super::accept::NO_SOURCE_SLOT;
 use super::{Op, Shard, ticks, user_data};
-use crate::config::Unmatched;
-use crate::metrics::{CloseKind, Detection, ListenerCounters};
+use crate::admission::RejectMode;
+use crate::config::{ProxyAccept, Unmatched};
+use crate::metrics::{CloseKind, Detection, ListenerCounters, ProxyError};
 use crate::relay::{CloseMode, Side};
 use crate::route::{self, Detected};
-use crate::runtime::session::{SniffPhase, Sniffing};
+use crate::runtime::session::{HeaderWait, SniffPhase, Sniffing};
 use crate::snapshot::Routing;
+use crate::sniff::proxy::{self, ProxyVerdict};
 use crate::sniff::{self, Verdict};
+
+/// A PROXY header longer than this is refused (HAProxy's default buffer is 16 KiB too).
+const MAX_PROXY_HEADER: usize = 16 * 1024;
 use crate::uring::{Completion, socket};
 
 impl Shard {
-    /// Starts reading a new session's client to choose its route.
-    pub(super) fn start_sniffing(&mut self, index: usize, routing: &Routing) {
+    /// Starts reading a new session's client: its PROXY protocol header first when the
+    /// listener takes them (`header`), then what its routes look at.
+    pub(super) fn start_reading(
+        &mut self,
+        index: usize,
+        routing: Option<&Routing>,
+        header: Option<(HeaderWait, &ProxyAccept)>,
+    ) {
         let now = self.now_tick;
+        let mut silence_deadline = routing
+            .filter(|routing| routing.server_first)
+            .map(|routing| now + ticks(routing.server_first_after));
+        let mut deadline = routing.map_or(0, |routing| now + ticks(routing.sniff_timeout));
+        if let Some((wait, proxy)) = header {
+            if !wait.must_have() {
+                // A client that may come without a header and says nothing has none.
+                let silent_at = now + ticks(proxy.silence_after);
+                silence_deadline = Some(silence_deadline.map_or(silent_at, |at| at.min(silent_at)));
+            }
+            deadline = deadline.max(now + ticks(proxy.header_timeout));
+        }
         let session = &mut self.sessions[index];
         session.sniffing = Some(Box::new(Sniffing {
             bytes: Vec::new(),
             phase: SniffPhase::Reading,
-            silence_deadline: routing
-                .server_first
-                .then(|| now + ticks(routing.server_first_after)),
-            deadline: now + ticks(routing.sniff_timeout),
+            silence_deadline,
+            deadline,
+            header: header.map(|(wait, _)| wait),
+            carried: None,
+            tlvs: Vec::new(),
         }));
         self.arm_sniff_receive(index);
         self.arm_timer(index);
@@ -103,10 +130,6 @@ impl Shard {
 
     /// Sniffs what has arrived: a verdict chooses the route; undecided, reads on.
     fn try_route(&mut self, index: usize) {
-        let Some(routing) = self.routing_of(index) else {
-            self.route_to_default(index);
-            return;
-        };
         let session = &self.sessions[index];
         let Some(sniffing) = session.sniffing.as_deref() else {
             return;
@@ -115,6 +138,16 @@ impl Shard {
             self.arm_sniff_receive(index);
             return;
         }
+        if sniffing.header.is_some() {
+            if self.read_header(index) {
+                self.after_header(index);
+            }
+            return;
+        }
+        let Some(routing) = self.routing_of(index) else {
+            self.route_to_default(index);
+            return;
+        };
         let limit = routing.sniff_max_bytes as usize;
         let bytes = &sniffing.bytes[..sniffing.bytes.len().min(limit)];
         let detected = match sniff::sniff(bytes, &routing.wanted) {
@@ -133,14 +166,149 @@ impl Shard {
         self.choose(index, &routing, &detected);
     }
 
-    /// The sniff timer fired: silence means a server-first protocol, the sniff timeout means
-    /// unknown; otherwise re-arm a receive that found no buffer and wait on.
+    /// Reads the PROXY protocol header from what has arrived. True when the step is over and
+    /// the session goes on; false when it waits for more bytes or was refused.
+    fn read_header(&mut self, index: usize) -> bool {
+        let session = &mut self.sessions[index];
+        let Some(sniffing) = session.sniffing.as_deref_mut() else {
+            return false;
+        };
+        let Some(wait) = sniffing.header else {
+            return true;
+        };
+        match proxy::parse(&sniffing.bytes) {
+            ProxyVerdict::NeedMore if sniffing.bytes.len() >= MAX_PROXY_HEADER => {
+                self.refuse_header(index, ProxyError::Invalid, "longer than 16 KiB");
+                false
+            }
+            ProxyVerdict::NeedMore => {
+                self.arm_sniff_receive(index);
+                false
+            }
+            ProxyVerdict::Invalid(why) => {
+                self.refuse_header(index, ProxyError::Invalid, why);
+                false
+            }
+            ProxyVerdict::Header(_) if !wait.trusted => {
+                self.refuse_header(
+                    index,
+                    ProxyError::Untrusted,
+                    "from a peer not in trusted_proxies",
+                );
+                false
+            }
+            ProxyVerdict::Absent if wait.must_have() => {
+                self.refuse_header(index, ProxyError::Missing, "required but absent");
+                false
+            }
+            ProxyVerdict::Absent => self.header_done(index, None),
+            ProxyVerdict::Header(header) => {
+                sniffing
+                    .bytes
+                    .drain(..header.length.min(sniffing.bytes.len()));
+                sniffing.carried = header.addresses;
+                sniffing.tlvs = header.tlvs;
+                if let (Some(log), Some((client, _))) = (session.log.as_mut(), header.addresses) {
+                    **log = client;
+                }
+                self.count(index, |counters| counters.proxy_headers += 1);
+                self.header_done(index, header.addresses.map(|(client, _)| client.ip()))
+            }
+        }
+    }
+
+    /// The header step is over (a header was taken, or the client has none): sniffing goes on
+    /// for the routes alone, and admission that waited for the client's address runs on
+    /// `carried` (or the peer's own). False when admission refused the client.
+    fn header_done(&mut self, index: usize, carried: Option<IpAddr>) -> bool {
+        let server_first = self
+            .routing_of(index)
+            .is_some_and(|routing| routing.server_first);
+        let session = &mut self.sessions[index];
+        let Some(sniffing) = session.sniffing.as_deref_mut() else {
+            return false;
+        };
+        let Some(wait) = sniffing.header.take() else {
+            return true;
+        };
+        if !server_first {
+            // The silence waited for was the header's; the routes read on.
+            sniffing.silence_deadline = None;
+        }
+        if !wait.trusted {
+            // Admitted at accept on its own address.
+            return true;
+        }
+        let address = carried.or_else(|| socket::peer_ip(session.client.as_fd()).ok());
+        self.admit_late(index, address)
+    }
+
+    /// Admission (ACL, rates, per-source limits) of a trusted peer's connection, on the client
+    /// address its PROXY header carried.
+    fn admit_late(&mut self, index: usize, address: Option<IpAddr>) -> bool {
+        let now_us = self.now_us;
+        let session = &mut self.sessions[index];
+        let Some(listener) = self.listeners.iter_mut().find_map(|(_, listener)| {
+            (listener.id == session.listener && listener.epoch == session.listener_epoch)
+                .then_some(listener)
+        }) else {
+            // The listener left (a reload): nothing to admit against.
+            return true;
+        };
+        match listener.gate.check(address, now_us) {
+            Ok(slot) => {
+                session.source_slot = slot.unwrap_or(NO_SOURCE_SLOT);
+                true
+            }
+            Err(reason) => {
+                let mode = if listener.gate.settings().reject == RejectMode::Reset {
+                    CloseMode::ResetBoth
+                } else {
+                    CloseMode::Graceful
+                };
+                self.stats.rejected += 1;
+                self.count(index, |counters| counters.reject(reason));
+                debug!(
+                    shard = self.index,
+                    ?reason,
+                    ?address,
+                    "connection rejected after its PROXY header"
+                );
+                self.close_session(index, mode, CloseKind::Rejected);
+                false
+            }
+        }
+    }
+
+    /// Ends a session for its PROXY header, counted by why.
+    fn refuse_header(&mut self, index: usize, error: ProxyError, why: &str) {
+        self.count(index, |counters| counters.proxy_error(error));
+        debug!(
+            shard = self.index,
+            reason = error.name(),
+            why,
+            "PROXY header refused"
+        );
+        self.close_session(index, CloseMode::ResetBoth, CloseKind::ProxyHeader);
+    }
+
+    /// After the header step: straight to the pool without routes that read, else on to
+    /// sniffing what follows.
+    fn after_header(&mut self, index: usize) {
+        match self.routing_of(index) {
+            None => self.route_to_default(index),
+            Some(routing) if !routing.reads_first() => {
+                self.choose(index, &routing, &Detected::Unknown);
+            }
+            Some(_) => self.try_route(index),
+        }
+    }
+
+    /// The sniff timer fired: silence means a server-first protocol (or no PROXY header),
+    /// the sniff timeout means unknown; otherwise re-arm a receive that found no buffer and
+    /// wait on.
     pub(super) fn sniff_tick(&mut self, index: usize) {
         let now = self.now_tick;
-        let Some(routing) = self.routing_of(index) else {
-            self.route_to_default(index);
-            return;
-        };
         let session = &self.sessions[index];
         let Some(sniffing) = session.sniffing.as_deref() else {
             return;
@@ -148,6 +316,46 @@ impl Shard {
         if sniffing.phase != SniffPhase::Reading {
             return;
         }
+        let silent = sniffing.bytes.is_empty()
+            && sniffing
+                .silence_deadline
+                .is_some_and(|deadline| now >= deadline);
+        if let Some(wait) = sniffing.header {
+            if now >= sniffing.deadline {
+                let partial = !sniffing.bytes.is_empty()
+                    && proxy::parse(&sniffing.bytes) == ProxyVerdict::NeedMore;
+                if partial {
+                    self.refuse_header(index, ProxyError::Timeout, "incomplete at sniff_timeout");
+                    return;
+                }
+                if wait.must_have() {
+                    self.refuse_header(index, ProxyError::Missing, "none within sniff_timeout");
+                    return;
+                }
+            } else if !silent || wait.must_have() {
+                self.arm_sniff_receive(index);
+                self.arm_timer(index);
+                return;
+            }
+            if !self.header_done(index, None) {
+                return;
+            }
+            let Some(routing) = self.routing_of(index) else {
+                self.route_to_default(index);
+                return;
+            };
+            if !routing.reads_first() {
+                self.choose(index, &routing, &Detected::Unknown);
+                return;
+            }
+        }
+        let Some(routing) = self.routing_of(index) else {
+            self.route_to_default(index);
+            return;
+        };
+        let Some(sniffing) = self.sessions[index].sniffing.as_deref() else {
+            return;
+        };
         let silent = sniffing.bytes.is_empty()
             && sniffing
                 .silence_deadline
@@ -196,6 +404,19 @@ impl Shard {
         }
     }
 
+    /// The client's address: the one a trusted PROXY header carried, else the peer's.
+    fn client_ip(&self, index: usize) -> Option<IpAddr> {
+        let session = self.sessions.get(index)?;
+        match session
+            .sniffing
+            .as_deref()
+            .and_then(|sniffing| sniffing.carried)
+        {
+            Some((client, _)) => Some(client.ip()),
+            None => socket::peer_ip(session.client.as_fd()).ok(),
+        }
+    }
+
     fn routing_of(&self, index: usize) -> Option<Arc<Routing>> {
         let listener = self.sessions.get(index)?.listener;
         self.snapshot.listener(listener)?.routing.clone()
@@ -213,12 +434,10 @@ impl Shard {
             Detected::Unknown => Detection::Unknown,
         };
         self.count(index, |counters| counters.detect(detection));
-        let session = &mut self.sessions[index];
         let client = if needs_address {
-            socket::peer_ip(std::os::fd::AsFd::as_fd(&session.client))
-                .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]))
+            self.client_ip(index).unwrap_or(IpAddr::from([0, 0, 0, 0]))
         } else {
-            std::net::IpAddr::from([0, 0, 0, 0])
+            IpAddr::from([0, 0, 0, 0])
         };
         let chosen = route::decide(&routing.routes, detected, client).copied();
         if chosen.is_none() {
@@ -257,9 +476,11 @@ impl Shard {
             .pool(session.pool)
             .is_some_and(|pool| pool.balance.needs_client_address())
         {
-            session.client_key = socket::peer_ip(std::os::fd::AsFd::as_fd(&session.client))
+            let key = self
+                .client_ip(index)
                 .map(crate::balance::client_key)
                 .unwrap_or(0);
+            self.sessions[index].client_key = key;
         }
         self.arm_timer(index);
         self.connect_next(index);
