@@ -267,6 +267,10 @@ fn untrusted_missing_and_broken_headers_are_refused_and_counted() {
         None
     );
     assert_eq!(exchange(proxy.addr(), trusted, b"PROXY TCP4 192.0"), None);
+    let status = admin::status(proxy.admin());
+    let listener = &status["listeners"][0]["proxy_protocol"];
+    assert_eq!(listener["mode"], "required", "{listener}");
+    assert_eq!(listener["trusted_proxies"][0], "127.0.0.9/32", "{listener}");
     let label = |reason: &str| format!("listener=\"front\",reason=\"{reason}\"");
     let errors = "ringproxy_listener_proxy_header_errors_total";
     assert_eq!(

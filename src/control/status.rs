@@ -59,6 +59,24 @@ fn routing_json(
     })
 }
 
+/// A listener's PROXY protocol settings and counts; null with `proxy_protocol = "off"`.
+fn proxy_json(listener: &ListenerSnapshot, counters: &ListenerCounters) -> Value {
+    let Some(proxy) = &listener.proxy else {
+        return Value::Null;
+    };
+    let errors: serde_json::Map<String, Value> = crate::metrics::ProxyError::ALL
+        .iter()
+        .zip(counters.proxy_errors)
+        .map(|(error, count)| (error.name().to_string(), Value::from(count)))
+        .collect();
+    json!({
+        "mode": if proxy.required { "required" } else { "optional" },
+        "trusted_proxies": proxy.trusted.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "headers": counters.proxy_headers,
+        "errors": errors,
+    })
+}
+
 /// A listener's admission settings and live state: its connection-rate bucket (tokens and
 /// rate share per shard), its per-source table (addresses per shard, evictions).
 fn admission_json(
@@ -271,6 +289,7 @@ pub fn status_json(control: &Control) -> Value {
                 "log": listener.log,
                 "admission": admission_json(&merged, listener, &counters),
                 "routing": routing_json(control, listener, &counters),
+                "proxy_protocol": proxy_json(listener, &counters),
             })
         })
         .collect();
