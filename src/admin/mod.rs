@@ -356,6 +356,21 @@ async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Full<Byte
                 Err(error) => error_response(error.status, error.message),
             }
         }
+        Route::SetSplitWeights { split } => {
+            let body = match read_json(request).await {
+                Ok(body) => body,
+                Err(response) => return response,
+            };
+            let weights = match parse_split_weights(&body) {
+                Ok(weights) => weights,
+                Err(message) => return error_response(400, message),
+            };
+            let mut control = admin.shared.borrow_mut();
+            match control.set_split_weights(&split, &weights) {
+                Ok(()) => json_response(200, &control::split_status(&control, &split)),
+                Err(error) => error_response(error.status, error.message),
+            }
+        }
         Route::DeleteServer { pool, server } => {
             let mut control = admin.shared.borrow_mut();
             match control.set_admin(&pool, &server, Some(AdminState::Remove)) {
@@ -368,6 +383,29 @@ async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Full<Byte
         *response.body_mut() = Full::new(Bytes::new());
     }
     response
+}
+
+/// `{"weights": {"blue": 0, "green": 100}}`.
+fn parse_split_weights(body: &Value) -> Result<std::collections::BTreeMap<String, u32>, String> {
+    const SHAPE: &str = "expected {\"weights\": {\"pool\": N, ...}} with N from 0 to 10000";
+    let object = body.as_object().ok_or(SHAPE)?;
+    if let Some(key) = object.keys().find(|key| *key != "weights") {
+        return Err(format!("unknown key {key:?}: {SHAPE}"));
+    }
+    let weights = object
+        .get("weights")
+        .and_then(Value::as_object)
+        .ok_or(SHAPE)?;
+    weights
+        .iter()
+        .map(|(pool, weight)| {
+            weight
+                .as_u64()
+                .and_then(|weight| u32::try_from(weight).ok())
+                .map(|weight| (pool.clone(), weight))
+                .ok_or_else(|| format!("weight of {pool:?} is not a whole number: {SHAPE}"))
+        })
+        .collect()
 }
 
 /// `{"addr": "IP:PORT", "weight": N, "backup": false, "name": "...", "max_connections": N}`.

@@ -32,6 +32,10 @@ pub enum Route {
         pool: String,
         server: String,
     },
+    /// `PUT /splits/{split}`: new weights.
+    SetSplitWeights {
+        split: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +99,10 @@ pub fn route(method: &str, path: &str) -> Result<Route, RouteError> {
         ["metrics"] => only("GET, HEAD", Route::Metrics),
         ["config"] => only("GET, HEAD", Route::Config),
         ["reload"] => only("POST", Route::Reload),
+        ["splits", split] => {
+            let split = segment(split)?;
+            only("PUT", Route::SetSplitWeights { split })
+        }
         ["pools", pool, "servers"] => {
             let pool = segment(pool)?;
             only("POST", Route::AddServer { pool })
@@ -139,6 +147,17 @@ mod tests {
             Err(RouteError::MethodNotAllowed("GET, HEAD"))
         );
         assert_eq!(route("POST", "/reload"), Ok(Route::Reload));
+        assert_eq!(
+            route("PUT", "/splits/app%2Dv2"),
+            Ok(Route::SetSplitWeights {
+                split: "app-v2".into()
+            })
+        );
+        assert_eq!(
+            route("POST", "/splits/app"),
+            Err(RouteError::MethodNotAllowed("PUT"))
+        );
+        assert_eq!(route("PUT", "/splits"), Err(RouteError::NotFound));
         assert_eq!(
             route("GET", "/reload"),
             Err(RouteError::MethodNotAllowed("POST"))

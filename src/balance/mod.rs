@@ -10,6 +10,8 @@
 //! session, or one at its `max_connections`, is never picked. A server ramping up after a
 //! return (slow start) weighs only its ramp's share of its weight.
 
+pub mod split;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 

@@ -18,6 +18,24 @@ pub struct FileConfig {
     pub listeners: Vec<Spanned<FileListener>>,
     #[serde(default, rename = "pool")]
     pub pools: Vec<Spanned<FilePool>>,
+    #[serde(default, rename = "split")]
+    pub splits: Vec<Spanned<FileSplit>>,
+}
+
+/// `[[split]]`: pools that share a listener's (or a route's) new connections by weight.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSplit {
+    pub name: Spanned<String>,
+    pub sticky: Option<Spanned<String>>,
+    pub backends: Spanned<Vec<Spanned<FileSplitBackend>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSplitBackend {
+    pub pool: Spanned<String>,
+    pub weight: Spanned<i64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -79,7 +97,8 @@ pub struct FileProfile {
 pub struct FileListener {
     pub name: Spanned<String>,
     pub bind: Spanned<String>,
-    pub pool: Spanned<String>,
+    pub pool: Option<Spanned<String>>,
+    pub split: Option<Spanned<String>>,
     pub max_connections: Option<Spanned<i64>>,
     pub backlog: Option<Spanned<i64>>,
     pub idle_timeout: Option<Spanned<String>>,
@@ -116,7 +135,8 @@ pub struct FileRoute {
     pub host: Option<Spanned<String>>,
     pub path_prefix: Option<Spanned<String>>,
     pub source: Option<Spanned<String>>,
-    pub pool: Spanned<String>,
+    pub pool: Option<Spanned<String>>,
+    pub split: Option<Spanned<String>>,
 }
 
 /// `[listener.limits]`: the listener-wide connection rate.

@@ -14,11 +14,13 @@ mod file;
 mod health;
 mod print;
 mod routing;
+mod split;
 
 pub use routing::{
     DEFAULT_SERVER_FIRST_AFTER, DEFAULT_SNIFF_MAX_BYTES, DEFAULT_SNIFF_TIMEOUT, ProxyAccept,
     RoutingConfig, Unmatched,
 };
+pub use split::{MAX_SPLIT_WEIGHT, SplitConfig, SplitIndex, Sticky, Target};
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -140,7 +142,8 @@ impl Default for Tuning {
 pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,
-    pub pool: PoolIndex,
+    /// The pool or split its clients go to (the default of its routes).
+    pub target: Target,
     pub max_connections: NonZeroU32,
     pub backlog: u32,
     pub idle_timeout: Duration,
@@ -198,6 +201,7 @@ pub struct Config {
     pub tuning: Tuning,
     pub listeners: Vec<ListenerConfig>,
     pub pools: Vec<PoolConfig>,
+    pub splits: Vec<SplitConfig>,
 }
 
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -306,6 +310,18 @@ impl Config {
         &self.pools[usize::from(id.0)]
     }
 
+    pub fn split(&self, id: SplitIndex) -> &SplitConfig {
+        &self.splits[usize::from(id.0)]
+    }
+
+    /// A target as a config names it: `pool = "web"` or `split = "app"`.
+    pub fn target_key(&self, target: Target) -> String {
+        match target {
+            Target::Pool(pool) => format!("pool = {:?}", self.pool(pool).name),
+            Target::Split(split) => format!("split = {:?}", self.split(split).name),
+        }
+    }
+
     /// The resolved config as TOML, every default spelled out (what `ringproxy check` prints).
     pub fn to_toml(&self) -> String {
         let mut out = String::new();
@@ -348,6 +364,8 @@ fn resolve(source: &Source, file: FileConfig) -> Result<Config, ConfigError> {
         return Err(source.error(0..0, "too many pools (at most 65535)"));
     }
 
+    let splits = split::resolve_splits(source, &file.splits, &pools)?;
+
     if file.listeners.is_empty() {
         return Err(source.error(0..0, "no [[listener]]: at least one listener is required"));
     }
@@ -367,20 +385,19 @@ fn resolve(source: &Source, file: FileConfig) -> Result<Config, ConfigError> {
                 format!("listener {name:?} binds {bind}, which another listener binds already"),
             ));
         }
-        let pool_name = listener.pool.get_ref();
-        let pool = pools
-            .iter()
-            .position(|pool| &pool.name == pool_name)
-            .ok_or_else(|| {
-                source.at(
-                    &listener.pool,
-                    format!("listener {name:?} refers to pool {pool_name:?}, which is not defined"),
-                )
-            })?;
+        let target = split::resolve_target(
+            source,
+            listener.pool.as_ref(),
+            listener.split.as_ref(),
+            listener.name.span(),
+            &format!("listener {name:?}"),
+            &pools,
+            &splits,
+        )?;
         listeners.push(ListenerConfig {
             name,
             bind,
-            pool: PoolIndex(pool as u16),
+            target,
             max_connections: positive(
                 source,
                 listener.max_connections.as_ref(),
@@ -415,7 +432,7 @@ fn resolve(source: &Source, file: FileConfig) -> Result<Config, ConfigError> {
             )?,
             log: listener.log,
             admission: std::sync::Arc::new(admission::resolve(source, listener)?),
-            routing: routing::resolve(source, listener, &pools)?.map(std::sync::Arc::new),
+            routing: routing::resolve(source, listener, &pools, &splits)?.map(std::sync::Arc::new),
             proxy: routing::resolve_proxy_accept(source, listener)?.map(std::sync::Arc::new),
         });
     }
@@ -426,6 +443,7 @@ fn resolve(source: &Source, file: FileConfig) -> Result<Config, ConfigError> {
         tuning,
         listeners,
         pools,
+        splits,
     })
 }
 

@@ -49,7 +49,7 @@ impl Config {
             writeln!(out, "\n[[listener]]")?;
             writeln!(out, "name = {:?}", listener.name)?;
             writeln!(out, "bind = \"{}\"", listener.bind)?;
-            writeln!(out, "pool = {:?}", self.pool(listener.pool).name)?;
+            writeln!(out, "{}", self.target_key(listener.target))?;
             writeln!(out, "max_connections = {}", listener.max_connections)?;
             writeln!(out, "backlog = {}", listener.backlog)?;
             writeln!(
@@ -66,7 +66,7 @@ impl Config {
             writeln!(out, "log = {}", listener.log)?;
             super::admission::write_keys(&listener.admission, out)?;
             if let Some(routing) = &listener.routing {
-                super::routing::write_keys(routing, |index| self.pool(index).name.clone(), out)?;
+                super::routing::write_keys(routing, |target| self.target_key(target), out)?;
             }
             if let Some(proxy) = &listener.proxy {
                 super::routing::write_proxy_keys(proxy, listener.routing.is_none(), out)?;
@@ -124,6 +124,6 @@ impl Config {
                 health.write_toml(out)?;
             }
         }
-        Ok(())
+        super::split::write_splits(&self.splits, |pool| self.pool(pool).name.clone(), out)
     }
 }

@@ -9,7 +9,8 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use super::file::{FileListener, FileRoute};
-use super::{ConfigError, PoolConfig, PoolIndex, Source, format_duration, in_range};
+use super::split::{SplitConfig, Target};
+use super::{ConfigError, PoolConfig, Source, format_duration, in_range};
 use crate::route::{Conditions, NamePattern, Route, RouteProtocol};
 
 pub const DEFAULT_SNIFF_MAX_BYTES: u32 = 4096;
@@ -37,7 +38,7 @@ impl Unmatched {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutingConfig {
-    pub routes: Vec<Route<PoolIndex>>,
+    pub routes: Vec<Route<Target>>,
     pub unmatched: Unmatched,
     pub sniff_max_bytes: u32,
     pub sniff_timeout: Duration,
@@ -180,6 +181,7 @@ pub(super) fn resolve(
     source: &Source,
     listener: &FileListener,
     pools: &[PoolConfig],
+    splits: &[SplitConfig],
 ) -> Result<Option<RoutingConfig>, ConfigError> {
     let Some(entries) = &listener.routes else {
         let proxy = listener
@@ -219,7 +221,7 @@ pub(super) fn resolve(
     }
     let mut routes = Vec::with_capacity(entries.len());
     for entry in entries {
-        routes.push(resolve_route(source, entry, pools)?);
+        routes.push(resolve_route(source, entry, pools, splits)?);
     }
     let unmatched = match &listener.unmatched {
         None => Unmatched::Default,
@@ -292,18 +294,18 @@ fn resolve_route(
     source: &Source,
     entry: &Spanned<FileRoute>,
     pools: &[PoolConfig],
-) -> Result<Route<PoolIndex>, ConfigError> {
+    splits: &[SplitConfig],
+) -> Result<Route<Target>, ConfigError> {
     let route = entry.get_ref();
-    let pool_name = route.pool.get_ref();
-    let pool = pools
-        .iter()
-        .position(|pool| &pool.name == pool_name)
-        .ok_or_else(|| {
-            source.at(
-                &route.pool,
-                format!("route refers to pool {pool_name:?}, which is not defined"),
-            )
-        })?;
+    let target = super::split::resolve_target(
+        source,
+        route.pool.as_ref(),
+        route.split.as_ref(),
+        entry.span(),
+        "route",
+        pools,
+        splits,
+    )?;
     let pattern = |text: &Option<Spanned<String>>, key: &str| match text {
         None => Ok(None),
         Some(text) => NamePattern::parse(text.get_ref()).map(Some).ok_or_else(|| {
@@ -404,16 +406,14 @@ fn resolve_route(
              combined with sni, alpn, host or path_prefix",
         ));
     }
-    Ok(Route {
-        conditions,
-        target: PoolIndex(pool as u16),
-    })
+    Ok(Route { conditions, target })
 }
 
-/// The listener's routing keys as TOML lines (`pool_name` names a pool by index).
+/// The listener's routing keys as TOML lines (`target_key` writes a route's `pool = ...` or
+/// `split = ...`).
 pub fn write_keys(
     routing: &RoutingConfig,
-    pool_name: impl Fn(PoolIndex) -> String,
+    target_key: impl Fn(Target) -> String,
     out: &mut String,
 ) -> fmt::Result {
     writeln!(out, "routes = [")?;
@@ -438,7 +438,7 @@ pub fn write_keys(
         if let Some(network) = &conditions.source {
             fields.push(format!("source = \"{network}\""));
         }
-        fields.push(format!("pool = {:?}", pool_name(route.target)));
+        fields.push(target_key(route.target));
         writeln!(out, "  {{ {} }},", fields.join(", "))?;
     }
     writeln!(out, "]")?;

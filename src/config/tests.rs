@@ -387,7 +387,10 @@ fn routes_resolve_and_print_back() {
     assert_eq!(routing.sniff_max_bytes, 2048);
     assert_eq!(routing.sniff_timeout, DEFAULT_SNIFF_TIMEOUT);
     assert_eq!(routing.server_first_after, DEFAULT_SERVER_FIRST_AFTER);
-    assert_eq!(routing.routes[0].target, PoolIndex(1));
+    assert_eq!(
+        routing.routes[0].target,
+        crate::config::Target::Pool(PoolIndex(1))
+    );
     let again = Config::parse("printed", &config.to_toml()).expect("printed config parses");
     assert_eq!(config, again);
     // A listener without routes reads nothing first.
@@ -459,7 +462,7 @@ fn bad_routes_are_refused_with_the_reason() {
         (
             "{ alpn = \"h2\", pool = \"web\" }",
             "{ alpn = \"h2\", split = \"app\", pool = \"web\" }",
-            "unknown field",
+            "has both pool and split",
         ),
     ] {
         assert!(ROUTED.contains(from), "{from}");
@@ -557,6 +560,109 @@ fn proxy_protocol_keys_resolve_print_back_and_refuse_mistakes() {
         ("server_first_after = \"1s\"\n", "has no routes"),
     ] {
         let text = MINIMAL.replace("pool = \"app\"\n", &format!("pool = \"app\"\n{keys}"));
+        let error = Config::parse("t.toml", &text).expect_err(message);
+        assert!(error.to_string().contains(message), "{message}: {error}");
+    }
+}
+
+const SPLIT: &str = r#"
+[[listener]]
+name = "front"
+bind = "127.0.0.1:8080"
+split = "app"
+routes = [ { protocol = "http", split = "app" }, { protocol = "redis", pool = "blue" } ]
+
+[[pool]]
+name = "blue"
+servers = [ { addr = "127.0.0.1:9001" } ]
+
+[[pool]]
+name = "green"
+servers = [ { addr = "127.0.0.1:9002" } ]
+
+[[split]]
+name = "app"
+sticky = "source"
+backends = [ { pool = "blue", weight = 90 }, { pool = "green", weight = 10 } ]
+"#;
+
+#[test]
+fn splits_resolve_print_back_and_refuse_mistakes() {
+    use crate::config::{SplitIndex, Sticky, Target};
+    let config = Config::parse("t.toml", SPLIT).expect("valid");
+    assert_eq!(config.listeners[0].target, Target::Split(SplitIndex(0)));
+    let routing = config.listeners[0].routing.as_ref().expect("routes");
+    assert_eq!(routing.routes[0].target, Target::Split(SplitIndex(0)));
+    assert_eq!(routing.routes[1].target, Target::Pool(PoolIndex(0)));
+    let split = &config.splits[0];
+    assert_eq!(split.sticky, Sticky::Source);
+    assert_eq!(split.backends, vec![(PoolIndex(0), 90), (PoolIndex(1), 10)]);
+    let again = Config::parse("printed", &config.to_toml()).expect("printed config parses");
+    assert_eq!(config, again);
+    let unsticky = SPLIT.replace("sticky = \"source\"\n", "");
+    assert_eq!(
+        Config::parse("t.toml", &unsticky).expect("valid").splits[0].sticky,
+        Sticky::None
+    );
+    for (from, to, message) in [
+        (
+            "split = \"app\"\nroutes",
+            "split = \"ab\"\nroutes",
+            "split \"ab\", which is not defined",
+        ),
+        (
+            "split = \"app\"\nroutes",
+            "pool = \"blue\"\nsplit = \"app\"\nroutes",
+            "has both pool and split",
+        ),
+        (
+            "split = \"app\"\nroutes",
+            "routes",
+            "needs a pool or a split",
+        ),
+        (
+            "sticky = \"source\"",
+            "sticky = \"cookie\"",
+            "sticky must be",
+        ),
+        ("weight = 10 }", "weight = 0 }", ""),
+        (
+            "weight = 90 }, { pool = \"green\", weight = 10 }",
+            "weight = 0 }, { pool = \"green\", weight = 0 }",
+            "every weight of split \"app\" is 0",
+        ),
+        (
+            "{ pool = \"green\", weight = 10 }",
+            "{ pool = \"blue\", weight = 10 }",
+            "named twice",
+        ),
+        (
+            "{ pool = \"green\", weight = 10 }",
+            "{ pool = \"red\", weight = 10 }",
+            "pool \"red\", which is not defined",
+        ),
+        (
+            "weight = 10 }",
+            "weight = 10001 }",
+            "weight must be from 0 to 10000",
+        ),
+        (
+            "backends = [ { pool = \"blue\", weight = 90 }, { pool = \"green\", weight = 10 } ]",
+            "backends = []",
+            "needs 1 to 64 backends",
+        ),
+        (
+            "name = \"app\"\nsticky",
+            "name = \"blue\"\nsticky",
+            "has the name of a pool",
+        ),
+    ] {
+        assert!(SPLIT.contains(from), "{from}");
+        let text = SPLIT.replace(from, to);
+        if message.is_empty() {
+            Config::parse("t.toml", &text).expect("valid");
+            continue;
+        }
         let error = Config::parse("t.toml", &text).expect_err(message);
         assert!(error.to_string().contains(message), "{message}: {error}");
     }

@@ -154,6 +154,7 @@ pub fn render(control: &Control) -> String {
             );
         }
     }
+    split_families(control, &merged, &mut out);
     listeners.family(
         &mut out,
         (CONNECTIONS_ACTIVE, "gauge"),
@@ -544,4 +545,71 @@ fn process_metrics(out: &mut Exposition) {
         &[],
         crate::uring::socket::open_file_limit() as f64,
     );
+}
+
+/// Each split's weights, sessions per side and weight changes.
+fn split_families(control: &Control, merged: &Merged, out: &mut Exposition) {
+    let snapshot = &control.snapshot;
+    let sides = || {
+        snapshot.splits.iter().flat_map(|split| {
+            split.backends.iter().map(move |(pool, weight)| {
+                let name = snapshot.pool(*pool).map_or("", |p| p.name.as_str());
+                let counters = merged
+                    .splits
+                    .get(&(split.id, *pool))
+                    .cloned()
+                    .unwrap_or_default();
+                (split.name.as_str(), name, *weight, counters)
+            })
+        })
+    };
+    out.family(
+        SPLIT_WEIGHT,
+        "gauge",
+        "Each split's weight per pool now (the file's, or an operator's).",
+    );
+    for (split, pool, weight, _) in sides() {
+        out.sample(
+            SPLIT_WEIGHT,
+            &[("split", split), ("pool", pool)],
+            f64::from(weight),
+        );
+    }
+    out.family(
+        SPLIT_ACTIVE,
+        "gauge",
+        "Sessions a split sent to each pool that are open now.",
+    );
+    for (split, pool, _, counters) in sides() {
+        out.sample(
+            SPLIT_ACTIVE,
+            &[("split", split), ("pool", pool)],
+            f64::from(counters.active),
+        );
+    }
+    out.family(
+        SPLIT_SESSIONS,
+        "counter",
+        "Sessions a split sent to each pool.",
+    );
+    for (split, pool, _, counters) in sides() {
+        out.sample(
+            SPLIT_SESSIONS,
+            &[("split", split), ("pool", pool)],
+            counters.sessions as f64,
+        );
+    }
+    out.family(
+        SPLIT_CHANGES,
+        "counter",
+        "Changes of each split's weights (admin API or reload).",
+    );
+    for split in &snapshot.splits {
+        let changes = control.split_changes.get(&split.id).copied().unwrap_or(0);
+        out.sample(
+            SPLIT_CHANGES,
+            &[("split", split.name.as_str())],
+            changes as f64,
+        );
+    }
 }

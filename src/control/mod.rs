@@ -172,6 +172,7 @@ impl Proxy {
             Arc::clone(&config),
             Vec::new(),
             Vec::new(),
+            Vec::new(),
         ));
         let mut control = Control {
             config: Arc::clone(&config),
@@ -191,6 +192,7 @@ impl Proxy {
             draining: false,
             removing: Default::default(),
             admin_changes: Default::default(),
+            split_changes: Default::default(),
             dropped_logs: options.dropped_logs,
             notifier: Notifier::from_env(),
         };
@@ -536,6 +538,15 @@ pub fn not_ready_reasons(control: &Control) -> Vec<String> {
 
 pub fn render_metrics(control: &Control) -> String {
     export::render(control)
+}
+
+/// The `/status` object of one split (what `PUT /splits/{name}` answers).
+pub fn split_status(control: &Control, name: &str) -> Value {
+    let merged = control.merged();
+    status::splits_json(control, &merged)
+        .into_iter()
+        .find(|split| split["name"] == name)
+        .unwrap_or(Value::Null)
 }
 
 /// The `/status` object of one server (what the mutating endpoints answer).

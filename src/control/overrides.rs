@@ -1,11 +1,12 @@
 //! Runtime overrides: what operators changed through the admin API on top of the config file
-//! (drain, maint, removal, weights, servers added), and the state file that keeps them across
-//! restarts (HAProxy's `server-state-file`).
+//! (drain, maint, removal, weights, servers added, split weights), and the state file that
+//! keeps them across restarts (HAProxy's `server-state-file`).
 //!
 //! Pure data and rules, plus the file's atomic write (temp file, fsync, rename). The rules for
 //! a reload: an override stays as long as the new file still names its server (or the server
 //! was added through the API); a server added through the API stays in its pool while the pool
-//! exists, unless the new file names the same address, and then the file's entry wins.
+//! exists, unless the new file names the same address, and then the file's entry wins; a
+//! split's weights stay until the file changes that split's weights.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -80,12 +81,34 @@ impl PoolOverrides {
     }
 }
 
+/// Weights an operator gave a split, and the file's weights when they did: a reload whose
+/// file changes the split's weights is the newer decision and ends the override.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitOverride {
+    /// By pool name; pools not named keep the file's weight.
+    pub weights: BTreeMap<String, u32>,
+    /// The file's weights (by pool name) when the override was made.
+    pub file: BTreeMap<String, u32>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Overrides {
     pub version: u32,
     /// By pool name.
     #[serde(default)]
     pub pools: BTreeMap<String, PoolOverrides>,
+    /// By split name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub splits: BTreeMap<String, SplitOverride>,
+}
+
+/// A split's weights in the file, by pool name.
+pub fn file_weights(config: &Config, split: &crate::config::SplitConfig) -> BTreeMap<String, u32> {
+    split
+        .backends
+        .iter()
+        .map(|(pool, weight)| (config.pool(*pool).name.clone(), *weight))
+        .collect()
 }
 
 impl Default for Overrides {
@@ -93,6 +116,7 @@ impl Default for Overrides {
         Overrides {
             version: STATE_FILE_VERSION,
             pools: BTreeMap::new(),
+            splits: BTreeMap::new(),
         }
     }
 }
@@ -162,6 +186,13 @@ impl Overrides {
                 true
             });
             true
+        });
+        self.splits.retain(|name, split| {
+            config
+                .splits
+                .iter()
+                .find(|candidate| &candidate.name == name)
+                .is_some_and(|file| file_weights(config, file) == split.file)
         });
         self.prune_empty();
         *self != before
@@ -280,6 +311,37 @@ mod tests {
             Some(AdminState::Maint),
             "its state stays while the file names it"
         );
+    }
+
+    #[test]
+    fn split_overrides_end_when_the_file_changes_the_split() {
+        let text = |weights: (u32, u32)| {
+            format!(
+                "[[listener]]\nname = \"f\"\nbind = \"127.0.0.1:0\"\nsplit = \"app\"\n\
+                 [[pool]]\nname = \"blue\"\nservers = [ {{ addr = \"127.0.0.1:9001\" }} ]\n\
+                 [[pool]]\nname = \"green\"\nservers = [ {{ addr = \"127.0.0.1:9002\" }} ]\n\
+                 [[split]]\nname = \"app\"\nbackends = [ {{ pool = \"blue\", weight = {} }}, \
+                 {{ pool = \"green\", weight = {} }} ]\n",
+                weights.0, weights.1
+            )
+        };
+        let file = Config::parse("t", &text((90, 10))).expect("valid");
+        let mut overrides = Overrides::default();
+        overrides.splits.insert(
+            "app".into(),
+            SplitOverride {
+                weights: [("blue".to_string(), 0), ("green".to_string(), 100)].into(),
+                file: file_weights(&file, &file.splits[0]),
+            },
+        );
+        assert!(!overrides.reconcile(&file), "the same file keeps it");
+        assert!(overrides.splits.contains_key("app"));
+        let edited = Config::parse("t", &text((50, 50))).expect("valid");
+        assert!(
+            overrides.reconcile(&edited),
+            "new weights in the file end it"
+        );
+        assert!(overrides.splits.is_empty());
     }
 
     #[test]

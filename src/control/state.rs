@@ -5,7 +5,7 @@
 //! admin API offers on servers. It runs on the control thread only; a shard sees none of it but
 //! the snapshots it is handed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::os::fd::OwnedFd;
@@ -16,13 +16,15 @@ use std::time::{Instant, SystemTime};
 use tracing::{error, info, warn};
 
 use super::overrides::{AddedServer, AdminState, Overrides};
-use crate::config::{Config, MAX_WEIGHT, PoolConfig, StartState, TcpOptions};
+use crate::config::{
+    Config, MAX_SPLIT_WEIGHT, MAX_WEIGHT, PoolConfig, SplitConfig, StartState, Target, TcpOptions,
+};
 use crate::health::{CheckResult, HealthTracker, Transition};
 use crate::metrics::{Merged, ShardSlot};
 use crate::runtime::RuntimeControl;
 use crate::snapshot::{
-    FULL_RAMP, Identities, ListenerId, ListenerSnapshot, PoolSnapshot, ServerId, ServerSnapshot,
-    ServerState, Snapshot,
+    Destination, FULL_RAMP, Identities, ListenerId, ListenerSnapshot, PoolSnapshot, ServerId,
+    ServerSnapshot, ServerState, Snapshot, SplitId, SplitSnapshot,
 };
 
 /// An admin API error: the HTTP status and what to tell the caller.
@@ -114,6 +116,8 @@ pub struct Control {
     pub removing: HashMap<ServerId, u64>,
     /// Operators' state changes per server (health changes are counted by the trackers).
     pub admin_changes: HashMap<ServerId, u64>,
+    /// Weight changes per split (admin API or reload).
+    pub split_changes: HashMap<SplitId, u64>,
     /// Counts of log lines the non-blocking writer dropped.
     pub dropped_logs: Arc<dyn Fn() -> u64 + Send + Sync>,
     pub notifier: super::Notifier,
@@ -239,7 +243,7 @@ impl Control {
                 id: self.ids.listener(&listener.name),
                 name: listener.name.clone(),
                 bind: listener.bind,
-                pool: self.ids.pool(&config.pool(listener.pool).name),
+                target: self.destination(&config, listener.target),
                 max_connections: listener.max_connections,
                 backlog: listener.backlog,
                 idle_timeout: listener.idle_timeout,
@@ -248,12 +252,12 @@ impl Control {
                 log: listener.log,
                 admission: Arc::clone(&listener.admission),
                 routing: listener.routing.as_ref().map(|routing| {
-                    let routes: Vec<crate::route::Route<crate::snapshot::PoolId>> = routing
+                    let routes: Vec<crate::route::Route<Destination>> = routing
                         .routes
                         .iter()
                         .map(|route| crate::route::Route {
                             conditions: route.conditions.clone(),
-                            target: self.ids.pool(&config.pool(route.target).name),
+                            target: self.destination(&config, route.target),
                         })
                         .collect();
                     Arc::new(crate::snapshot::Routing {
@@ -274,9 +278,140 @@ impl Control {
                 proxy: listener.proxy.clone(),
             })
             .collect();
-        let snapshot = Arc::new(Snapshot::new(generation, config, listeners, pools));
+        let splits = config
+            .splits
+            .iter()
+            .map(|split| {
+                let built = self.build_split(&config, split);
+                let previous = self.snapshot.split(built.id).cloned();
+                match previous {
+                    Some(old) if *old == built => old,
+                    Some(old) => {
+                        if old.backends != built.backends {
+                            self.split_weights_changed(&config, &old, &built);
+                        }
+                        Arc::new(built)
+                    }
+                    None => Arc::new(built),
+                }
+            })
+            .collect();
+        let snapshot = Arc::new(Snapshot::new(generation, config, listeners, pools, splits));
         self.ids.retain_used(&snapshot);
         snapshot
+    }
+
+    /// Logs and counts a change of a split's weights (by the admin API or a reload).
+    fn split_weights_changed(&mut self, config: &Config, old: &SplitSnapshot, new: &SplitSnapshot) {
+        let describe = |split: &SplitSnapshot| -> String {
+            let sides: Vec<String> = split
+                .backends
+                .iter()
+                .map(|(pool, weight)| {
+                    let name = config
+                        .pools
+                        .iter()
+                        .find(|candidate| self.ids.known_pool(&candidate.name) == Some(*pool))
+                        .map_or("?", |candidate| candidate.name.as_str());
+                    format!("{name}={weight}")
+                })
+                .collect();
+            sides.join(",")
+        };
+        info!(split = %new.name, before = %describe(old), after = %describe(new), "split weights changed");
+        *self.split_changes.entry(new.id).or_default() += 1;
+    }
+
+    fn destination(&mut self, config: &Config, target: Target) -> Destination {
+        match target {
+            Target::Pool(pool) => Destination::Pool(self.ids.pool(&config.pool(pool).name)),
+            Target::Split(split) => Destination::Split(self.ids.split(&config.split(split).name)),
+        }
+    }
+
+    /// A split with the operator's weights over the file's.
+    fn build_split(&mut self, config: &Config, split: &SplitConfig) -> SplitSnapshot {
+        let weights = self.overrides.splits.get(&split.name);
+        let backends = split
+            .backends
+            .iter()
+            .map(|(pool, weight)| {
+                let name = &config.pool(*pool).name;
+                let weight = weights
+                    .and_then(|split| split.weights.get(name))
+                    .copied()
+                    .unwrap_or(*weight);
+                (self.ids.pool(name), weight)
+            })
+            .collect();
+        SplitSnapshot {
+            id: self.ids.split(&split.name),
+            name: split.name.clone(),
+            sticky: split.sticky,
+            backends,
+        }
+    }
+
+    /// `PUT /splits/{name}`: new weights for some of a split's pools (the others keep theirs).
+    /// All zero, an unknown pool or a weight out of range is refused and changes nothing.
+    pub fn set_split_weights(
+        &mut self,
+        name: &str,
+        weights: &BTreeMap<String, u32>,
+    ) -> Result<(), ApiError> {
+        let config = Arc::clone(&self.config);
+        let Some(split) = config.splits.iter().find(|split| split.name == name) else {
+            return Err(ApiError::new(404, format!("no split named {name:?}")));
+        };
+        if weights.is_empty() {
+            return Err(ApiError::new(
+                400,
+                "expected {\"weights\": {\"pool\": N, ...}} naming at least one pool",
+            ));
+        }
+        let pools: Vec<&str> = split
+            .backends
+            .iter()
+            .map(|(pool, _)| config.pool(*pool).name.as_str())
+            .collect();
+        for (pool, weight) in weights {
+            if !pools.contains(&pool.as_str()) {
+                return Err(ApiError::new(
+                    400,
+                    format!(
+                        "split {name:?} has no pool {pool:?} (its pools: {})",
+                        pools.join(", ")
+                    ),
+                ));
+            }
+            if *weight > MAX_SPLIT_WEIGHT {
+                return Err(ApiError::new(
+                    400,
+                    format!("weight must be from 0 to {MAX_SPLIT_WEIGHT}, not {weight}"),
+                ));
+            }
+        }
+        let current = self.build_split(&config, split);
+        let mut merged: BTreeMap<String, u32> = split
+            .backends
+            .iter()
+            .zip(&current.backends)
+            .map(|((pool, _), (_, weight))| (config.pool(*pool).name.clone(), *weight))
+            .collect();
+        merged.extend(weights.iter().map(|(pool, weight)| (pool.clone(), *weight)));
+        if merged.values().all(|weight| *weight == 0) {
+            return Err(ApiError::new(
+                400,
+                format!("every weight of split {name:?} would be 0: no client could go anywhere"),
+            ));
+        }
+        let file = super::overrides::file_weights(&config, split);
+        let entry = self.overrides.splits.entry(name.to_string()).or_default();
+        entry.file = file;
+        entry.weights = merged;
+        info!(split = name, "split weights set by an operator");
+        self.after_override();
+        Ok(())
     }
 
     /// Builds and hands a new snapshot to every shard.

@@ -9,11 +9,56 @@ use serde_json::{Value, json};
 
 use super::state::{Control, ReloadRecord};
 use crate::metrics::{CloseKind, ListenerCounters, Merged, RejectKind};
-use crate::snapshot::{ListenerSnapshot, PoolSnapshot, ServerSnapshot, ServerState};
+use crate::snapshot::{Destination, ListenerSnapshot, PoolSnapshot, ServerSnapshot, ServerState};
 
 pub fn unix_seconds(at: SystemTime) -> f64 {
     at.duration_since(UNIX_EPOCH)
         .map_or(0.0, |elapsed| elapsed.as_secs_f64())
+}
+
+/// The name of a destination's pool (`split` false) or split (`split` true); null when it is
+/// the other kind.
+fn destination_name(control: &Control, destination: Destination, split: bool) -> Option<String> {
+    match destination {
+        Destination::Pool(pool) if !split => control.snapshot.pool(pool).map(|p| p.name.clone()),
+        Destination::Split(id) if split => control.snapshot.split(id).map(|s| s.name.clone()),
+        _ => None,
+    }
+}
+
+/// Each split's weights now and its sessions per side (open now and in all), with how often
+/// its weights changed.
+pub fn splits_json(control: &Control, merged: &Merged) -> Vec<Value> {
+    control
+        .snapshot
+        .splits
+        .iter()
+        .map(|split| {
+            let sides: Vec<Value> = split
+                .backends
+                .iter()
+                .map(|(pool, weight)| {
+                    let counters = merged
+                        .splits
+                        .get(&(split.id, *pool))
+                        .cloned()
+                        .unwrap_or_default();
+                    json!({
+                        "pool": control.snapshot.pool(*pool).map(|p| p.name.clone()),
+                        "weight": weight,
+                        "active": counters.active,
+                        "sessions": counters.sessions,
+                    })
+                })
+                .collect();
+            json!({
+                "name": split.name,
+                "sticky": split.sticky.name(),
+                "backends": sides,
+                "weight_changes": control.split_changes.get(&split.id).copied().unwrap_or(0),
+            })
+        })
+        .collect()
 }
 
 /// A listener's routes (conditions and pool, in order) and what its sniffing found; null for a
@@ -38,7 +83,8 @@ fn routing_json(
                 "host": conditions.host.as_ref().map(|pattern| pattern.text()),
                 "path_prefix": conditions.path_prefix,
                 "source": conditions.source.map(|network| network.to_string()),
-                "pool": control.snapshot.pool(route.target).map(|pool| pool.name.clone()),
+                "pool": destination_name(control, route.target, false),
+                "split": destination_name(control, route.target, true),
             })
         })
         .collect();
@@ -275,7 +321,8 @@ pub fn status_json(control: &Control) -> Value {
             json!({
                 "name": listener.name,
                 "bind": bound.map_or(listener.bind, |b| b.addr).to_string(),
-                "pool": control.snapshot.pool(listener.pool).map(|p| p.name.clone()),
+                "pool": destination_name(control, listener.target, false),
+                "split": destination_name(control, listener.target, true),
                 "active": counters.active,
                 "accepted": counters.accepted,
                 "rejected": counters.rejected_total(),
@@ -310,6 +357,7 @@ pub fn status_json(control: &Control) -> Value {
         "shards": shards,
         "listeners": listeners,
         "pools": pools,
+        "splits": splits_json(control, &merged),
     })
 }
 

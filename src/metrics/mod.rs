@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 
 use crate::runtime::ShardStats;
-use crate::snapshot::{ListenerId, PoolId, ServerId};
+use crate::snapshot::{ListenerId, PoolId, ServerId, SplitId};
 
 /// Upper bounds (seconds) of the connect-time histogram's buckets.
 pub const CONNECT_BUCKETS: [f64; 13] = [
@@ -419,6 +419,22 @@ impl PoolCounters {
     }
 }
 
+/// One side (pool) of a split on one shard.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SplitSideCounters {
+    /// Sessions the split sent to this pool that are open now.
+    pub active: u32,
+    /// Sessions the split sent to this pool.
+    pub sessions: u64,
+}
+
+impl SplitSideCounters {
+    fn merge(&mut self, other: &SplitSideCounters) {
+        self.active += other.active;
+        self.sessions += other.sessions;
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServerCounters {
     /// Sessions on the server now (this shard's; summed at export).
@@ -549,6 +565,7 @@ pub struct ShardPublished {
     pub listeners: Vec<(ListenerId, ListenerCounters)>,
     pub pools: Vec<(PoolId, PoolCounters)>,
     pub servers: Vec<(ServerId, ServerCounters)>,
+    pub splits: Vec<((SplitId, PoolId), SplitSideCounters)>,
 }
 
 /// One shard's slot: written by that shard only, read by the control thread. Padded to its own
@@ -577,6 +594,7 @@ pub struct Merged {
     pub listeners: HashMap<ListenerId, ListenerCounters>,
     pub pools: HashMap<PoolId, PoolCounters>,
     pub servers: HashMap<ServerId, ServerCounters>,
+    pub splits: HashMap<(SplitId, PoolId), SplitSideCounters>,
 }
 
 impl Merged {
@@ -599,6 +617,9 @@ impl Merged {
             }
             for (id, counters) in &published.servers {
                 merged.servers.entry(*id).or_default().merge(counters);
+            }
+            for (side, counters) in &published.splits {
+                merged.splits.entry(*side).or_default().merge(counters);
             }
             merged.shards.push(published);
         }

@@ -43,3 +43,7 @@ pub const PROCESS_VIRTUAL_MEMORY: &str = "process_virtual_memory_bytes";
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
 pub const PROCESS_MAX_FDS: &str = "process_max_fds";
 pub const PROCESS_START_TIME: &str = "process_start_time_seconds";
+pub const SPLIT_WEIGHT: &str = "ringproxy_split_weight";
+pub const SPLIT_ACTIVE: &str = "ringproxy_split_sessions_active";
+pub const SPLIT_SESSIONS: &str = "ringproxy_split_sessions_total";
+pub const SPLIT_CHANGES: &str = "ringproxy_split_weight_changes_total";

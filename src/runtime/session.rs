@@ -95,7 +95,7 @@ pub struct Session {
     pub server: Option<OwnedFd>,
     pub server_ref: Option<ServerRef>,
     pub tried: TriedServers,
-    pub attempts: u32,
+    pub attempts: u16,
     pub client_key: u64,
     /// A connect is in flight.
     pub connecting: bool,
@@ -123,6 +123,8 @@ pub struct Session {
     /// per-source slot (`NO_SOURCE_SLOT`: none), given back when it ends.
     pub listener_epoch: u32,
     pub source_slot: u32,
+    /// Its split side's counters slot (`NO_SPLIT`: it came through no split).
+    pub split_counters: u32,
     /// Bandwidth caps, when its listener has any (boxed: uncapped sessions pay one word).
     pub throttle: Option<Box<super::shard::Throttle>>,
 }

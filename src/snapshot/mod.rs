@@ -25,6 +25,28 @@ pub struct ListenerId(pub u32);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PoolId(pub u32);
 
+/// A split's identity (by name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SplitId(pub u32);
+
+/// Where a listener's or a route's clients go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    Pool(PoolId),
+    Split(SplitId),
+}
+
+/// A split as the shards run it: its pools and their weights now (the file's, or an
+/// operator's through the admin API).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SplitSnapshot {
+    pub id: SplitId,
+    pub name: String,
+    pub sticky: crate::config::Sticky,
+    /// In the file's order; at least one weight is above zero.
+    pub backends: Vec<(PoolId, u32)>,
+}
+
 /// A server's identity (by pool and address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServerId(pub u32);
@@ -137,7 +159,8 @@ pub struct ListenerSnapshot {
     pub id: ListenerId,
     pub name: String,
     pub bind: SocketAddr,
-    pub pool: PoolId,
+    /// Where its clients go (the default of its routes).
+    pub target: Destination,
     pub max_connections: NonZeroU32,
     pub backlog: u32,
     pub idle_timeout: Duration,
@@ -154,7 +177,7 @@ pub struct ListenerSnapshot {
 /// A listener's routes with pools by id, and what deciding needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Routing {
-    pub routes: Vec<crate::route::Route<PoolId>>,
+    pub routes: Vec<crate::route::Route<Destination>>,
     /// The sniffers the routes need (empty: no route looks at the client's bytes).
     pub wanted: Vec<crate::sniff::Protocol>,
     /// A route chooses a server-speaks-first protocol by the client's silence.
@@ -183,6 +206,8 @@ pub struct Snapshot {
     /// Pools that did not change since the previous generation are the same `Arc`, so a shard
     /// keeps their balancing state without looking inside.
     pub pools: Vec<Arc<PoolSnapshot>>,
+    /// Splits that did not change since the previous generation are the same `Arc`.
+    pub splits: Vec<Arc<SplitSnapshot>>,
     positions: HashMap<PoolId, usize>,
 }
 
@@ -192,6 +217,7 @@ impl Snapshot {
         config: Arc<Config>,
         listeners: Vec<ListenerSnapshot>,
         pools: Vec<Arc<PoolSnapshot>>,
+        splits: Vec<Arc<SplitSnapshot>>,
     ) -> Snapshot {
         let positions = pools
             .iter()
@@ -203,8 +229,13 @@ impl Snapshot {
             config,
             listeners,
             pools,
+            splits,
             positions,
         }
+    }
+
+    pub fn split(&self, id: SplitId) -> Option<&Arc<SplitSnapshot>> {
+        self.splits.iter().find(|split| split.id == id)
     }
 
     pub fn pool(&self, id: PoolId) -> Option<&Arc<PoolSnapshot>> {
@@ -230,6 +261,7 @@ pub struct Identities {
     next: u32,
     listeners: HashMap<String, ListenerId>,
     pools: HashMap<String, PoolId>,
+    splits: HashMap<String, SplitId>,
     servers: HashMap<(PoolId, SocketAddr), ServerId>,
 }
 
@@ -257,6 +289,20 @@ impl Identities {
         id
     }
 
+    /// The id a pool name has now, without handing out a new one.
+    pub fn known_pool(&self, name: &str) -> Option<PoolId> {
+        self.pools.get(name).copied()
+    }
+
+    pub fn split(&mut self, name: &str) -> SplitId {
+        if let Some(&id) = self.splits.get(name) {
+            return id;
+        }
+        let id = SplitId(self.fresh());
+        self.splits.insert(name.to_string(), id);
+        id
+    }
+
     pub fn server(&mut self, pool: PoolId, addr: SocketAddr) -> ServerId {
         if let Some(&id) = self.servers.get(&(pool, addr)) {
             return id;
@@ -272,6 +318,7 @@ impl Identities {
         self.listeners
             .retain(|_, id| snapshot.listeners.iter().any(|l| l.id == *id));
         self.pools.retain(|_, id| snapshot.pool(*id).is_some());
+        self.splits.retain(|_, id| snapshot.split(*id).is_some());
         self.servers.retain(|(pool, _), id| {
             snapshot
                 .pool(*pool)
@@ -301,7 +348,7 @@ mod tests {
         assert_ne!(front.0, web.0);
 
         let config = Arc::new(Config::default_config().expect("default config"));
-        let snapshot = Snapshot::new(1, config, Vec::new(), Vec::new());
+        let snapshot = Snapshot::new(1, config, Vec::new(), Vec::new(), Vec::new());
         ids.retain_used(&snapshot);
         let web_again = ids.pool("web");
         assert_ne!(web_again, web, "a forgotten name gets a fresh id");

@@ -75,10 +75,54 @@ fn inline(bytes: &[u8]) -> Verdict {
                 Verdict::NeedMore
             } else if bytes[word_len] == b'\r' && bytes[word_len + 1] != b'\n' {
                 Verdict::NoMatch
+            } else if bytes[word_len] == b' ' {
+                arguments(&bytes[word_len..])
             } else {
                 Verdict::Match(Protocol::Redis, Facts::default())
             }
         }
         _ => Verdict::NoMatch,
+    }
+}
+
+/// An inline command's arguments, to the end of the line: `GET / HTTP/1.1` is an HTTP request
+/// line, not Redis's GET.
+fn arguments(rest: &[u8]) -> Verdict {
+    let Some(end) = rest.iter().position(|&byte| byte == b'\n') else {
+        return Verdict::NeedMore;
+    };
+    let line = rest[..end].strip_suffix(b"\r").unwrap_or(&rest[..end]);
+    let http = line.len() >= 9 && {
+        let tail = &line[line.len() - 9..];
+        tail.starts_with(b" HTTP/")
+            && tail[6].is_ascii_digit()
+            && tail[7] == b'.'
+            && tail[8].is_ascii_digit()
+    };
+    if http {
+        Verdict::NoMatch
+    } else {
+        Verdict::Match(Protocol::Redis, Facts::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_http_request_line_is_not_an_inline_get() {
+        assert_eq!(
+            sniff(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Verdict::NoMatch
+        );
+        assert_eq!(sniff(b"GET /index.html HTTP/1.0\n"), Verdict::NoMatch);
+        assert_eq!(
+            sniff(b"GET / HTTP/1.1"),
+            Verdict::NeedMore,
+            "the line is not over yet"
+        );
+        assert!(matches!(sniff(b"GET key\r\n"), Verdict::Match(..)));
+        assert!(matches!(sniff(b"PING\r\n"), Verdict::Match(..)));
     }
 }

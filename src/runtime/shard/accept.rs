@@ -476,7 +476,12 @@ impl Shard {
             drop(client);
             return;
         };
-        let pool = config.pool;
+        let target = config.target;
+        let Some(pool) = self.provisional_pool(target) else {
+            self.release_source(listener, source.0, source.1);
+            drop(client);
+            return;
+        };
         let throttle = self.new_throttle(listener_key);
         let limits = Limits {
             queued_buffers: self.tuning.queued_buffers as usize,
@@ -539,6 +544,7 @@ impl Shard {
             timer: None,
             listener_epoch: source.0,
             source_slot: source.1,
+            split_counters: super::target::NO_SPLIT,
             throttle,
         };
         let index = self.sessions.insert(session);
@@ -560,7 +566,12 @@ impl Shard {
             }
             (None, None) => {
                 self.arm_timer(index);
-                self.connect_next(index);
+                if self.settle(index, target) {
+                    self.refresh_client_key(index);
+                    self.connect_next(index);
+                } else {
+                    self.close_session(index, CloseMode::Graceful, CloseKind::ConnectFailed);
+                }
             }
         }
         self.finish_if_done(index);

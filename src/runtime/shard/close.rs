@@ -96,6 +96,7 @@ impl Shard {
             self.log_session(&self.sessions[index], **client, kind);
         }
         self.release_server(index);
+        self.release_split(index);
         let mut session = self.sessions.remove(index);
         session.relay.release(self.ring.buffers_mut());
         if let Some(timer) = session.timer.take() {

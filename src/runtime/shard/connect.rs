@@ -103,7 +103,7 @@ impl Shard {
         });
         session.server = Some(server_fd);
         session.tried.insert(server);
-        session.attempts += 1;
+        session.attempts = session.attempts.saturating_add(1);
         session.connecting = true;
         session.connect_started_us = self.now_us;
         let connect_data = user_data(Op::Connect, index, session.generation);
@@ -255,7 +255,7 @@ impl Shard {
         if let Some(fd) = session.server.take() {
             let _ = self.ring.close(fd, IGNORED, true);
         }
-        let attempts = session.attempts;
+        let attempts = u32::from(session.attempts);
         let Some(pool) =
             position.map(|position| std::sync::Arc::clone(&self.snapshot.pools[position]))
         else {

@@ -23,12 +23,13 @@ mod close;
 mod connect;
 mod relay_io;
 mod sniffing;
+mod target;
 mod throttle;
 
 pub(super) use throttle::Throttle;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -42,12 +43,14 @@ use super::log_limit::LogLimiter;
 use super::session::{Session, user_data};
 use super::{ShardMessage, ShardReport, ShardStats};
 use crate::balance::PoolBalancer;
+use crate::balance::split::SplitPicker;
 use crate::config::Tuning;
 use crate::metrics::{
     CounterTable, ListenerCounters, PoolCounters, ServerCounters, ShardPublished, ShardSlot,
+    SplitSideCounters,
 };
 use crate::relay::{Actions, BufferPool, Measured, Side};
-use crate::snapshot::{ListenerId, PoolId, ServerId, Snapshot};
+use crate::snapshot::{ListenerId, PoolId, ServerId, Snapshot, SplitId, SplitSnapshot};
 use crate::uring::timer::{TimerEntry, TimerWheel};
 use crate::uring::{BufRing, BufToken, Completion, Ring};
 
@@ -112,6 +115,8 @@ pub(super) struct Counters {
     pub listeners: CounterTable<ListenerId, ListenerCounters>,
     pub pools: CounterTable<PoolId, PoolCounters>,
     pub servers: CounterTable<ServerId, ServerCounters>,
+    /// By split and the pool it sent sessions to.
+    pub splits: CounterTable<(SplitId, PoolId), SplitSideCounters>,
 }
 
 pub struct Shard {
@@ -134,6 +139,9 @@ pub struct Shard {
     balancers: Vec<PoolBalancer>,
     /// Per pool (in the order of `snapshot.pools`), the next source address to bind.
     source_cursor: Vec<usize>,
+    /// Each split's round-robin state, with the split it was built for (rebuilt when the
+    /// weights change).
+    split_pickers: HashMap<SplitId, (Arc<SplitSnapshot>, SplitPicker)>,
     counters: Counters,
     timers: TimerWheel,
     expired: Vec<TimerEntry>,
@@ -220,6 +228,7 @@ impl Shard {
             sessions: Slab::new(),
             balancers,
             source_cursor,
+            split_pickers: HashMap::new(),
             counters: Counters::default(),
             timers: TimerWheel::new(1024),
             expired: Vec::new(),
@@ -516,6 +525,9 @@ impl Shard {
         self.counters
             .servers
             .collect(|id| live_servers.contains(&id));
+        self.counters
+            .splits
+            .collect(|(split, _)| snapshot.split(split).is_some());
         let mut servers: std::collections::HashMap<ServerId, ServerCounters> = self
             .counters
             .servers
@@ -561,6 +573,12 @@ impl Shard {
                 .map(|(id, counters)| (id, counters.clone()))
                 .collect(),
             servers: servers.into_iter().collect(),
+            splits: self
+                .counters
+                .splits
+                .iter()
+                .map(|(side, counters)| (side, counters.clone()))
+                .collect(),
         };
         self.slot.publish(published);
     }

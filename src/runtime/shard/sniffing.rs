@@ -372,11 +372,19 @@ impl Shard {
         }
     }
 
-    /// The listener lost its routes (a reload): the listener's pool.
+    /// No routes (none configured, or a reload took them): the listener's pool or split.
     fn route_to_default(&mut self, index: usize) {
-        if self.sessions.contains(index) {
-            self.connect_when_quiet(index);
+        let Some(session) = self.sessions.get(index) else {
+            return;
+        };
+        let listener = session.listener;
+        if let Some(target) = self.snapshot.listener(listener).map(|l| l.target)
+            && !self.settle(index, target)
+        {
+            self.close_session(index, CloseMode::Graceful, CloseKind::ConnectFailed);
+            return;
         }
+        self.connect_when_quiet(index);
     }
 
     /// Connects once no receive of the sniff step is armed: an armed one (a route chosen by
@@ -405,7 +413,7 @@ impl Shard {
     }
 
     /// The client's address: the one a trusted PROXY header carried, else the peer's.
-    fn client_ip(&self, index: usize) -> Option<IpAddr> {
+    pub(super) fn client_ip(&self, index: usize) -> Option<IpAddr> {
         let session = self.sessions.get(index)?;
         match session
             .sniffing
@@ -448,13 +456,18 @@ impl Shard {
                 return;
             }
         }
-        let session = &mut self.sessions[index];
-        let pool = chosen.unwrap_or(session.pool);
-        if pool != session.pool {
-            self.counters.pools.unhold(session.pool_counters);
-            session.pool = pool;
-            session.pool_counters = self.counters.pools.slot(pool);
-            self.counters.pools.hold(session.pool_counters);
+        let listener = self.sessions[index].listener;
+        let Some(destination) = chosen.or_else(|| {
+            self.snapshot
+                .listener(listener)
+                .map(|listener| listener.target)
+        }) else {
+            self.close_session(index, CloseMode::Graceful, CloseKind::ConnectFailed);
+            return;
+        };
+        if !self.settle(index, destination) {
+            self.close_session(index, CloseMode::Graceful, CloseKind::ConnectFailed);
+            return;
         }
         debug!(shard = self.index, detected = ?detected, "route chosen");
         self.connect_when_quiet(index);
@@ -471,17 +484,7 @@ impl Shard {
         if let Some(sniffing) = session.sniffing.as_deref_mut() {
             sniffing.phase = SniffPhase::Replay;
         }
-        if self
-            .snapshot
-            .pool(session.pool)
-            .is_some_and(|pool| pool.balance.needs_client_address())
-        {
-            let key = self
-                .client_ip(index)
-                .map(crate::balance::client_key)
-                .unwrap_or(0);
-            self.sessions[index].client_key = key;
-        }
+        self.refresh_client_key(index);
         self.arm_timer(index);
         self.connect_next(index);
     }
