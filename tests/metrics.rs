@@ -44,10 +44,19 @@ fn promtool_accepts_the_exposition() {
         return;
     };
     let echo = TestServer::start(Behaviour::Echo);
-    let proxy = Proxy::start(&config(echo.addr, ""));
+    // Every family present: routes, PROXY protocol and a split as well.
+    let text = config(
+        echo.addr,
+        "routes = [ { protocol = \"redis\", split = \"both\" } ]\n\
+         proxy_protocol = \"optional\"\ntrusted_proxies = [\"127.0.0.9\"]",
+    ) + "\n[[split]]\nname = \"both\"\nbackends = [ { pool = \"app\", weight = 1 } ]\n";
+    let proxy = Proxy::start(&text);
     drive(proxy.addr(), 5, 100);
     let text = admin::get(proxy.admin(), "/metrics").body;
     for name in [
+        "ringproxy_listener_routed_total{listener=\"front\",route=\"1\",to=\"split:both\"}",
+        "ringproxy_listener_proxy_header_errors_total{listener=\"front\",reason=\"untrusted\"}",
+        "ringproxy_split_weight{split=\"both\",pool=\"app\"} 1",
         "ringproxy_connections_accepted_total{listener=\"front\"}",
         "ringproxy_server_state{pool=\"app\",server=\"echo\",state=\"up\"}",
         "ringproxy_pool_connect_duration_seconds_bucket{pool=\"app\",le=\"+Inf\"}",

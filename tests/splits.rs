@@ -379,4 +379,14 @@ fn a_route_can_send_to_a_split() {
     let mut stream = connect(proxy.addr());
     stream.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("write");
     assert_eq!(read_tag(&mut stream), Some(b'w'));
+    // Counted by route: the first sent four clients to the split, the default one to web.
+    let expected = [
+        "ringproxy_listener_routed_total{listener=\"front\",route=\"1\",to=\"split:cache\"} 4",
+        "ringproxy_listener_routed_total{listener=\"front\",route=\"default\",to=\"pool:web\"} 1",
+    ];
+    let counted = wait_for(Duration::from_secs(5), || {
+        let metrics = admin::get(proxy.admin(), "/metrics").body;
+        expected.iter().all(|line| metrics.contains(line))
+    });
+    assert!(counted, "{}", admin::get(proxy.admin(), "/metrics").body);
 }

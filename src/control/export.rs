@@ -117,6 +117,40 @@ pub fn render(control: &Control) -> String {
             );
         }
     }
+    out.family(
+        LISTENER_ROUTED,
+        "counter",
+        "Clients of listeners with routes, by the route that sent them (its position, 1 first, or default) and where it sent them.",
+    );
+    for listener in &snapshot.listeners {
+        let Some(routing) = &listener.routing else {
+            continue;
+        };
+        let counters = merged.listeners.get(&listener.id);
+        let count =
+            |slot: usize| counters.map_or(0, |c| c.routed.get(slot).copied().unwrap_or(0)) as f64;
+        for (position, route) in routing.routes.iter().enumerate() {
+            let route_label = (position + 1).to_string();
+            out.sample(
+                LISTENER_ROUTED,
+                &[
+                    ("listener", &listener.name),
+                    ("route", &route_label),
+                    ("to", &destination_label(snapshot, route.target)),
+                ],
+                count(position),
+            );
+        }
+        out.sample(
+            LISTENER_ROUTED,
+            &[
+                ("listener", &listener.name),
+                ("route", "default"),
+                ("to", &destination_label(snapshot, listener.target)),
+            ],
+            count(routing.routes.len()),
+        );
+    }
     listeners.family(
         &mut out,
         (LISTENER_SNIFF_TIMEOUTS, "counter"),
@@ -611,5 +645,19 @@ fn split_families(control: &Control, merged: &Merged, out: &mut Exposition) {
             &[("split", split.name.as_str())],
             changes as f64,
         );
+    }
+}
+
+/// A route's or listener's destination as a label value: `pool:NAME` or `split:NAME`.
+fn destination_label(snapshot: &Snapshot, destination: crate::snapshot::Destination) -> String {
+    match destination {
+        crate::snapshot::Destination::Pool(pool) => format!(
+            "pool:{}",
+            snapshot.pool(pool).map_or("", |p| p.name.as_str())
+        ),
+        crate::snapshot::Destination::Split(split) => format!(
+            "split:{}",
+            snapshot.split(split).map_or("", |s| s.name.as_str())
+        ),
     }
 }

@@ -247,6 +247,9 @@ pub struct ListenerCounters {
     /// (`ProxyError::ALL` order).
     pub proxy_headers: u64,
     pub proxy_errors: [u64; ProxyError::ALL.len()],
+    /// Clients sent by each route, in the listener's order, then those sent to its default
+    /// (empty on listeners without routes).
+    pub routed: Vec<u64>,
 }
 
 /// Why a PROXY protocol header was refused.
@@ -333,6 +336,7 @@ impl Default for ListenerCounters {
             unmatched: 0,
             proxy_headers: 0,
             proxy_errors: [0; ProxyError::ALL.len()],
+            routed: Vec::new(),
         }
     }
 }
@@ -351,6 +355,15 @@ impl ListenerCounters {
         if let Some(index) = Detection::ALL.iter().position(|&d| d == detection) {
             self.detected[index] += 1;
         }
+    }
+
+    /// A client went by route `position` (None: to the listener's default), of `routes`.
+    pub fn routed(&mut self, position: Option<usize>, routes: usize) {
+        let slot = position.unwrap_or(routes);
+        if self.routed.len() <= slot {
+            self.routed.resize(slot + 1, 0);
+        }
+        self.routed[slot] += 1;
     }
 
     pub fn proxy_error(&mut self, error: ProxyError) {
@@ -389,6 +402,12 @@ impl ListenerCounters {
         self.unmatched += other.unmatched;
         self.proxy_headers += other.proxy_headers;
         for (mine, theirs) in self.proxy_errors.iter_mut().zip(&other.proxy_errors) {
+            *mine += theirs;
+        }
+        if self.routed.len() < other.routed.len() {
+            self.routed.resize(other.routed.len(), 0);
+        }
+        for (mine, theirs) in self.routed.iter_mut().zip(&other.routed) {
             *mine += theirs;
         }
     }

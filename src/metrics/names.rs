@@ -14,6 +14,7 @@ pub const SOURCE_TABLE_EVICTIONS: &str = "ringproxy_source_table_evictions_total
 pub const LISTENER_DETECTED: &str = "ringproxy_listener_detected_total";
 pub const LISTENER_SNIFF_TIMEOUTS: &str = "ringproxy_listener_sniff_timeouts_total";
 pub const LISTENER_UNMATCHED: &str = "ringproxy_listener_unmatched_total";
+pub const LISTENER_ROUTED: &str = "ringproxy_listener_routed_total";
 pub const LISTENER_PROXY_HEADERS: &str = "ringproxy_listener_proxy_headers_total";
 pub const LISTENER_PROXY_ERRORS: &str = "ringproxy_listener_proxy_header_errors_total";
 pub const LISTENER_BYTES: &str = "ringproxy_listener_bytes_total";

@@ -215,10 +215,14 @@ pub struct Route<T> {
 
 /// The first route whose conditions hold.
 pub fn decide<'a, T>(routes: &'a [Route<T>], detected: &Detected, client: IpAddr) -> Option<&'a T> {
+    decide_at(routes, detected, client).map(|position| &routes[position].target)
+}
+
+/// The position of the first route whose conditions hold.
+pub fn decide_at<T>(routes: &[Route<T>], detected: &Detected, client: IpAddr) -> Option<usize> {
     routes
         .iter()
-        .find(|route| route.conditions.hold(detected, client))
-        .map(|route| &route.target)
+        .position(|route| route.conditions.hold(detected, client))
 }
 
 /// Whether any route needs the client's bytes, and which sniffers it needs.

@@ -447,7 +447,12 @@ impl Shard {
         } else {
             IpAddr::from([0, 0, 0, 0])
         };
-        let chosen = route::decide(&routing.routes, detected, client).copied();
+        let position = route::decide_at(&routing.routes, detected, client);
+        let chosen = position.map(|position| routing.routes[position].target);
+        if chosen.is_some() || routing.unmatched == Unmatched::Default {
+            let routes = routing.routes.len();
+            self.count(index, |counters| counters.routed(position, routes));
+        }
         if chosen.is_none() {
             self.stats.unmatched += 1;
             self.count(index, |counters| counters.unmatched += 1);
