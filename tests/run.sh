@@ -4,7 +4,8 @@
 # timers with), prometheus (the real Prometheus server and `promtool` the metrics tests
 # scrape and check with), and the real clients the routing tests send through the proxy:
 # curl, openssl, psql (postgresql-client) and redis-cli (redis-tools); HAProxy and nginx, which
-# the PROXY protocol tests put in front of and behind the proxy.
+# the PROXY protocol tests put in front of and behind the proxy; and the real servers of the
+# one-port test: PostgreSQL, Redis, MariaDB, nginx's RTMP module, with ffmpeg as RTMP client.
 #   bash tests/run.sh            # from the repository root or anywhere
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,11 @@ command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+[ -f /usr/lib/nginx/modules/ngx_rtmp_module.so ] || missing+=(libnginx-mod-rtmp)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+{ command -v mariadbd >/dev/null 2>&1 && command -v mariadb >/dev/null 2>&1; } || missing+=(mariadb-server mariadb-client)
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
+command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     # Packages such as nginx start their service on install; the tests start their own
