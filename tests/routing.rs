@@ -345,6 +345,45 @@ fn a_client_stalled_mid_sniff_goes_to_the_default_pool_with_its_bytes() {
     assert!(admin.received().is_empty());
 }
 
+/// A slowloris that trickles a TLS ClientHello one byte per second never completes it: it is
+/// cut at `sniff_timeout` (here with `unmatched = "reject"`), however steadily it sends, and no
+/// server hears of it.
+#[test]
+fn a_slowloris_is_cut_at_the_sniff_timeout() {
+    let web = Recorder::start(b"", true);
+    let api = Recorder::start(b"", true);
+    let proxy = Proxy::start(&routed_config(
+        &[("web", web.addr), ("api", api.addr)],
+        "routes = [ { sni = \"api.example.com\", pool = \"api\" } ]\n\
+         unmatched = \"reject\"\nsniff_timeout = \"2s\"\n",
+    ));
+    let mut client = TcpStream::connect(proxy.addr()).expect("connect");
+    let started = Instant::now();
+    // A ClientHello's record header announcing 512 bytes, then its body, one byte a second.
+    let hello: Vec<u8> = [0x16, 0x03, 0x01, 0x02, 0x00, 0x01]
+        .into_iter()
+        .chain(std::iter::repeat(0u8))
+        .take(64)
+        .collect();
+    let mut cut_at = None;
+    for byte in hello {
+        if client.write_all(&[byte]).is_err() || peer_closed(&client) == Some(true) {
+            cut_at = Some(started.elapsed());
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(6) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(1000));
+    }
+    let cut_at = cut_at.expect("the slowloris was never cut");
+    assert!(
+        (Duration::from_millis(1900)..=Duration::from_millis(4100)).contains(&cut_at),
+        "cut after {cut_at:?}; sniff_timeout is 2s (seen at the next byte, a second apart)"
+    );
+    assert!(web.received().is_empty() && api.received().is_empty());
+}
+
 #[test]
 fn sniffed_bytes_are_replayed_byte_for_byte_before_the_rest() {
     let web = Recorder::start(b"", true);

@@ -1,8 +1,9 @@
 //! Sniffers against bytes captured from real clients (`captures/`: openssl s_client, curl,
 //! psql, redis-cli, OpenSSH, HAProxy's send-proxy-v2), messages built from their
 //! specifications where no client was at hand (MongoDB, RTMP, GSSENCRequest), every prefix of
-//! each (a message split across segments), and a deterministic mutation sweep in place of a
-//! fuzzer (cargo-fuzz needs a nightly toolchain this project does not build with).
+//! each (a message split across segments), a deterministic mutation sweep, and a fuzz run of a
+//! million proptest-mutated inputs per sniffer and for the PROXY parser (in place of
+//! cargo-fuzz, which needs a nightly toolchain this project does not build with).
 
 use super::proxy::{ProxyVerdict, parse};
 use super::*;
@@ -411,4 +412,100 @@ fn mutated_inputs_never_panic() {
             let _ = sniff(&bytes, &all());
         }
     }
+}
+
+/// A fuzz run on stable (cargo-fuzz needs nightly): proptest mutates the real captures (bit
+/// flips, byte insertions and deletions, truncations, splices of two captures) and sometimes
+/// draws bytes from nothing, one million inputs, each fed to every sniffer and to the PROXY
+/// header parser. None may panic, and every verdict must stay consistent with a prefix of the
+/// same bytes (a match on a prefix is a match on the whole).
+#[test]
+fn a_million_fuzzed_inputs_per_sniffer_and_the_proxy_parser() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    let mut seeds: Vec<Vec<u8>> = [
+        TLS13,
+        TLS12,
+        TLS_NO_SNI,
+        HTTP11,
+        H2,
+        PG_SSL,
+        PG_STARTUP,
+        REDIS2,
+        REDIS3,
+        SSH,
+        PROXY_V1,
+        PROXY_V2_V4,
+        PROXY_V2_V6,
+        PROXY_V2_TLVS,
+    ]
+    .iter()
+    .map(|bytes| bytes.to_vec())
+    .collect();
+    seeds.push(mongo_hello());
+    seeds.push(rtmp_c0_c1());
+    let count = seeds.len();
+    // (kind, position, byte): 0 flip a bit, 1 delete, 2 insert, 3 truncate.
+    let edit = (0u8..4, any::<u16>(), any::<u8>());
+    let strategy = prop_oneof![
+        9 => (0..count, 0..count, any::<u16>(), prop::collection::vec(edit, 0..6)),
+        1 => prop::collection::vec(any::<u8>(), 0..64).prop_map(|noise| (usize::MAX, 0, 0, noise
+            .into_iter()
+            .map(|byte| (2u8, u16::MAX, byte))
+            .collect())),
+    ];
+    let mut runner = TestRunner::new(Config {
+        cases: 1_000_000,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let ran = std::cell::Cell::new(0u32);
+    let result = runner.run(&strategy, |(seed, other, splice, edits)| {
+        ran.set(ran.get() + 1);
+        let mut bytes = match seeds.get(seed) {
+            Some(bytes) => {
+                let mut bytes = bytes.clone();
+                if other != seed && splice % 4 == 0 {
+                    // A splice: the head of one capture on the tail of another.
+                    let cut = usize::from(splice) % (bytes.len() + 1);
+                    bytes.truncate(cut);
+                    bytes.extend_from_slice(&seeds[other][cut.min(seeds[other].len())..]);
+                }
+                bytes
+            }
+            None => Vec::new(),
+        };
+        for (kind, position, byte) in edits {
+            let at = usize::from(position) % (bytes.len() + 1);
+            match kind {
+                0 if at < bytes.len() => bytes[at] ^= 1 << (byte % 8),
+                1 if at < bytes.len() => {
+                    bytes.remove(at);
+                }
+                3 => bytes.truncate(at),
+                _ => bytes.insert(at, byte),
+            }
+        }
+        let _ = parse(&bytes);
+        let half = &bytes[..bytes.len() / 2];
+        for protocol in Protocol::ALL {
+            let whole = sniff_one(protocol, &bytes);
+            if let Verdict::Match(..) = sniff_one(protocol, half) {
+                prop_assert!(
+                    matches!(whole, Verdict::Match(found, _) if found == protocol),
+                    "{:?} matched a prefix of {:?} but not the whole: {:?}",
+                    protocol,
+                    bytes,
+                    whole
+                );
+            }
+        }
+        if let ProxyVerdict::Header(header) = parse(half) {
+            prop_assert_eq!(parse(&bytes), ProxyVerdict::Header(header));
+        }
+        Ok(())
+    });
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(ran.get(), 1_000_000, "inputs run");
 }
