@@ -182,21 +182,32 @@ mod tests {
     }
 }
 
-/// A session's route choice in progress.
+/// A session's route choice in progress (boxed, and freed once its bytes reached the server:
+/// kept small, as every session of a sniffing listener holds one while it is read).
 #[derive(Debug)]
 pub struct Sniffing {
     /// What the client sent so far: replayed to the server byte for byte, first.
     pub bytes: Vec<u8>,
     pub phase: SniffPhase,
-    /// Tick after which a client that sent nothing counts as silent (server-first routes).
-    pub silence_deadline: Option<u64>,
+    /// Tick after which a client that sent nothing counts as silent (server-first routes, or
+    /// no PROXY header); `NEVER` when silence decides nothing.
+    pub silence_deadline: u64,
     /// Tick after which sniffing gives up (`sniff_timeout`).
     pub deadline: u64,
     /// A PROXY protocol header may still come first (listeners with `proxy_protocol` on).
     pub header: Option<HeaderWait>,
-    /// The original client and destination a trusted PROXY header carried, and its v2 TLVs:
-    /// what the server's own PROXY header repeats.
-    pub carried: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+    /// What a trusted PROXY header carried (boxed: most sessions have none).
+    pub carried: Option<Box<Carried>>,
+}
+
+/// Silence decides nothing for this session.
+pub const NEVER: u64 = u64::MAX;
+
+/// What a trusted PROXY header said: the original client and the address it connected to
+/// (None for v2 LOCAL and v1 UNKNOWN), and its v2 TLVs, which the server's own header repeats.
+#[derive(Debug)]
+pub struct Carried {
+    pub addresses: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
     pub tlvs: Vec<(u8, Vec<u8>)>,
 }
 
@@ -230,9 +241,24 @@ pub enum SniffPhase {
 
 impl Sniffing {
     pub fn next_deadline(&self) -> u64 {
-        self.silence_deadline
-            .filter(|_| self.bytes.is_empty())
-            .map_or(self.deadline, |silence| silence.min(self.deadline))
+        if self.bytes.is_empty() {
+            self.silence_deadline.min(self.deadline)
+        } else {
+            self.deadline
+        }
+    }
+
+    /// The client has said nothing and its silence deadline has passed.
+    pub fn silent_at(&self, now: u64) -> bool {
+        self.bytes.is_empty() && now >= self.silence_deadline
+    }
+
+    /// The client's address as its PROXY header gave it.
+    pub fn carried_client(&self) -> Option<std::net::SocketAddr> {
+        self.carried
+            .as_ref()
+            .and_then(|carried| carried.addresses)
+            .map(|(client, _)| client)
     }
 
     pub fn reading(&self) -> bool {
@@ -248,5 +274,7 @@ mod size {
     fn a_session_stays_small() {
         let bytes = std::mem::size_of::<super::Session>();
         assert!(bytes <= 464, "Session is {bytes} bytes");
+        let sniffing = std::mem::size_of::<super::Sniffing>();
+        assert!(sniffing <= 56, "Sniffing is {sniffing} bytes");
     }
 }

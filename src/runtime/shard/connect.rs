@@ -189,12 +189,12 @@ impl Shard {
                 .and_then(|pool| pool.send_proxy)
             {
                 let client = session.client.as_fd();
-                let (carried, tlvs) = session
+                let carried = session
                     .sniffing
                     .as_deref()
-                    .map_or((None, &[][..]), |sniffing| {
-                        (sniffing.carried, sniffing.tlvs.as_slice())
-                    });
+                    .and_then(|sniffing| sniffing.carried.as_deref());
+                let tlvs = carried.map_or(&[][..], |carried| carried.tlvs.as_slice());
+                let carried = carried.and_then(|carried| carried.addresses);
                 let addresses = match carried {
                     // What the client's own load balancer said, passed on with its TLVs.
                     Some(addresses) => Ok(addresses),
@@ -216,8 +216,11 @@ impl Shard {
             }
             let sniffed = session.sniffing.take().map(|sniffed| sniffed.bytes);
             let client_spoke = sniffed.as_ref().is_some_and(|bytes| !bytes.is_empty());
-            if let Some(bytes) = sniffed {
-                replay.extend_from_slice(&bytes);
+            match sniffed {
+                // Nothing goes before the sniffed bytes: they are the replay, uncopied.
+                Some(bytes) if replay.is_empty() => replay = bytes,
+                Some(bytes) => replay.extend_from_slice(&bytes),
+                None => {}
             }
             session.relay.start_with_replay(
                 self.now_tick,

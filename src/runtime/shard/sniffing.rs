@@ -17,7 +17,7 @@ use crate::config::{ProxyAccept, Unmatched};
 use crate::metrics::{CloseKind, Detection, ListenerCounters, ProxyError};
 use crate::relay::{CloseMode, Side};
 use crate::route::{self, Detected};
-use crate::runtime::session::{HeaderWait, SniffPhase, Sniffing};
+use crate::runtime::session::{Carried, HeaderWait, NEVER, SniffPhase, Sniffing};
 use crate::snapshot::Routing;
 use crate::sniff::proxy::{self, ProxyVerdict};
 use crate::sniff::{self, Verdict};
@@ -38,13 +38,12 @@ impl Shard {
         let now = self.now_tick;
         let mut silence_deadline = routing
             .filter(|routing| routing.server_first)
-            .map(|routing| now + ticks(routing.server_first_after));
+            .map_or(NEVER, |routing| now + ticks(routing.server_first_after));
         let mut deadline = routing.map_or(0, |routing| now + ticks(routing.sniff_timeout));
         if let Some((wait, proxy)) = header {
             if !wait.must_have() {
                 // A client that may come without a header and says nothing has none.
-                let silent_at = now + ticks(proxy.silence_after);
-                silence_deadline = Some(silence_deadline.map_or(silent_at, |at| at.min(silent_at)));
+                silence_deadline = silence_deadline.min(now + ticks(proxy.silence_after));
             }
             deadline = deadline.max(now + ticks(proxy.header_timeout));
         }
@@ -56,7 +55,6 @@ impl Shard {
             deadline,
             header: header.map(|(wait, _)| wait),
             carried: None,
-            tlvs: Vec::new(),
         }));
         self.arm_sniff_receive(index);
         self.arm_timer(index);
@@ -206,8 +204,12 @@ impl Shard {
                 sniffing
                     .bytes
                     .drain(..header.length.min(sniffing.bytes.len()));
-                sniffing.carried = header.addresses;
-                sniffing.tlvs = header.tlvs;
+                if header.addresses.is_some() || !header.tlvs.is_empty() {
+                    sniffing.carried = Some(Box::new(Carried {
+                        addresses: header.addresses,
+                        tlvs: header.tlvs,
+                    }));
+                }
                 if let (Some(log), Some((client, _))) = (session.log.as_mut(), header.addresses) {
                     **log = client;
                 }
@@ -233,7 +235,7 @@ impl Shard {
         };
         if !server_first {
             // The silence waited for was the header's; the routes read on.
-            sniffing.silence_deadline = None;
+            sniffing.silence_deadline = NEVER;
         }
         if !wait.trusted {
             // Admitted at accept on its own address.
@@ -316,10 +318,7 @@ impl Shard {
         if sniffing.phase != SniffPhase::Reading {
             return;
         }
-        let silent = sniffing.bytes.is_empty()
-            && sniffing
-                .silence_deadline
-                .is_some_and(|deadline| now >= deadline);
+        let silent = sniffing.silent_at(now);
         if let Some(wait) = sniffing.header {
             if now >= sniffing.deadline {
                 let partial = !sniffing.bytes.is_empty()
@@ -356,10 +355,7 @@ impl Shard {
         let Some(sniffing) = self.sessions[index].sniffing.as_deref() else {
             return;
         };
-        let silent = sniffing.bytes.is_empty()
-            && sniffing
-                .silence_deadline
-                .is_some_and(|deadline| now >= deadline);
+        let silent = sniffing.silent_at(now);
         if silent {
             self.choose(index, &routing, &Detected::Silence);
         } else if now >= sniffing.deadline {
@@ -418,9 +414,9 @@ impl Shard {
         match session
             .sniffing
             .as_deref()
-            .and_then(|sniffing| sniffing.carried)
+            .and_then(Sniffing::carried_client)
         {
-            Some((client, _)) => Some(client.ip()),
+            Some(client) => Some(client.ip()),
             None => socket::peer_ip(session.client.as_fd()).ok(),
         }
     }
