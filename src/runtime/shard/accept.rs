@@ -471,7 +471,8 @@ impl Shard {
         source: (u32, u32),
         header: Option<HeaderWait>,
     ) {
-        let Some(config) = self.snapshot.listener(listener) else {
+        let snapshot = std::rc::Rc::clone(&self.snapshot);
+        let Some(config) = snapshot.listener(listener) else {
             self.release_source(listener, source.0, source.1);
             drop(client);
             return;
@@ -549,20 +550,17 @@ impl Shard {
         };
         let index = self.sessions.insert(session);
         self.stats.accepted += 1;
-        let proxy = config.proxy.clone();
-        match (&config.routing, header.zip(proxy)) {
-            (routing, Some((wait, proxy))) => {
-                let routing = routing.clone();
-                self.start_reading(index, routing.as_deref(), Some((wait, &proxy)));
-            }
+        match (
+            config.routing.as_deref(),
+            header.zip(config.proxy.as_deref()),
+        ) {
+            (routing, Some(header)) => self.start_reading(index, routing, Some(header)),
             (Some(routing), None) if routing.reads_first() => {
-                let routing = std::sync::Arc::clone(routing);
-                self.start_reading(index, Some(&routing), None);
+                self.start_reading(index, Some(routing), None);
             }
             (Some(routing), None) => {
                 // Routes on the client's address alone: chosen at once, nothing read.
-                let routing = std::sync::Arc::clone(routing);
-                self.choose(index, &routing, &crate::route::Detected::Unknown);
+                self.choose(index, routing, &crate::route::Detected::Unknown);
             }
             (None, None) => {
                 self.arm_timer(index);

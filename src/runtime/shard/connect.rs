@@ -59,7 +59,8 @@ impl Shard {
             self.close_session(index, CloseMode::Graceful, CloseKind::ConnectFailed);
             return;
         };
-        let pool = std::sync::Arc::clone(&self.snapshot.pools[position]);
+        let snapshot = std::rc::Rc::clone(&self.snapshot);
+        let pool = &snapshot.pools[position];
         let target = &pool.servers[server];
         let addr = target.addr;
         let server_id = target.id;
@@ -259,9 +260,8 @@ impl Shard {
             let _ = self.ring.close(fd, IGNORED, true);
         }
         let attempts = u32::from(session.attempts);
-        let Some(pool) =
-            position.map(|position| std::sync::Arc::clone(&self.snapshot.pools[position]))
-        else {
+        let snapshot = std::rc::Rc::clone(&self.snapshot);
+        let Some(pool) = position.map(|position| &snapshot.pools[position]) else {
             self.close_session(index, CloseMode::Graceful, CloseKind::ConnectFailed);
             return;
         };

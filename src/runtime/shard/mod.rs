@@ -32,6 +32,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
@@ -132,7 +133,11 @@ pub struct Shard {
     tuning: Tuning,
     /// This kernel caps multishot receives by bytes (else receives are single-shot).
     capped_multishot: bool,
-    snapshot: Arc<Snapshot>,
+    /// The snapshot the shard runs on, behind an `Rc` of its own: the loop borrows from it
+    /// while it changes its own state by cloning the `Rc` (no atomic shared with other shards).
+    /// The extra allocation is one per snapshot, on purpose.
+    #[allow(clippy::redundant_allocation)]
+    snapshot: Rc<Arc<Snapshot>>,
     listeners: Slab<ShardListener>,
     sessions: Slab<Session>,
     /// Balancing state per pool, in the order of `snapshot.pools`.
@@ -223,7 +228,7 @@ impl Shard {
             process_share: u32::MAX,
             tuning,
             capped_multishot,
-            snapshot,
+            snapshot: Rc::new(snapshot),
             listeners: Slab::new(),
             sessions: Slab::new(),
             balancers,
@@ -502,7 +507,7 @@ impl Shard {
         }
         self.balancers = balancers;
         self.source_cursor = cursors;
-        self.snapshot = snapshot;
+        self.snapshot = Rc::new(snapshot);
         self.update_listener_shares();
         self.publish();
     }
@@ -510,7 +515,7 @@ impl Shard {
     /// Copies the shard's counters into its slot for the control thread (a heartbeat, too).
     fn publish(&mut self) {
         self.last_publish_ms = self.now_ms;
-        let snapshot = Arc::clone(&self.snapshot);
+        let snapshot = Rc::clone(&self.snapshot);
         self.counters
             .listeners
             .collect(|id| snapshot.listener(id).is_some());

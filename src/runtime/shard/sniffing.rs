@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::Arc;
+use std::rc::Rc;
 
 use tracing::debug;
 
@@ -18,7 +18,7 @@ use crate::metrics::{CloseKind, Detection, ListenerCounters, ProxyError};
 use crate::relay::{CloseMode, Side};
 use crate::route::{self, Detected};
 use crate::runtime::session::{Carried, HeaderWait, NEVER, SniffPhase, Sniffing};
-use crate::snapshot::Routing;
+use crate::snapshot::{Routing, Snapshot};
 use crate::sniff::proxy::{self, ProxyVerdict};
 use crate::sniff::{self, Verdict};
 
@@ -142,7 +142,8 @@ impl Shard {
             }
             return;
         }
-        let Some(routing) = self.routing_of(index) else {
+        let snapshot = Rc::clone(&self.snapshot);
+        let Some(routing) = self.routing_in(&snapshot, index) else {
             self.route_to_default(index);
             return;
         };
@@ -161,7 +162,7 @@ impl Shard {
                 return;
             }
         };
-        self.choose(index, &routing, &detected);
+        self.choose(index, routing, &detected);
     }
 
     /// Reads the PROXY protocol header from what has arrived. True when the step is over and
@@ -223,8 +224,9 @@ impl Shard {
     /// for the routes alone, and admission that waited for the client's address runs on
     /// `carried` (or the peer's own). False when admission refused the client.
     fn header_done(&mut self, index: usize, carried: Option<IpAddr>) -> bool {
+        let snapshot = Rc::clone(&self.snapshot);
         let server_first = self
-            .routing_of(index)
+            .routing_in(&snapshot, index)
             .is_some_and(|routing| routing.server_first);
         let session = &mut self.sessions[index];
         let Some(sniffing) = session.sniffing.as_deref_mut() else {
@@ -297,10 +299,11 @@ impl Shard {
     /// After the header step: straight to the pool without routes that read, else on to
     /// sniffing what follows.
     fn after_header(&mut self, index: usize) {
-        match self.routing_of(index) {
+        let snapshot = Rc::clone(&self.snapshot);
+        match self.routing_in(&snapshot, index) {
             None => self.route_to_default(index),
             Some(routing) if !routing.reads_first() => {
-                self.choose(index, &routing, &Detected::Unknown);
+                self.choose(index, routing, &Detected::Unknown);
             }
             Some(_) => self.try_route(index),
         }
@@ -339,16 +342,18 @@ impl Shard {
             if !self.header_done(index, None) {
                 return;
             }
-            let Some(routing) = self.routing_of(index) else {
+            let snapshot = Rc::clone(&self.snapshot);
+            let Some(routing) = self.routing_in(&snapshot, index) else {
                 self.route_to_default(index);
                 return;
             };
             if !routing.reads_first() {
-                self.choose(index, &routing, &Detected::Unknown);
+                self.choose(index, routing, &Detected::Unknown);
                 return;
             }
         }
-        let Some(routing) = self.routing_of(index) else {
+        let snapshot = Rc::clone(&self.snapshot);
+        let Some(routing) = self.routing_in(&snapshot, index) else {
             self.route_to_default(index);
             return;
         };
@@ -357,11 +362,11 @@ impl Shard {
         };
         let silent = sniffing.silent_at(now);
         if silent {
-            self.choose(index, &routing, &Detected::Silence);
+            self.choose(index, routing, &Detected::Silence);
         } else if now >= sniffing.deadline {
             self.stats.sniff_timeouts += 1;
             self.count(index, |counters| counters.sniff_timeouts += 1);
-            self.choose(index, &routing, &Detected::Unknown);
+            self.choose(index, routing, &Detected::Unknown);
         } else {
             self.arm_sniff_receive(index);
             self.arm_timer(index);
@@ -421,9 +426,11 @@ impl Shard {
         }
     }
 
-    fn routing_of(&self, index: usize) -> Option<Arc<Routing>> {
+    /// The routes of the session's listener in `snapshot` (the shard's own, held through an
+    /// `Rc` clone: no atomic shared with other shards per connection).
+    fn routing_in<'a>(&self, snapshot: &'a Snapshot, index: usize) -> Option<&'a Routing> {
         let listener = self.sessions.get(index)?.listener;
-        self.snapshot.listener(listener)?.routing.clone()
+        snapshot.listener(listener)?.routing.as_deref()
     }
 
     /// Applies the route for what was detected: its pool, the listener's, or a refusal.

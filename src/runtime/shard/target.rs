@@ -33,10 +33,11 @@ impl Shard {
         let (pool, split) = match destination {
             Destination::Pool(pool) => (pool, None),
             Destination::Split(id) => {
-                let Some(split) = self.snapshot.split(id).cloned() else {
+                let snapshot = std::rc::Rc::clone(&self.snapshot);
+                let Some(split) = snapshot.split(id) else {
                     return false;
                 };
-                let Some(side) = self.pick_side(index, &split) else {
+                let Some(side) = self.pick_side(index, split) else {
                     return false;
                 };
                 (split.backends[side].0, Some(id))
