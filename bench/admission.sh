@@ -84,16 +84,6 @@ backend app
   server s1 127.0.0.1:$http_port
 CONF
 
-start_proxy() { # $1 config; prints the pid
-  "$bin" run --config "$1" >/dev/null 2>"$work/proxy.err" &
-  local pid=$!
-  for _ in $(seq 100); do
-    grep -q "listener ready" "$work/proxy.err" 2>/dev/null && break
-    sleep 0.05
-  done
-  echo "$pid"
-}
-stop_pid() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 # 1. CPU per connection: plain vs admission configured but not hit.
 per_connection() { # $1 config

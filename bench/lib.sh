@@ -37,3 +37,17 @@ stop_work() {
 
 # utime + stime of a process (or task), in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# Starts `bin` on a config and waits (up to 5 s) for its "listener ready" line; prints the pid.
+start_proxy() { # config
+  "$bin" run --config "$1" >/dev/null 2>"$work/proxy.err" &
+  local pid=$!
+  for _ in $(seq 100); do
+    grep -q "listener ready" "$work/proxy.err" 2>/dev/null && break
+    sleep 0.05
+  done
+  echo "$pid"
+}
+
+# Stops a process this script started, by PID, and reaps it.
+stop_pid() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }

@@ -67,16 +67,6 @@ write_config "$work/routed.toml" "$http_port" "$routes"
 write_config "$work/plain-idle.toml" "$sink_port" ""
 write_config "$work/routed-idle.toml" "$sink_port" "$routes"
 
-start_proxy() { # $1 config; prints the pid
-  "$bin" run --config "$1" >/dev/null 2>"$work/proxy.err" &
-  local pid=$!
-  for _ in $(seq 100); do
-    grep -q "listener ready" "$work/proxy.err" 2>/dev/null && break
-    sleep 0.05
-  done
-  echo "$pid"
-}
-stop_pid() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 cpu_per_request() { # $1 config, then ringload rr options
   local config=$1 pid t0 t1 reqs errors

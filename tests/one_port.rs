@@ -7,55 +7,12 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::*;
-
-/// A server process of ours, stopped by PID when dropped.
-struct Started {
-    child: Child,
-    name: &'static str,
-}
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        // SIGTERM first: PostgreSQL and MariaDB shut down cleanly on it.
-        // SAFETY: kill sends a signal to the PID of a child this test started and still owns.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let stopped = wait_for(Duration::from_secs(10), || {
-            matches!(self.child.try_wait(), Ok(Some(_)))
-        });
-        if !stopped {
-            eprintln!("{} did not stop on SIGTERM; killing it", self.name);
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free port")
-}
-
-fn wait_listening(name: &str, port: u16, timeout: Duration) {
-    assert!(
-        wait_for(timeout, || std::net::TcpStream::connect((
-            "127.0.0.1",
-            port
-        ))
-        .is_ok()),
-        "{name} does not listen on {port}"
-    );
-}
 
 /// A file the Debian packages install; under `CI=true` missing fails the test.
 fn installed(path: Option<PathBuf>, what: &str, package: &str) -> Option<PathBuf> {

@@ -9,7 +9,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -393,34 +393,6 @@ fn admission_and_routes_use_the_carried_address() {
 
 // ---- real HAProxy and nginx ------------------------------------------------------------------
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free port")
-}
-
-/// A process of ours, stopped by PID when dropped.
-struct Started(Child);
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_listening(port: u16) {
-    assert!(
-        wait_for(Duration::from_secs(10), || TcpStream::connect((
-            "127.0.0.1",
-            port
-        ))
-        .is_ok()),
-        "nothing listens on {port}"
-    );
-}
-
 /// nginx answering each request with `$proxy_protocol_addr` read from a PROXY header its
 /// listener requires (and logging it).
 fn nginx_reporting_proxy_address(nginx: &Path, dir: &Path, port: u16) -> Started {
@@ -452,8 +424,11 @@ fn nginx_reporting_proxy_address(nginx: &Path, dir: &Path, port: u16) -> Started
         .stderr(Stdio::null())
         .spawn()
         .expect("start nginx");
-    let started = Started(child);
-    wait_listening(port);
+    let started = Started {
+        child,
+        name: "nginx",
+    };
+    wait_listening("nginx", port, Duration::from_secs(10));
     started
 }
 
@@ -466,8 +441,11 @@ fn haproxy(haproxy: &Path, dir: &Path, config: &str, port: u16) -> Started {
         .stderr(Stdio::null())
         .spawn()
         .expect("start haproxy");
-    let started = Started(child);
-    wait_listening(port);
+    let started = Started {
+        child,
+        name: "nginx",
+    };
+    wait_listening("nginx", port, Duration::from_secs(10));
     started
 }
 

@@ -35,6 +35,17 @@ fn split_config(blue: SocketAddr, green: SocketAddr, weights: (u32, u32), sticky
     )
 }
 
+/// Tagged blue ('b') and green ('g') servers behind a proxy whose listener splits between them.
+fn blue_green(weights: (u32, u32), sticky: &str) -> (TestServer, TestServer, Proxy) {
+    let blue = TestServer::start(Behaviour::Tagged(b'b'));
+    let green = TestServer::start(Behaviour::Tagged(b'g'));
+    let proxy = Proxy::launch(
+        &split_config(blue.addr, green.addr, weights, sticky),
+        with_token(),
+    );
+    (blue, green, proxy)
+}
+
 fn set_weights(proxy: &Proxy, body: &str) -> admin::Response {
     http(proxy.admin(), "PUT", "/splits/app", Some(TOKEN), Some(body))
 }
@@ -105,12 +116,7 @@ fn still_echoes(stream: &mut TcpStream) -> bool {
 #[test]
 fn a_blue_green_switch_and_its_rollback_under_continuous_load() {
     let _serial = serial();
-    let blue = TestServer::start(Behaviour::Tagged(b'b'));
-    let green = TestServer::start(Behaviour::Tagged(b'g'));
-    let proxy = Proxy::launch(
-        &split_config(blue.addr, green.addr, (100, 0), "none"),
-        with_token(),
-    );
+    let (_blue, _green, proxy) = blue_green((100, 0), "none");
     let addr = proxy.addr();
     let mut established = connect(addr);
     assert_eq!(read_tag(&mut established), Some(b'b'));
@@ -202,9 +208,7 @@ fn a_blue_green_switch_and_its_rollback_under_continuous_load() {
 #[test]
 fn a_ten_percent_canary_gets_ten_percent_of_new_connections() {
     let _serial = serial();
-    let blue = TestServer::start(Behaviour::Tagged(b'b'));
-    let green = TestServer::start(Behaviour::Tagged(b'g'));
-    let proxy = Proxy::start(&split_config(blue.addr, green.addr, (90, 10), "none"));
+    let (_blue, _green, proxy) = blue_green((90, 10), "none");
     let addr = proxy.addr();
     let greens = Arc::new(Mutex::new((0u32, 0u32, 0u32)));
     let workers: Vec<_> = (0..4u64)
@@ -252,12 +256,7 @@ fn a_ten_percent_canary_gets_ten_percent_of_new_connections() {
 #[test]
 fn sticky_clients_keep_their_side() {
     let _serial = serial();
-    let blue = TestServer::start(Behaviour::Tagged(b'b'));
-    let green = TestServer::start(Behaviour::Tagged(b'g'));
-    let proxy = Proxy::launch(
-        &split_config(blue.addr, green.addr, (70, 30), "source"),
-        with_token(),
-    );
+    let (_blue, _green, proxy) = blue_green((70, 30), "source");
     let addr = proxy.addr();
     let clients: Vec<Ipv4Addr> = (0..60).map(source_ip).collect();
     let sides: Vec<u8> = clients
@@ -299,12 +298,7 @@ fn sticky_clients_keep_their_side() {
 #[test]
 fn reloads_change_weights_and_bad_requests_change_nothing() {
     let _serial = serial();
-    let blue = TestServer::start(Behaviour::Tagged(b'b'));
-    let green = TestServer::start(Behaviour::Tagged(b'g'));
-    let proxy = Proxy::launch(
-        &split_config(blue.addr, green.addr, (100, 0), "none"),
-        with_token(),
-    );
+    let (blue, green, proxy) = blue_green((100, 0), "none");
     let addr = proxy.addr();
     let only = |tag: u8| (0..20).all(|n| tag_from(addr, source_ip(n)) == Some(tag));
 

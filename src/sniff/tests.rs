@@ -48,6 +48,32 @@ fn rtmp_c0_c1() -> Vec<u8> {
     bytes
 }
 
+/// Every capture and built message: the seeds of the mutation sweep and the fuzz run.
+fn every_capture() -> Vec<Vec<u8>> {
+    let mut captures: Vec<Vec<u8>> = [
+        TLS13,
+        TLS12,
+        TLS_NO_SNI,
+        HTTP11,
+        H2,
+        PG_SSL,
+        PG_STARTUP,
+        REDIS2,
+        REDIS3,
+        SSH,
+        PROXY_V1,
+        PROXY_V2_V4,
+        PROXY_V2_V6,
+        PROXY_V2_TLVS,
+    ]
+    .iter()
+    .map(|bytes| bytes.to_vec())
+    .collect();
+    captures.push(mongo_hello());
+    captures.push(rtmp_c0_c1());
+    captures
+}
+
 fn all() -> Vec<Protocol> {
     Protocol::ALL.to_vec()
 }
@@ -357,27 +383,7 @@ fn headers_passed_on_keep_their_tlvs() {
 /// and a verdict on a prefix never contradicts the whole (a match on a prefix stays a match).
 #[test]
 fn mutated_inputs_never_panic() {
-    let mut inputs: Vec<Vec<u8>> = [
-        TLS13,
-        TLS12,
-        TLS_NO_SNI,
-        HTTP11,
-        H2,
-        PG_SSL,
-        PG_STARTUP,
-        REDIS2,
-        REDIS3,
-        SSH,
-        PROXY_V1,
-        PROXY_V2_V4,
-        PROXY_V2_V6,
-        PROXY_V2_TLVS,
-    ]
-    .iter()
-    .map(|bytes| bytes.to_vec())
-    .collect();
-    inputs.push(mongo_hello());
-    inputs.push(rtmp_c0_c1());
+    let inputs = every_capture();
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut next = move |bound: usize| {
         state ^= state << 13;
@@ -424,27 +430,7 @@ fn a_million_fuzzed_inputs_per_sniffer_and_the_proxy_parser() {
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestRunner};
 
-    let mut seeds: Vec<Vec<u8>> = [
-        TLS13,
-        TLS12,
-        TLS_NO_SNI,
-        HTTP11,
-        H2,
-        PG_SSL,
-        PG_STARTUP,
-        REDIS2,
-        REDIS3,
-        SSH,
-        PROXY_V1,
-        PROXY_V2_V4,
-        PROXY_V2_V6,
-        PROXY_V2_TLVS,
-    ]
-    .iter()
-    .map(|bytes| bytes.to_vec())
-    .collect();
-    seeds.push(mongo_hello());
-    seeds.push(rtmp_c0_c1());
+    let seeds = every_capture();
     let count = seeds.len();
     // (kind, position, byte): 0 flip a bit, 1 delete, 2 insert, 3 truncate.
     let edit = (0u8..4, any::<u16>(), any::<u8>());

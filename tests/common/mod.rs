@@ -1012,3 +1012,46 @@ pub fn tool(name: &str, package: &str) -> Option<std::path::PathBuf> {
     }
     found
 }
+
+// ---- real servers the tests start -------------------------------------------------------------
+
+/// A free loopback port (bound, then let go for the server the test starts on it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free port")
+}
+
+/// Waits until `name` accepts connections on loopback `port`; panics after `timeout`.
+pub fn wait_listening(name: &str, port: u16, timeout: Duration) {
+    assert!(
+        wait_for(timeout, || TcpStream::connect(("127.0.0.1", port)).is_ok()),
+        "{name} does not listen on {port}"
+    );
+}
+
+/// A server process a test started, stopped by its PID when dropped: SIGTERM (PostgreSQL and
+/// MariaDB shut down cleanly on it), SIGKILL if it is still there 10 s later.
+pub struct Started {
+    pub child: Child,
+    pub name: &'static str,
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        // SAFETY: kill sends a signal to the PID of a child this test started and still owns
+        // (not yet waited for, so the PID cannot have been reused).
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let stopped = wait_for(Duration::from_secs(10), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        if !stopped {
+            eprintln!("{} did not stop on SIGTERM; killing it", self.name);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
