@@ -88,37 +88,34 @@ fn start_postgres(dir: &Path) -> (Started, u16) {
         .expect("initdb");
     assert!(output.status.success(), "initdb: {}", text(&output));
     let port = free_port();
-    let child = Command::new(&postgres)
-        .args([
-            "-D",
-            &data.display().to_string(),
-            "-p",
-            &port.to_string(),
-            "-k",
-            &dir.display().to_string(),
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            "ssl=off",
-        ])
-        .uid(uid)
-        .gid(gid)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("postgres");
-    let started = Started {
-        child,
-        name: "postgres",
-    };
-    wait_listening("postgres", port, Duration::from_secs(20));
+    let started = start_server(
+        "postgres",
+        Command::new(&postgres)
+            .args([
+                "-D",
+                &data.display().to_string(),
+                "-p",
+                &port.to_string(),
+                "-k",
+                &dir.display().to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "ssl=off",
+            ])
+            .uid(uid)
+            .gid(gid),
+        &[port],
+        Duration::from_secs(20),
+    );
     (started, port)
 }
 
 fn start_redis(redis_server: &Path) -> (Started, u16) {
     let port = free_port();
-    let child = Command::new(redis_server)
-        .args([
+    let started = start_server(
+        "redis-server",
+        Command::new(redis_server).args([
             "--port",
             &port.to_string(),
             "--bind",
@@ -127,16 +124,10 @@ fn start_redis(redis_server: &Path) -> (Started, u16) {
             "",
             "--appendonly",
             "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server");
-    let started = Started {
-        child,
-        name: "redis-server",
-    };
-    wait_listening("redis-server", port, Duration::from_secs(10));
+        ]),
+        &[port],
+        Duration::from_secs(10),
+    );
     (started, port)
 }
 
@@ -159,8 +150,9 @@ fn start_mariadb(mariadbd: &Path, dir: &Path) -> (Started, u16) {
         text(&install)
     );
     let port = free_port();
-    let child = Command::new(mariadbd)
-        .args([
+    let started = start_server(
+        "mariadbd",
+        Command::new(mariadbd).args([
             "--no-defaults",
             &format!("--datadir={}", data.display()),
             "--user=root",
@@ -170,16 +162,10 @@ fn start_mariadb(mariadbd: &Path, dir: &Path) -> (Started, u16) {
             &format!("--pid-file={}", dir.join("mariadb.pid").display()),
             "--skip-grant-tables",
             "--skip-log-bin",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mariadbd");
-    let started = Started {
-        child,
-        name: "mariadbd",
-    };
-    wait_listening("mariadbd", port, Duration::from_secs(30));
+        ]),
+        &[port],
+        Duration::from_secs(30),
+    );
     (started, port)
 }
 
@@ -206,23 +192,17 @@ fn start_nginx(nginx: &Path, rtmp_module: &Path, dir: &Path) -> (Started, u16, u
         ),
     )
     .expect("nginx.conf");
-    let child = Command::new(nginx)
-        .args([
+    let started = start_server(
+        "nginx",
+        Command::new(nginx).args([
             "-p",
             &dir.display().to_string(),
             "-c",
             &conf.display().to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nginx");
-    let started = Started {
-        child,
-        name: "nginx",
-    };
-    wait_listening("nginx http", http, Duration::from_secs(10));
-    wait_listening("nginx rtmp", rtmp, Duration::from_secs(10));
+        ]),
+        &[http, rtmp],
+        Duration::from_secs(10),
+    );
     (started, http, rtmp)
 }
 
@@ -254,8 +234,9 @@ fn start_tls_server(openssl: &Path, dir: &Path, name: &str) -> (Started, u16) {
     );
     assert!(made.status.success(), "openssl req: {}", text(&made));
     let port = free_port();
-    let child = Command::new(openssl)
-        .args([
+    let started = start_server(
+        "openssl s_server",
+        Command::new(openssl).args([
             "s_server",
             "-accept",
             &format!("127.0.0.1:{port}"),
@@ -265,17 +246,10 @@ fn start_tls_server(openssl: &Path, dir: &Path, name: &str) -> (Started, u16) {
             &key.display().to_string(),
             "-www",
             "-quiet",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("openssl s_server");
-    let started = Started {
-        child,
-        name: "openssl s_server",
-    };
-    wait_listening("openssl s_server", port, Duration::from_secs(10));
+        ]),
+        &[port],
+        Duration::from_secs(10),
+    );
     (started, port)
 }
 

@@ -9,7 +9,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -413,40 +413,28 @@ fn nginx_reporting_proxy_address(nginx: &Path, dir: &Path, port: u16) -> Started
         ),
     )
     .expect("nginx.conf");
-    let child = Command::new(nginx)
-        .args([
+    start_server(
+        "nginx",
+        Command::new(nginx).args([
             "-p",
             &dir.display().to_string(),
             "-c",
             &conf.display().to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start nginx");
-    let started = Started {
-        child,
-        name: "nginx",
-    };
-    wait_listening("nginx", port, Duration::from_secs(10));
-    started
+        ]),
+        &[port],
+        Duration::from_secs(10),
+    )
 }
 
 fn haproxy(haproxy: &Path, dir: &Path, config: &str, port: u16) -> Started {
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, config).expect("haproxy.cfg");
-    let child = Command::new(haproxy)
-        .args(["-db", "-f", &path.display().to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start haproxy");
-    let started = Started {
-        child,
-        name: "nginx",
-    };
-    wait_listening("nginx", port, Duration::from_secs(10));
-    started
+    start_server(
+        "haproxy",
+        Command::new(haproxy).args(["-db", "-f", &path.display().to_string()]),
+        &[port],
+        Duration::from_secs(10),
+    )
 }
 
 fn curl_from(curl: &Path, source: &str, url: &str) -> String {

@@ -1055,3 +1055,24 @@ impl Drop for Started {
         }
     }
 }
+
+/// Spawns a server (output discarded) and waits up to `timeout` until it listens on every one of
+/// `ports`.
+pub fn start_server(
+    name: &'static str,
+    command: &mut Command,
+    ports: &[u16],
+    timeout: Duration,
+) -> Started {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
+    let started = Started { child, name };
+    for &port in ports {
+        wait_listening(name, port, timeout);
+    }
+    started
+}
