@@ -155,6 +155,12 @@ impl Proxy {
             }),
             None => Overrides::default(),
         };
+        let mut overrides = overrides;
+        if overrides.reconcile_splits(&config) {
+            // The file changed a split's weights while we were down (or the state file holds
+            // weights the API would refuse): the file wins, as on a reload.
+            tracing::info!("split weights from the state file dropped: the config's differ");
+        }
         let token = match &config.admin {
             Some(admin) => admin::load_token(admin.token_file.as_deref())?,
             None => None,

@@ -187,15 +187,39 @@ impl Overrides {
             });
             true
         });
+        self.reconcile_splits(config);
+        self.prune_empty();
+        *self != before
+    }
+
+    /// Keeps an operator's split weights only while the file's weights for that split are
+    /// the ones they were set over, and while they are weights the API would take (a state
+    /// file edited by hand, or from another version, may hold any). Returns whether any went.
+    pub fn reconcile_splits(&mut self, config: &Config) -> bool {
+        let before = self.splits.len();
         self.splits.retain(|name, split| {
-            config
+            let Some(file) = config
                 .splits
                 .iter()
                 .find(|candidate| &candidate.name == name)
-                .is_some_and(|file| file_weights(config, file) == split.file)
+            else {
+                return false;
+            };
+            let weights = file_weights(config, file);
+            if weights != split.file {
+                return false;
+            }
+            let known = split.weights.keys().all(|pool| weights.contains_key(pool));
+            let in_range = split
+                .weights
+                .values()
+                .all(|weight| *weight <= crate::config::MAX_SPLIT_WEIGHT);
+            let some_traffic = weights
+                .iter()
+                .any(|(pool, weight)| split.weights.get(pool).copied().unwrap_or(*weight) > 0);
+            known && in_range && some_traffic
         });
-        self.prune_empty();
-        *self != before
+        self.splits.len() != before
     }
 
     fn prune_empty(&mut self) {
@@ -342,6 +366,22 @@ mod tests {
             "new weights in the file end it"
         );
         assert!(overrides.splits.is_empty());
+        // What a state file may hold that the API would refuse goes too.
+        for weights in [
+            [("blue".to_string(), 0), ("green".to_string(), 0)],
+            [("blue".to_string(), 20_000), ("green".to_string(), 1)],
+            [("blue".to_string(), 1), ("red".to_string(), 1)],
+        ] {
+            overrides.splits.insert(
+                "app".into(),
+                SplitOverride {
+                    weights: weights.into(),
+                    file: file_weights(&file, &file.splits[0]),
+                },
+            );
+            assert!(overrides.reconcile_splits(&file), "{:?}", overrides.splits);
+            assert!(overrides.splits.is_empty());
+        }
     }
 
     #[test]

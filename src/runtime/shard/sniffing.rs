@@ -252,15 +252,21 @@ impl Shard {
     fn admit_late(&mut self, index: usize, address: Option<IpAddr>) -> bool {
         let now_us = self.now_us;
         let session = &mut self.sessions[index];
-        let Some(listener) = self.listeners.iter_mut().find_map(|(_, listener)| {
-            (listener.id == session.listener && listener.epoch == session.listener_epoch)
-                .then_some(listener)
-        }) else {
-            // The listener left (a reload): nothing to admit against.
-            return true;
+        // The listener's socket on this shard now: a reload that moved it gave it a new epoch,
+        // and its gate is the one to ask (and to give the per-source slot back to).
+        let Some(listener) = self
+            .listeners
+            .iter_mut()
+            .map(|(_, listener)| listener)
+            .find(|listener| listener.id == session.listener)
+        else {
+            // The listener left (a reload, or the drain): nothing may be admitted on it.
+            self.close_session(index, CloseMode::ResetBoth, CloseKind::Rejected);
+            return false;
         };
         match listener.gate.check(address, now_us) {
             Ok(slot) => {
+                session.listener_epoch = listener.epoch;
                 session.source_slot = slot.unwrap_or(NO_SOURCE_SLOT);
                 true
             }
@@ -379,9 +385,9 @@ impl Shard {
             return;
         };
         let listener = session.listener;
-        if let Some(target) = self.snapshot.listener(listener).map(|l| l.target)
-            && !self.settle(index, target)
-        {
+        let target = self.snapshot.listener(listener).map(|l| l.target);
+        if !target.is_some_and(|target| self.settle(index, target)) {
+            // The listener (or its split) left with a reload: no destination to honour.
             self.close_session(index, CloseMode::Graceful, CloseKind::ConnectFailed);
             return;
         }
