@@ -22,4 +22,5 @@ pub mod route;
 pub mod runtime;
 pub mod snapshot;
 pub mod sniff;
+pub mod tls;
 pub mod uring;

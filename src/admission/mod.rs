@@ -111,10 +111,12 @@ pub enum RejectReason {
     ProcessFull,
     /// The proxy is draining for shutdown.
     Draining,
+    /// The client's TLS handshake failed or did not finish in time.
+    TlsHandshake,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::Acl,
         RejectReason::Rate,
         RejectReason::SourceRate,
@@ -123,6 +125,7 @@ impl RejectReason {
         RejectReason::ListenerFull,
         RejectReason::ProcessFull,
         RejectReason::Draining,
+        RejectReason::TlsHandshake,
     ];
 
     /// The `reason` label of metrics and `/status`.
@@ -136,6 +139,7 @@ impl RejectReason {
             RejectReason::ListenerFull => "listener_full",
             RejectReason::ProcessFull => "process_full",
             RejectReason::Draining => "draining",
+            RejectReason::TlsHandshake => "tls_handshake",
         }
     }
 }

@@ -123,6 +123,28 @@ pub struct FileListener {
     pub server_first_after: Option<Spanned<String>>,
     pub proxy_protocol: Option<Spanned<String>>,
     pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
+    pub tls: Option<Spanned<FileTls>>,
+}
+
+/// `[listener.tls]`: TLS termination.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    pub certificates: Spanned<Vec<Spanned<FileCertificate>>>,
+    pub default_certificate: Option<Spanned<String>>,
+    pub alpn: Option<Spanned<Vec<Spanned<String>>>>,
+    pub min_version: Option<Spanned<String>>,
+    pub client_ca: Option<Spanned<String>>,
+    pub client_auth: Option<Spanned<String>>,
+    pub handshake_timeout: Option<Spanned<String>>,
+    pub session_tickets: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCertificate {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
 }
 
 /// One entry of a listener's `routes`: conditions, and the pool it sends to.

@@ -15,6 +15,7 @@ mod health;
 mod print;
 mod routing;
 mod split;
+mod tls;
 
 pub use routing::{
     DEFAULT_SERVER_FIRST_AFTER, DEFAULT_SNIFF_MAX_BYTES, DEFAULT_SNIFF_TIMEOUT, ProxyAccept,
@@ -160,6 +161,8 @@ pub struct ListenerConfig {
     pub routing: Option<std::sync::Arc<RoutingConfig>>,
     /// PROXY protocol headers accepted from trusted peers (None: `proxy_protocol = "off"`).
     pub proxy: Option<std::sync::Arc<ProxyAccept>>,
+    /// TLS termination (None: clients speak to the pool directly).
+    pub tls: Option<std::sync::Arc<crate::tls::TlsSettings>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -434,6 +437,7 @@ fn resolve(source: &Source, file: FileConfig) -> Result<Config, ConfigError> {
             admission: std::sync::Arc::new(admission::resolve(source, listener)?),
             routing: routing::resolve(source, listener, &pools, &splits)?.map(std::sync::Arc::new),
             proxy: routing::resolve_proxy_accept(source, listener)?.map(std::sync::Arc::new),
+            tls: tls::resolve(source, listener)?.map(std::sync::Arc::new),
         });
     }
 

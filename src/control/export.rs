@@ -6,8 +6,8 @@ use super::status::{all_down, unix_seconds};
 use crate::metrics::names::*;
 use crate::metrics::render::Exposition;
 use crate::metrics::{
-    CloseKind, ConnectErrorKind, Detection, Histogram, ListenerCounters, Merged, ProxyError,
-    RejectKind, SESSION_BUCKETS,
+    CONNECT_BUCKETS, CloseKind, ConnectErrorKind, Detection, Histogram, ListenerCounters, Merged,
+    ProxyError, RejectKind, SESSION_BUCKETS, TlsFailure,
 };
 use crate::snapshot::{ListenerSnapshot, PoolSnapshot, ServerSnapshot, ServerState, Snapshot};
 
@@ -188,6 +188,7 @@ pub fn render(control: &Control) -> String {
             );
         }
     }
+    tls_families(snapshot, &merged, &mut out);
     split_families(control, &merged, &mut out);
     listeners.family(
         &mut out,
@@ -659,5 +660,97 @@ fn destination_label(snapshot: &Snapshot, destination: crate::snapshot::Destinat
             "split:{}",
             snapshot.split(split).map_or("", |s| s.name.as_str())
         ),
+    }
+}
+
+/// TLS handshakes, failures, versions and durations per TLS listener, and each certificate's
+/// expiry.
+fn tls_families(snapshot: &Snapshot, merged: &Merged, out: &mut Exposition) {
+    let tls_listeners = || snapshot.listeners.iter().filter(|l| l.tls.is_some());
+    let empty = ListenerCounters::default();
+    let counters_of =
+        |listener: &ListenerSnapshot| merged.listeners.get(&listener.id).unwrap_or(&empty).clone();
+    out.family(
+        TLS_HANDSHAKES,
+        "counter",
+        "TLS handshakes completed, per listener, by result: full or resumed (session ticket).",
+    );
+    for listener in tls_listeners() {
+        let counters = counters_of(listener);
+        for (result, count) in [
+            ("full", counters.tls_full),
+            ("resumed", counters.tls_resumed),
+        ] {
+            out.sample(
+                TLS_HANDSHAKES,
+                &[("listener", &listener.name), ("result", result)],
+                count as f64,
+            );
+        }
+    }
+    out.family(
+        TLS_HANDSHAKE_FAILURES,
+        "counter",
+        "TLS handshakes that failed, per listener, by reason: timeout, client_closed, protocol (no TLS, or broken), incompatible (no version, cipher or ALPN in common), no_certificate, client_certificate (mTLS), other.",
+    );
+    for listener in tls_listeners() {
+        let counters = counters_of(listener);
+        for (index, failure) in TlsFailure::ALL.iter().enumerate() {
+            out.sample(
+                TLS_HANDSHAKE_FAILURES,
+                &[("listener", &listener.name), ("reason", failure.name())],
+                counters.tls_failures[index] as f64,
+            );
+        }
+    }
+    out.family(
+        TLS_VERSIONS,
+        "counter",
+        "TLS handshakes completed, per listener and protocol version.",
+    );
+    for listener in tls_listeners() {
+        let counters = counters_of(listener);
+        for (index, version) in ["1.2", "1.3"].iter().enumerate() {
+            out.sample(
+                TLS_VERSIONS,
+                &[("listener", &listener.name), ("version", version)],
+                counters.tls_versions[index] as f64,
+            );
+        }
+    }
+    out.family(
+        TLS_HANDSHAKE_DURATION,
+        "histogram",
+        "Time from accept to a completed TLS handshake, per listener.",
+    );
+    let empty_time = Histogram::new(&CONNECT_BUCKETS);
+    for listener in tls_listeners() {
+        let histogram = merged
+            .listeners
+            .get(&listener.id)
+            .map_or(&empty_time, |l| &l.tls_handshake_time);
+        out.histogram(
+            TLS_HANDSHAKE_DURATION,
+            &[("listener", &listener.name)],
+            histogram,
+        );
+    }
+    out.family(
+        TLS_CERTIFICATE_EXPIRY,
+        "gauge",
+        "When each loaded certificate expires (its notAfter, Unix seconds), per listener, labelled by the certificate's first DNS name.",
+    );
+    for listener in tls_listeners() {
+        let Some(tls) = &listener.tls else { continue };
+        for certificate in &tls.settings.certificates {
+            out.sample(
+                TLS_CERTIFICATE_EXPIRY,
+                &[
+                    ("listener", &listener.name),
+                    ("certificate", certificate.label()),
+                ],
+                certificate.not_after as f64,
+            );
+        }
     }
 }

@@ -200,6 +200,8 @@ impl Proxy {
             admin_changes: Default::default(),
             split_changes: Default::default(),
             dropped_logs: options.dropped_logs,
+            ticket_keys: crate::tls::TicketKeys::generate(),
+            tickets_made: std::time::Instant::now(),
             notifier: Notifier::from_env(),
         };
         let snapshot = control.build_snapshot(Instant::now());
@@ -379,6 +381,16 @@ async fn housekeeping(shared: Shared) {
         {
             last_ramp_publish = now;
             control.publish();
+        }
+        if now.duration_since(control.tickets_made) >= crate::tls::TICKET_ROTATION
+            && let Some(rotated) = control.ticket_keys.as_ref().and_then(|k| k.rotated())
+        {
+            // New tickets under a new key; the previous key still opens the ones out there.
+            control.ticket_keys = Some(rotated);
+            control.tickets_made = now;
+            if control.snapshot.listeners.iter().any(|l| l.tls.is_some()) {
+                control.publish();
+            }
         }
         if now.duration_since(last_rebalance) >= Duration::from_secs(1) {
             last_rebalance = now;

@@ -121,6 +121,11 @@ pub struct Control {
     /// Counts of log lines the non-blocking writer dropped.
     pub dropped_logs: Arc<dyn Fn() -> u64 + Send + Sync>,
     pub notifier: super::Notifier,
+    /// Session ticket keys every shard seals with (None: the system gave no randomness: no
+    /// tickets).
+    pub ticket_keys: Option<crate::tls::TicketKeys>,
+    /// When the ticket keys were last made.
+    pub tickets_made: std::time::Instant,
 }
 
 /// A server as the control thread resolves it: where it comes from and how it stands.
@@ -251,6 +256,12 @@ impl Control {
                 tcp: listener.tcp,
                 log: listener.log,
                 admission: Arc::clone(&listener.admission),
+                tls: listener.tls.as_ref().map(|settings| {
+                    Arc::new(crate::snapshot::ListenerTls {
+                        settings: Arc::clone(settings),
+                        tickets: self.ticket_keys.clone(),
+                    })
+                }),
                 routing: listener.routing.as_ref().map(|routing| {
                     let routes: Vec<crate::route::Route<Destination>> = routing
                         .routes

@@ -105,6 +105,47 @@ fn routing_json(
     })
 }
 
+/// A listener's TLS certificates (names, files, expiry) and handshake counts; null without TLS.
+fn tls_json(listener: &ListenerSnapshot, counters: &ListenerCounters) -> Value {
+    let Some(tls) = &listener.tls else {
+        return Value::Null;
+    };
+    let settings = &tls.settings;
+    let certificates: Vec<Value> = settings
+        .certificates
+        .iter()
+        .map(|certificate| {
+            json!({
+                "names": certificate.names,
+                "cert": certificate.cert_path.display().to_string(),
+                "key": certificate.key_path.display().to_string(),
+                "not_after": certificate.not_after,
+            })
+        })
+        .collect();
+    let failures: serde_json::Map<String, Value> = crate::metrics::TlsFailure::ALL
+        .iter()
+        .zip(counters.tls_failures)
+        .map(|(failure, count)| (failure.name().to_string(), Value::from(count)))
+        .collect();
+    json!({
+        "certificates": certificates,
+        "default_certificate": match settings.default_certificate {
+            crate::tls::DefaultCertificate::Index(index) => settings
+                .certificates
+                .get(index)
+                .map_or(Value::Null, |c| Value::from(c.label())),
+            crate::tls::DefaultCertificate::Reject => Value::from("reject"),
+        },
+        "alpn": settings.alpn.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>(),
+        "min_version": if settings.min_version >= 0x0304 { "1.3" } else { "1.2" },
+        "client_auth": settings.client_auth.name(),
+        "session_tickets": settings.session_tickets,
+        "handshakes": { "full": counters.tls_full, "resumed": counters.tls_resumed },
+        "failures": failures,
+    })
+}
+
 /// A listener's PROXY protocol settings and counts; null with `proxy_protocol = "off"`.
 fn proxy_json(listener: &ListenerSnapshot, counters: &ListenerCounters) -> Value {
     let Some(proxy) = &listener.proxy else {
@@ -337,6 +378,7 @@ pub fn status_json(control: &Control) -> Value {
                 "admission": admission_json(&merged, listener, &counters),
                 "routing": routing_json(control, listener, &counters),
                 "proxy_protocol": proxy_json(listener, &counters),
+                "tls": tls_json(listener, &counters),
             })
         })
         .collect();

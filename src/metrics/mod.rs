@@ -129,10 +129,12 @@ pub enum CloseKind {
     ProxyHeader,
     /// Refused by admission on the address a PROXY header carried.
     Rejected,
+    /// The TLS handshake failed or timed out.
+    TlsHandshake,
 }
 
 impl CloseKind {
-    pub const ALL: [CloseKind; 13] = [
+    pub const ALL: [CloseKind; 14] = [
         CloseKind::Done,
         CloseKind::Idle,
         CloseKind::WriteTimeout,
@@ -146,6 +148,7 @@ impl CloseKind {
         CloseKind::Unmatched,
         CloseKind::ProxyHeader,
         CloseKind::Rejected,
+        CloseKind::TlsHandshake,
     ];
 
     pub fn name(self) -> &'static str {
@@ -163,6 +166,7 @@ impl CloseKind {
             CloseKind::Unmatched => "unmatched",
             CloseKind::ProxyHeader => "proxy_header",
             CloseKind::Rejected => "rejected",
+            CloseKind::TlsHandshake => "tls_handshake",
         }
     }
 
@@ -173,7 +177,8 @@ impl CloseKind {
             | CloseKind::FirstByteTimeout
             | CloseKind::Unmatched
             | CloseKind::ProxyHeader
-            | CloseKind::Rejected => "client",
+            | CloseKind::Rejected
+            | CloseKind::TlsHandshake => "client",
             CloseKind::ServerReset | CloseKind::ConnectFailed => "server",
             CloseKind::Done | CloseKind::Idle | CloseKind::WriteTimeout => "-",
             CloseKind::DrainCut | CloseKind::AdminCut | CloseKind::LocalError => "proxy",
@@ -250,6 +255,77 @@ pub struct ListenerCounters {
     /// Clients sent by each route, in the listener's order, then those sent to its default
     /// (empty on listeners without routes).
     pub routed: Vec<u64>,
+    /// TLS handshakes done, full and resumed; by version (1.2, 1.3); failed by reason
+    /// (`TlsFailure::ALL` order); how long the completed ones took.
+    pub tls_full: u64,
+    pub tls_resumed: u64,
+    pub tls_versions: [u64; 2],
+    pub tls_failures: [u64; TlsFailure::ALL.len()],
+    pub tls_handshake_time: Histogram,
+}
+
+/// Why a TLS handshake failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// Not done within `handshake_timeout`.
+    Timeout,
+    /// The client left before it was done.
+    ClientClosed,
+    /// Bytes that are no TLS (a plain HTTP request, garbage) or break its rules.
+    Protocol,
+    /// No version, cipher suite, group or ALPN protocol in common.
+    Incompatible,
+    /// No certificate for the name asked (`default_certificate = "reject"`).
+    NoCertificate,
+    /// The client's certificate was missing or not trusted (mTLS).
+    ClientCertificate,
+    /// Any other failure.
+    Other,
+}
+
+impl TlsFailure {
+    pub const ALL: [TlsFailure; 7] = [
+        TlsFailure::Timeout,
+        TlsFailure::ClientClosed,
+        TlsFailure::Protocol,
+        TlsFailure::Incompatible,
+        TlsFailure::NoCertificate,
+        TlsFailure::ClientCertificate,
+        TlsFailure::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsFailure::Timeout => "timeout",
+            TlsFailure::ClientClosed => "client_closed",
+            TlsFailure::Protocol => "protocol",
+            TlsFailure::Incompatible => "incompatible",
+            TlsFailure::NoCertificate => "no_certificate",
+            TlsFailure::ClientCertificate => "client_certificate",
+            TlsFailure::Other => "other",
+        }
+    }
+
+    /// The kind of a rustls error (None: no error, the client left).
+    pub fn of(error: Option<&rustls::Error>) -> TlsFailure {
+        use rustls::Error;
+        match error {
+            None => TlsFailure::ClientClosed,
+            Some(Error::InvalidMessage(_) | Error::InappropriateMessage { .. })
+            | Some(Error::InappropriateHandshakeMessage { .. })
+            | Some(Error::DecryptError) => TlsFailure::Protocol,
+            Some(Error::PeerIncompatible(_)) | Some(Error::NoApplicationProtocol) => {
+                TlsFailure::Incompatible
+            }
+            Some(Error::NoCertificatesPresented | Error::InvalidCertificate(_)) => {
+                TlsFailure::ClientCertificate
+            }
+            Some(Error::General(message)) if message.contains("no server certificate") => {
+                TlsFailure::NoCertificate
+            }
+            Some(_) => TlsFailure::Other,
+        }
+    }
 }
 
 /// Why a PROXY protocol header was refused.
@@ -337,6 +413,11 @@ impl Default for ListenerCounters {
             proxy_headers: 0,
             proxy_errors: [0; ProxyError::ALL.len()],
             routed: Vec::new(),
+            tls_full: 0,
+            tls_resumed: 0,
+            tls_versions: [0; 2],
+            tls_failures: [0; TlsFailure::ALL.len()],
+            tls_handshake_time: Histogram::new(&CONNECT_BUCKETS),
         }
     }
 }
@@ -409,6 +490,21 @@ impl ListenerCounters {
         }
         for (mine, theirs) in self.routed.iter_mut().zip(&other.routed) {
             *mine += theirs;
+        }
+        self.tls_full += other.tls_full;
+        self.tls_resumed += other.tls_resumed;
+        for (mine, theirs) in self.tls_versions.iter_mut().zip(&other.tls_versions) {
+            *mine += theirs;
+        }
+        for (mine, theirs) in self.tls_failures.iter_mut().zip(&other.tls_failures) {
+            *mine += theirs;
+        }
+        self.tls_handshake_time.merge(&other.tls_handshake_time);
+    }
+
+    pub fn tls_failed(&mut self, failure: TlsFailure) {
+        if let Some(index) = TlsFailure::ALL.iter().position(|&f| f == failure) {
+            self.tls_failures[index] += 1;
         }
     }
 }

@@ -299,6 +299,45 @@ impl<B> Flow<B> {
         }
     }
 
+    /// Lets `fill` write bytes for the destination into the spill buffer's free room (creating
+    /// it with `capacity` bytes); returns how many it wrote. Nothing while the spill is lent to
+    /// a send in flight. (TLS sessions: rustls's output has no ring buffer to queue.)
+    pub fn fill_spill(
+        &mut self,
+        capacity: usize,
+        now: u64,
+        fill: impl FnOnce(&mut [u8]) -> usize,
+    ) -> usize {
+        let spill = self
+            .spill
+            .get_or_insert_with(|| Box::new(Spill::new(capacity)));
+        let Some(data) = spill.data.as_mut() else {
+            return 0;
+        };
+        if spill.start > 0 && spill.start == spill.end {
+            spill.start = 0;
+            spill.end = 0;
+        } else if spill.start > 0 && data.len() - spill.end < data.len() / 2 {
+            data.copy_within(spill.start..spill.end, 0);
+            spill.end -= spill.start;
+            spill.start = 0;
+        }
+        let room = &mut data[spill.end..];
+        if room.is_empty() {
+            return 0;
+        }
+        let written = fill(room).min(room.len());
+        spill.end += written;
+        if written > 0 && self.waiting_since.is_none() {
+            self.waiting_since = Some(now);
+        }
+        if spill.is_empty() && self.sending.is_none() {
+            // Nothing came: give the memory back rather than keep an empty buffer.
+            self.spill = None;
+        }
+        written
+    }
+
     /// The spill buffer's bytes to send, lent out until `restore_spill`.
     pub fn lend_spill(&mut self) -> Option<(Box<[u8]>, usize, usize)> {
         let spill = self.spill.as_mut()?;

@@ -27,6 +27,7 @@
 //! - the session may be freed only when `is_idle()` (no operation refers to it).
 
 mod flow;
+mod tls;
 
 pub use flow::{BufferPool, Flow, Measured, Pending, SendFrom, Spill};
 
@@ -73,6 +74,10 @@ pub enum CloseReason {
     Cut,
     /// The client sent nothing within `first_byte_timeout`.
     FirstByteTimeout,
+    /// The TLS handshake failed (or the client left during it).
+    TlsFailed,
+    /// The TLS handshake was not done within `handshake_timeout`.
+    HandshakeTimeout,
 }
 
 /// What the loop must do next for a session.
@@ -93,6 +98,8 @@ pub enum Action {
     Close(CloseMode, CloseReason),
     /// Poll this side's unacknowledged bytes each tick, then reset it (see `on_unacknowledged`).
     ResetWhenDrained(Side),
+    /// The client's TLS handshake is done: choose the server and connect (`server_connected`).
+    TlsEstablished,
 }
 
 /// Why a receive ended without data.
@@ -179,6 +186,12 @@ pub struct Relay<B> {
     /// Sides (bit 0 client, bit 1 server) whose next receive a bandwidth cap holds: the session
     /// is busy, not idle, and a held client has not been given the chance to send.
     held: u8,
+    /// TLS toward the client, when its listener terminates it.
+    tls: Option<Box<crate::tls::TlsStream>>,
+    /// The server is connected (false while a TLS handshake runs before the connect).
+    server_ready: bool,
+    /// Tick by which the TLS handshake must be done (u64::MAX: none, or done).
+    handshake_deadline: u64,
 }
 
 impl<B> Relay<B> {
@@ -191,6 +204,9 @@ impl<B> Relay<B> {
             last_active: now,
             first_byte_deadline: u64::MAX,
             held: 0,
+            tls: None,
+            server_ready: true,
+            handshake_deadline: u64::MAX,
         }
     }
 
@@ -269,12 +285,16 @@ impl<B> Relay<B> {
         if self.phase != Phase::Relaying {
             return;
         }
+        if !self.tls_may_receive(source) {
+            return;
+        }
         let Limits {
             queued_buffers,
             buffer_size,
             multishot,
             ..
         } = self.limits;
+        let multishot = multishot && self.tls.is_none();
         let flow = self.flow_from(source);
         let wanted = flow.receives_wanted(queued_buffers, buffer_size);
         if wanted > 0 && multishot && flow.receiving == 0 && flow.spill.is_none() {
@@ -293,7 +313,7 @@ impl<B> Relay<B> {
     }
 
     fn start_send(&mut self, destination: Side, out: &mut Actions) {
-        if self.phase == Phase::Closing {
+        if self.phase == Phase::Closing || (destination == Side::Server && !self.server_ready) {
             return;
         }
         let flow = self.flow_to(destination);
@@ -371,6 +391,10 @@ impl<B> Relay<B> {
             }
             return;
         }
+        if self.tls.is_some() {
+            return self.tls_receive(source, buffers, now, pool, out);
+        }
+        let flow = self.flow_from(source);
         for buffer in buffers.drain(..) {
             let len = len_of(&buffer);
             flow.last_receive_full = len as usize >= buffer_size;
@@ -388,6 +412,13 @@ impl<B> Relay<B> {
         flow.multishot = false;
         if self.phase == Phase::Closing {
             return;
+        }
+        if source == Side::Client
+            && let Some(tls) = self.tls.as_deref_mut()
+        {
+            // The client's end reaches the server once what it sent before is decrypted.
+            tls.receive_eof();
+            return self.tls_pump(out);
         }
         let flow = self.flow_from(source);
         flow.eof = true;
@@ -491,6 +522,10 @@ impl<B> Relay<B> {
         if closing {
             return;
         }
+        if self.tls.is_some() {
+            self.last_active = self.last_active.max(now);
+            self.tls_pump(out);
+        }
         self.start_send(destination, out);
         self.arm_receive(destination.other(), out);
         self.pass_fin_if_flushed(destination, out);
@@ -499,6 +534,9 @@ impl<B> Relay<B> {
     /// Once the flow toward `destination` has delivered everything after its source's FIN,
     /// passes the FIN on; ends the session when both directions are done.
     fn pass_fin_if_flushed(&mut self, destination: Side, out: &mut Actions) {
+        if destination == Side::Client && self.close_notify_first(out) {
+            return;
+        }
         let flow = self.flow_to(destination);
         if flow.eof && !flow.shut && !flow.abandoned && flow.is_flushed() {
             flow.shut = true;
@@ -623,7 +661,9 @@ impl<B> Relay<B> {
             .map(|since| since + self.limits.write_ticks)
             .min()
             .unwrap_or(u64::MAX);
-        idle.min(write).min(self.first_byte_deadline)
+        idle.min(write)
+            .min(self.first_byte_deadline)
+            .min(self.handshake_deadline)
     }
 
     /// Whether bytes wait for `destination` (the loop then reads its socket's unacknowledged
@@ -683,6 +723,10 @@ impl<B> Relay<B> {
                 );
                 return;
             }
+        }
+        if self.phase == Phase::Relaying && now >= self.handshake_deadline {
+            self.close(CloseMode::Graceful, CloseReason::HandshakeTimeout, out);
+            return;
         }
         if self.phase == Phase::Relaying
             && now >= self.first_byte_deadline

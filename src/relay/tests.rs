@@ -832,3 +832,300 @@ fn a_replayed_proxy_header_alone_keeps_the_first_byte_deadline() {
         "sniffed client bytes count as its first byte"
     );
 }
+
+// ---- TLS termination ----------------------------------------------------------------------
+
+mod tls {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    const TLS_LIMITS: Limits = Limits {
+        buffer_size: 4096,
+        ..LIMITS
+    };
+
+    /// A server config for `localhost` (self-signed) and a client config trusting it.
+    fn configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let certificate = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let der = certificate.der().clone();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![der.clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// The loop around one TLS session: a rustls client on one side, a byte sink for the
+    /// server on the other; every action is carried out at once.
+    struct Harness {
+        relay: Relay<TestBuffer>,
+        pool: TestPool,
+        client: rustls::ClientConnection,
+        client_receive: bool,
+        server_receive: bool,
+        to_server: Vec<u8>,
+        shut: Vec<Side>,
+        established: bool,
+        closed: Option<(CloseMode, CloseReason)>,
+        client_error: Option<rustls::Error>,
+        now: u64,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let (server, client) = configs();
+            let mut relay = Relay::new(TLS_LIMITS, 0);
+            let mut out = Vec::new();
+            let stream = crate::tls::TlsStream::new(&server).expect("stream");
+            relay.start_tls(Box::new(stream), 50, 0, &mut out);
+            let client =
+                rustls::ClientConnection::new(client, "localhost".try_into().expect("name"))
+                    .expect("client");
+            let mut harness = Harness {
+                relay,
+                pool: TestPool::default(),
+                client,
+                client_receive: false,
+                server_receive: false,
+                to_server: Vec::new(),
+                shut: Vec::new(),
+                established: false,
+                closed: None,
+                client_error: None,
+                now: 0,
+            };
+            harness.run(out);
+            harness
+        }
+
+        fn run(&mut self, mut actions: Actions) {
+            while !actions.is_empty() {
+                let mut next = Vec::new();
+                for action in actions.drain(..) {
+                    match action {
+                        Action::Receive(Side::Client) => self.client_receive = true,
+                        Action::Receive(Side::Server) => self.server_receive = true,
+                        Action::Send(destination) => {
+                            let flow = self.relay.flow_to(destination);
+                            let (data, start, end) = flow.lend_spill().expect("a spill to send");
+                            let bytes = data[start..end].to_vec();
+                            self.relay.flow_to(destination).restore_spill(data);
+                            match destination {
+                                Side::Client => {
+                                    let mut reader = &bytes[..];
+                                    while !reader.is_empty() && self.client_error.is_none() {
+                                        self.client.read_tls(&mut reader).expect("client read");
+                                        if let Err(error) = self.client.process_new_packets() {
+                                            self.client_error = Some(error);
+                                        }
+                                    }
+                                }
+                                Side::Server => self.to_server.extend_from_slice(&bytes),
+                            }
+                            self.relay.on_sent(
+                                destination,
+                                Ok(bytes.len() as u32),
+                                self.now,
+                                &mut self.pool,
+                                &mut next,
+                            );
+                        }
+                        Action::ShutdownWrite(side) => self.shut.push(side),
+                        Action::TlsEstablished => {
+                            self.established = true;
+                            self.relay
+                                .server_connected(self.now, Box::new([]), &mut next);
+                        }
+                        Action::Close(mode, reason) => self.closed = Some((mode, reason)),
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                actions = next;
+            }
+        }
+
+        /// The client's pending TLS bytes go to the relay, a buffer at a time.
+        fn client_sends(&mut self) {
+            let mut bytes = Vec::new();
+            while self.client.wants_write() {
+                self.client.write_tls(&mut bytes).expect("client write");
+            }
+            self.feed(Side::Client, &bytes);
+        }
+
+        fn feed(&mut self, source: Side, bytes: &[u8]) {
+            for chunk in bytes.chunks(TLS_LIMITS.buffer_size) {
+                let armed = match source {
+                    Side::Client => &mut self.client_receive,
+                    Side::Server => &mut self.server_receive,
+                };
+                assert!(*armed, "{source:?} was sent to without a receive armed");
+                *armed = false;
+                let (buffer, len) = self.pool.buffer(chunk);
+                let mut out = Vec::new();
+                self.relay.on_received(
+                    source,
+                    buffer,
+                    len,
+                    false,
+                    self.now,
+                    &mut self.pool,
+                    &mut out,
+                );
+                self.run(out);
+            }
+        }
+
+        fn handshake(&mut self) {
+            for _ in 0..4 {
+                if !self.client.is_handshaking() && self.established {
+                    break;
+                }
+                self.client_sends();
+            }
+            assert!(self.established && !self.client.is_handshaking());
+        }
+
+        fn client_reads(&mut self) -> Vec<u8> {
+            let mut plain = Vec::new();
+            let _ = self.client.reader().read_to_end(&mut plain);
+            plain
+        }
+    }
+
+    #[test]
+    fn handshake_then_both_ways_and_close_notify_before_the_fin() {
+        let mut session = Harness::new();
+        assert!(session.client_receive, "only the client is read first");
+        assert!(!session.server_receive, "no server before the handshake");
+        session.handshake();
+        assert!(session.server_receive, "the server is read once connected");
+        session
+            .client
+            .writer()
+            .write_all(b"hello server")
+            .expect("write");
+        session.client_sends();
+        assert_eq!(session.to_server, b"hello server");
+        let reply = vec![b'r'; 10_000];
+        session.feed(Side::Server, &reply);
+        assert_eq!(session.client_reads(), reply, "every byte, in order");
+        // The server's FIN: close_notify reaches the client before the FIN.
+        let mut out = Vec::new();
+        session.relay.on_eof(Side::Server, &mut out);
+        session.run(out);
+        assert_eq!(session.shut, [Side::Client]);
+        let mut rest = Vec::new();
+        assert_eq!(session.client.reader().read_to_end(&mut rest).ok(), Some(0));
+        assert_eq!(session.pool.outstanding(), 0, "no ring buffer held");
+    }
+
+    #[test]
+    fn the_clients_close_notify_is_a_fin_after_its_bytes() {
+        let mut session = Harness::new();
+        session.handshake();
+        session
+            .client
+            .writer()
+            .write_all(b"last words")
+            .expect("write");
+        session.client.send_close_notify();
+        session.client_sends();
+        assert_eq!(session.to_server, b"last words");
+        assert_eq!(session.shut, [Side::Server]);
+    }
+
+    #[test]
+    fn garbage_gets_an_alert_and_ends_without_a_server() {
+        let mut session = Harness::new();
+        session.feed(Side::Client, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(
+            session.closed,
+            Some((CloseMode::Graceful, CloseReason::TlsFailed))
+        );
+        assert!(!session.established);
+        assert!(session.relay.tls_error().is_some());
+        assert!(
+            matches!(session.client.process_new_packets(), Err(_))
+                || session.client_error.is_some(),
+            "the alert reached the client"
+        );
+    }
+
+    #[test]
+    fn a_silent_client_is_cut_at_the_handshake_deadline() {
+        let mut session = Harness::new();
+        assert_eq!(session.relay.next_deadline(), 50);
+        let mut out = Vec::new();
+        session.relay.on_tick(49, |_| None, &mut out);
+        assert!(out.is_empty());
+        session.relay.on_tick(50, |_| None, &mut out);
+        assert_eq!(
+            out,
+            [Action::Close(
+                CloseMode::Graceful,
+                CloseReason::HandshakeTimeout
+            )]
+        );
+    }
+
+    #[test]
+    fn the_server_is_not_read_while_ciphertext_waits_for_the_client() {
+        let mut session = Harness::new();
+        session.handshake();
+        // Hold the client's sends: what the server sends stays in the relay.
+        let mut out = Vec::new();
+        let (buffer, len) = session.pool.buffer(&[b's'; 4096]);
+        session.server_receive = false;
+        session.relay.on_received(
+            Side::Server,
+            buffer,
+            len,
+            false,
+            1,
+            &mut session.pool,
+            &mut out,
+        );
+        // A send toward the client is asked for; until it completes, the spill is lent.
+        assert!(out.contains(&Action::Send(Side::Client)), "{out:?}");
+        let flow = session.relay.flow_to(Side::Client);
+        let lent = flow.lend_spill().expect("spill");
+        let mut more = Vec::new();
+        let (buffer, len) = session.pool.buffer(&[b's'; 4096]);
+        session.relay.on_received(
+            Side::Server,
+            buffer,
+            len,
+            false,
+            1,
+            &mut session.pool,
+            &mut more,
+        );
+        assert!(
+            !more
+                .iter()
+                .any(|a| matches!(a, Action::Receive(Side::Server))),
+            "the server must wait while rustls holds ciphertext: {more:?}"
+        );
+        session.relay.flow_to(Side::Client).restore_spill(lent.0);
+        assert_eq!(session.pool.outstanding(), 0, "buffers went back at once");
+    }
+}

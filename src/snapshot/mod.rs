@@ -172,6 +172,17 @@ pub struct ListenerSnapshot {
     pub routing: Option<Arc<Routing>>,
     /// PROXY protocol headers taken from trusted peers (None: `proxy_protocol = "off"`).
     pub proxy: Option<Arc<crate::config::ProxyAccept>>,
+    /// TLS termination (None: plain TCP).
+    pub tls: Option<Arc<ListenerTls>>,
+}
+
+/// What a shard builds its TLS config for a listener from.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ListenerTls {
+    pub settings: Arc<crate::tls::TlsSettings>,
+    /// Session ticket keys (the same on every shard, so tickets resume anywhere; None: no
+    /// tickets).
+    pub tickets: Option<crate::tls::TicketKeys>,
 }
 
 /// A listener's routes with pools by id, and what deciding needs.

@@ -550,6 +550,15 @@ impl Shard {
         };
         let index = self.sessions.insert(session);
         self.stats.accepted += 1;
+        if config.tls.is_some() {
+            // The handshake comes first; routes and the connect follow it.
+            match self.tls_config(listener).cloned() {
+                Some(tls) => self.start_tls_session(index, &tls),
+                None => self.close_session(index, CloseMode::ResetBoth, CloseKind::LocalError),
+            }
+            self.finish_if_done(index);
+            return;
+        }
         match (
             config.routing.as_deref(),
             header.zip(config.proxy.as_deref()),

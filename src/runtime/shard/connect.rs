@@ -215,6 +215,16 @@ impl Shard {
                     }
                 }
             }
+            if session.relay.is_tls() {
+                session.relay.server_connected(
+                    self.now_tick,
+                    replay.into_boxed_slice(),
+                    &mut actions,
+                );
+                self.execute(index, &mut actions);
+                self.actions = actions;
+                return;
+            }
             let sniffed = session.sniffing.take().map(|sniffed| sniffed.bytes);
             let client_spoke = sniffed.as_ref().is_some_and(|bytes| !bytes.is_empty());
             match sniffed {

@@ -25,6 +25,7 @@ mod relay_io;
 mod sniffing;
 mod target;
 mod throttle;
+mod tls;
 
 pub(super) use throttle::Throttle;
 
@@ -147,6 +148,8 @@ pub struct Shard {
     /// Each split's round-robin state, with the split it was built for (rebuilt when the
     /// weights change).
     split_pickers: HashMap<SplitId, (Arc<SplitSnapshot>, SplitPicker)>,
+    /// The shard's own rustls configs of its TLS listeners, with what each was built from.
+    tls: HashMap<ListenerId, (Arc<crate::snapshot::ListenerTls>, Arc<rustls::ServerConfig>)>,
     counters: Counters,
     timers: TimerWheel,
     expired: Vec<TimerEntry>,
@@ -234,6 +237,7 @@ impl Shard {
             balancers,
             source_cursor,
             split_pickers: HashMap::new(),
+            tls: HashMap::new(),
             counters: Counters::default(),
             timers: TimerWheel::new(1024),
             expired: Vec::new(),
@@ -265,6 +269,8 @@ impl Shard {
             cut_at: None,
             stats: ShardStats::default(),
         };
+        let snapshot = Arc::clone(&shard.snapshot);
+        shard.adopt_tls(&snapshot);
         for (id, fd) in setup.listeners {
             shard.add_listener(id, fd);
         }
@@ -507,6 +513,7 @@ impl Shard {
         }
         self.balancers = balancers;
         self.source_cursor = cursors;
+        self.adopt_tls(&snapshot);
         self.snapshot = Rc::new(snapshot);
         self.update_listener_shares();
         self.publish();

@@ -245,9 +245,18 @@ impl Shard {
                         CloseReason::PeerFailed(Side::Server) => CloseKind::ServerReset,
                         CloseReason::Cut => CloseKind::LocalError,
                         CloseReason::FirstByteTimeout => CloseKind::FirstByteTimeout,
+                        // After the handshake, broken TLS from the client ends it like a reset.
+                        CloseReason::TlsFailed if session.relay.tls_established() => {
+                            CloseKind::ClientReset
+                        }
+                        CloseReason::TlsFailed | CloseReason::HandshakeTimeout => {
+                            self.tls_failed(index, reason == CloseReason::HandshakeTimeout);
+                            CloseKind::TlsHandshake
+                        }
                     };
                     self.close_session(index, mode, kind);
                 }
+                Action::TlsEstablished => self.tls_established(index),
                 Action::ResetWhenDrained(_) => {
                     // Often already drained (a reset with nothing held): check now, then per tick.
                     self.lingering.push((index, generation));

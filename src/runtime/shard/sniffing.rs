@@ -398,7 +398,8 @@ impl Shard {
     /// time, or lost to a reload) is cancelled first, and what it brings is kept for the server.
     fn connect_when_quiet(&mut self, index: usize) {
         let session = &mut self.sessions[index];
-        if session.relay.flow_from(Side::Client).receiving > 0 {
+        // (A TLS session reads no more once its handshake is done: nothing to cancel.)
+        if !session.relay.is_tls() && session.relay.flow_from(Side::Client).receiving > 0 {
             if let Some(sniffing) = session.sniffing.as_deref_mut()
                 && sniffing.phase == SniffPhase::Reading
             {

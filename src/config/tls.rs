@@ -1,0 +1,173 @@
+//! `[listener.tls]`: certificates and keys are read and checked here, so a config that loads
+//! can terminate TLS (and a reload with a broken file keeps the running config).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::file::{FileListener, FileTls};
+use super::{ConfigError, Source, nonzero_duration};
+use crate::tls::{ClientAuth, DefaultCertificate, TlsSettings};
+
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A path as written, or relative to the config file's directory.
+fn path_at(source: &Source, text: &Spanned<String>) -> Result<PathBuf, ConfigError> {
+    let written = text.get_ref().trim();
+    if written.is_empty() {
+        return Err(source.at(text, "empty path"));
+    }
+    let path = Path::new(written);
+    if path.is_absolute() {
+        return Ok(path.to_path_buf());
+    }
+    let base = Path::new(source.name)
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Ok(base.join(path))
+}
+
+pub(super) fn resolve(
+    source: &Source,
+    listener: &FileListener,
+) -> Result<Option<TlsSettings>, ConfigError> {
+    let Some(spanned) = &listener.tls else {
+        return Ok(None);
+    };
+    let tls: &FileTls = spanned.get_ref();
+    if let Some(protocol) = &listener.proxy_protocol
+        && protocol.get_ref() != "off"
+    {
+        return Err(source.at(
+            protocol,
+            "proxy_protocol together with [listener.tls] is not supported yet: terminate TLS on \
+             a listener without PROXY headers",
+        ));
+    }
+    for route in listener.routes.iter().flatten() {
+        let route = route.get_ref();
+        for (value, key) in [
+            (&route.protocol, "protocol"),
+            (&route.host, "host"),
+            (&route.path_prefix, "path_prefix"),
+        ] {
+            if let Some(value) = value {
+                return Err(source.at(
+                    value,
+                    format!(
+                        "on a listener with [listener.tls], routes match sni, alpn and source \
+                         (from the handshake); {key} routes on the decrypted bytes are not \
+                         supported yet"
+                    ),
+                ));
+            }
+        }
+    }
+    if tls.certificates.get_ref().is_empty() {
+        return Err(source.at(
+            &tls.certificates,
+            "certificates is empty: list at least one",
+        ));
+    }
+    let mut certificates = Vec::new();
+    for entry in tls.certificates.get_ref() {
+        let entry = entry.get_ref();
+        let cert = path_at(source, &entry.cert)?;
+        let key = path_at(source, &entry.key)?;
+        let loaded =
+            crate::tls::load_certificate(&cert, &key).map_err(|why| source.at(&entry.cert, why))?;
+        certificates.push(loaded);
+    }
+    let default_certificate = match &tls.default_certificate {
+        None => DefaultCertificate::Index(0),
+        Some(name) if name.get_ref() == "reject" => DefaultCertificate::Reject,
+        Some(name) => {
+            let wanted = name.get_ref().to_ascii_lowercase();
+            let index = certificates
+                .iter()
+                .position(|certificate| certificate.names.contains(&wanted))
+                .ok_or_else(|| {
+                    source.at(
+                        name,
+                        format!(
+                            "default_certificate {wanted:?} is no DNS name of the listed \
+                             certificates (or \"reject\")"
+                        ),
+                    )
+                })?;
+            DefaultCertificate::Index(index)
+        }
+    };
+    let mut alpn = Vec::new();
+    for protocol in tls.alpn.iter().flat_map(|list| list.get_ref()) {
+        let bytes = protocol.get_ref().as_bytes();
+        if bytes.is_empty() || bytes.len() > 255 {
+            return Err(source.at(protocol, "an ALPN protocol name is 1 to 255 bytes"));
+        }
+        alpn.push(bytes.to_vec());
+    }
+    let min_version = match tls.min_version.as_ref().map(|v| (v, v.get_ref().as_str())) {
+        None | Some((_, "1.2")) => 0x0303,
+        Some((_, "1.3")) => 0x0304,
+        Some((text, other)) => {
+            return Err(source.at(
+                text,
+                format!("min_version must be \"1.2\" or \"1.3\", not {other:?}"),
+            ));
+        }
+    };
+    let client_auth = match tls.client_auth.as_ref().map(|v| (v, v.get_ref().as_str())) {
+        None => {
+            if tls.client_ca.is_some() {
+                ClientAuth::Required
+            } else {
+                ClientAuth::None
+            }
+        }
+        Some((_, "none")) => ClientAuth::None,
+        Some((_, "optional")) => ClientAuth::Optional,
+        Some((_, "required")) => ClientAuth::Required,
+        Some((text, other)) => {
+            return Err(source.at(
+                text,
+                format!(
+                    "client_auth must be \"none\", \"optional\" or \"required\", not {other:?}"
+                ),
+            ));
+        }
+    };
+    let client_ca = match &tls.client_ca {
+        Some(text) => {
+            let path = path_at(source, text)?;
+            let cas = crate::tls::load_ca(&path).map_err(|why| source.at(text, why))?;
+            Some((path, cas))
+        }
+        None if client_auth != ClientAuth::None => {
+            return Err(source.error(
+                tls.client_auth
+                    .as_ref()
+                    .map_or(spanned.span(), Spanned::span),
+                "client_auth asks for client certificates but no client_ca is set",
+            ));
+        }
+        None => None,
+    };
+    let handshake_timeout = nonzero_duration(
+        source,
+        tls.handshake_timeout.as_ref(),
+        "handshake_timeout",
+        DEFAULT_HANDSHAKE_TIMEOUT,
+    )?;
+    Ok(Some(TlsSettings {
+        certificates,
+        default_certificate,
+        alpn,
+        min_version,
+        client_ca,
+        client_auth,
+        handshake_timeout,
+        session_tickets: tls.session_tickets.as_ref().is_none_or(|b| *b.get_ref()),
+    }))
+}

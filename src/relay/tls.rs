@@ -1,0 +1,225 @@
+//! The relay's TLS termination: the client side speaks TLS through a `TlsStream`.
+//!
+//! The handshake runs before a server is chosen (only the client is read; `Action::
+//! TlsEstablished` asks the loop to route and connect). Received ring buffers go through
+//! rustls at once and back to the ring, so a TLS session holds no ring buffer; what rustls
+//! gives out (plaintext for the server, ciphertext for the client) goes through the flows'
+//! spill buffers, `2 x buffer_size` bytes each while bytes are in flight and freed once they
+//! drain. A direction's source is read again only when rustls holds nothing for it, so a
+//! session never holds more than about two buffers per direction, plus rustls's own state.
+//! The server's FIN becomes close_notify then FIN toward the client; the client's
+//! close_notify or FIN becomes a FIN toward the server once its plaintext is delivered.
+
+use super::{Action, Actions, BufferPool, CloseMode, CloseReason, Relay, Side, Spill};
+use crate::tls::{Plain, TlsFacts, TlsStream};
+
+impl<B> Relay<B> {
+    /// A TLS client (at tick `now`): its handshake runs first, with only the client read.
+    pub fn start_tls(
+        &mut self,
+        tls: Box<TlsStream>,
+        handshake_ticks: u64,
+        now: u64,
+        out: &mut Actions,
+    ) {
+        self.tls = Some(tls);
+        self.server_ready = false;
+        self.handshake_deadline = now.saturating_add(handshake_ticks);
+        self.last_active = self.last_active.max(now);
+        self.arm_receive(Side::Client, out);
+    }
+
+    /// The server of a TLS session is connected: `replay` (a PROXY header) goes first, then
+    /// what the client has sent since its handshake.
+    pub fn server_connected(&mut self, now: u64, replay: Box<[u8]>, out: &mut Actions) {
+        self.server_ready = true;
+        self.last_active = self.last_active.max(now);
+        if !replay.is_empty() {
+            self.upstream.spill = Some(Box::new(Spill::filled(replay)));
+            self.upstream.waiting_since = Some(now);
+        }
+        self.tls_pump(out);
+        self.start_send(Side::Server, out);
+        self.arm_receive(Side::Server, out);
+        self.arm_receive(Side::Client, out);
+    }
+
+    /// What the TLS handshake settled (None: no TLS, or not yet).
+    pub fn tls_facts(&self) -> Option<TlsFacts> {
+        self.tls
+            .as_deref()
+            .filter(|tls| !tls.is_handshaking())
+            .map(TlsStream::facts)
+    }
+
+    /// Why TLS failed, if it did.
+    pub fn tls_failure(&self) -> Option<String> {
+        self.tls
+            .as_deref()
+            .and_then(TlsStream::failure)
+            .map(ToString::to_string)
+    }
+
+    pub fn tls_error(&self) -> Option<&rustls::Error> {
+        self.tls.as_deref().and_then(TlsStream::failure)
+    }
+
+    /// The TLS handshake is done (false without TLS).
+    pub fn tls_established(&self) -> bool {
+        self.tls.as_deref().is_some_and(|tls| !tls.is_handshaking())
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Whether `source` may be read now (always, without TLS).
+    pub(super) fn tls_may_receive(&self, source: Side) -> bool {
+        let Some(tls) = self.tls.as_deref() else {
+            return true;
+        };
+        if tls.failure().is_some() {
+            return false;
+        }
+        match source {
+            // Not past what rustls can hold, and not past the handshake until a server takes
+            // the plaintext.
+            Side::Client => {
+                !tls.client_done()
+                    && !tls.tcp_ended()
+                    && !tls.has_unread()
+                    && (self.server_ready || tls.is_handshaking())
+            }
+            Side::Server => self.server_ready && !tls.wants_write(),
+        }
+    }
+
+    fn tls_spill_capacity(&self) -> usize {
+        2 * self.limits.buffer_size
+    }
+
+    /// Received buffers of a TLS session: through rustls, and back to the ring at once.
+    pub(super) fn tls_receive(
+        &mut self,
+        source: Side,
+        buffers: &mut Vec<B>,
+        now: u64,
+        pool: &mut impl BufferPool<B>,
+        out: &mut Actions,
+    ) {
+        let buffer_size = self.limits.buffer_size;
+        if source == Side::Client && !buffers.is_empty() {
+            self.first_byte_deadline = u64::MAX;
+        }
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return;
+        };
+        let flow = match source {
+            Side::Client => &mut self.upstream,
+            Side::Server => &mut self.downstream,
+        };
+        for buffer in buffers.drain(..) {
+            let bytes = pool.bytes(&buffer);
+            flow.received += bytes.len() as u64;
+            flow.last_receive_full = bytes.len() >= buffer_size;
+            match source {
+                Side::Client => tls.receive(bytes),
+                Side::Server if !flow.abandoned => tls.write_plaintext(bytes),
+                Side::Server => {}
+            }
+            pool.recycle(buffer);
+        }
+        self.last_active = now;
+        self.tls_pump(out);
+    }
+
+    /// Moves what rustls has to give into the flows, and follows the session's TLS state:
+    /// handshake done, failure, the client's end.
+    pub(super) fn tls_pump(&mut self, out: &mut Actions) {
+        if self.phase == super::Phase::Closing {
+            return;
+        }
+        let capacity = self.tls_spill_capacity();
+        let now = self.last_active;
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return;
+        };
+        if !self.downstream.abandoned {
+            while tls.wants_write() {
+                let written = self
+                    .downstream
+                    .fill_spill(capacity, now, |room| tls.write_ciphertext(room));
+                if written == 0 {
+                    break;
+                }
+            }
+        }
+        let mut client_ended = false;
+        if self.server_ready && !self.upstream.eof && !self.upstream.abandoned {
+            loop {
+                let mut ended = false;
+                let written = self.upstream.fill_spill(capacity, now, |room| {
+                    match tls.read_plaintext(room) {
+                        Plain::Data(count) => count,
+                        Plain::Empty => 0,
+                        Plain::Closed => {
+                            ended = true;
+                            0
+                        }
+                    }
+                });
+                if ended {
+                    client_ended = true;
+                    break;
+                }
+                if written == 0 {
+                    break;
+                }
+            }
+        }
+        let established = tls.newly_established();
+        let failed = tls.failure().is_some();
+        let handshake_abandoned = tls.is_handshaking() && (tls.tcp_ended() || tls.client_done());
+        if established {
+            self.handshake_deadline = u64::MAX;
+            out.push(Action::TlsEstablished);
+        }
+        self.start_send(Side::Client, out);
+        if failed || handshake_abandoned {
+            // What rustls said (its alert) goes out first, then the session ends.
+            self.upstream.source_failed = true;
+            if self.downstream.is_flushed() {
+                self.close(CloseMode::Graceful, CloseReason::TlsFailed, out);
+            }
+            return;
+        }
+        if client_ended {
+            self.upstream.eof = true;
+            self.pass_fin_if_flushed(Side::Server, out);
+        }
+        self.start_send(Side::Server, out);
+        self.arm_receive(Side::Client, out);
+        self.arm_receive(Side::Server, out);
+    }
+
+    /// Before the FIN toward a TLS client: close_notify, once everything before it is out.
+    /// Returns true while that holds the FIN back.
+    pub(super) fn close_notify_first(&mut self, out: &mut Actions) -> bool {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return false;
+        };
+        let flow = &self.downstream;
+        if !flow.eof || flow.shut || flow.abandoned {
+            return false;
+        }
+        if !tls.close_notify_sent() {
+            if !flow.is_flushed() || tls.wants_write() {
+                return true;
+            }
+            tls.close_notify();
+            self.tls_pump(out);
+            return true;
+        }
+        tls.wants_write() || !self.downstream.is_flushed()
+    }
+}

@@ -1,0 +1,370 @@
+//! TLS termination with rustls (aws-lc-rs as the crypto provider).
+//!
+//! The control thread loads and checks certificates and keys (`load_certificate`, at config
+//! load and on every reload) into `TlsSettings`, which travel to the shards in the snapshot.
+//! Each shard builds its own `rustls::ServerConfig` from them (`ShardTls::build`): its own
+//! certificate resolver, keys, client verifier and ticket encrypter, so a handshake touches no
+//! reference count, lock or cache another shard uses. Session tickets are sealed with keys
+//! every shard shares (`TicketKeys`), so a client resumes on whichever shard it lands.
+//! `TlsStream` is the sans-IO side of one session, driven by the relay.
+
+mod stream;
+mod ticket;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{
+    ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier,
+};
+use rustls::sign::CertifiedKey;
+
+pub use stream::{Plain, TlsFacts, TlsStream};
+pub use ticket::{ShardTicketer, TICKET_LIFETIME_SECONDS, TicketKeys};
+
+/// How often the session ticket key changes (the one before still opens tickets).
+pub const TICKET_ROTATION: Duration = Duration::from_secs(12 * 60 * 60);
+
+/// The crypto provider every TLS object of the process uses.
+pub fn provider() -> CryptoProvider {
+    rustls::crypto::aws_lc_rs::default_provider()
+}
+
+/// One certificate chain and its key, as loaded from their files.
+#[derive(Clone)]
+pub struct Certificate {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key's DER (PKCS#8, PKCS#1 or SEC1, as the file had it).
+    key_der: Vec<u8>,
+    key_kind: KeyKind,
+    /// DNS names the leaf certificate is for (lower-cased; `*.example.com` for wildcards).
+    pub names: Vec<String>,
+    /// The leaf's notAfter, in Unix seconds.
+    pub not_after: i64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum KeyKind {
+    Pkcs8,
+    Pkcs1,
+    Sec1,
+}
+
+impl Certificate {
+    fn key(&self) -> PrivateKeyDer<'static> {
+        let der = self.key_der.clone();
+        match self.key_kind {
+            KeyKind::Pkcs8 => PrivateKeyDer::Pkcs8(der.into()),
+            KeyKind::Pkcs1 => PrivateKeyDer::Pkcs1(der.into()),
+            KeyKind::Sec1 => PrivateKeyDer::Sec1(der.into()),
+        }
+    }
+
+    /// The name it is shown under in metrics and `/status`: its first DNS name.
+    pub fn label(&self) -> &str {
+        self.names.first().map_or("", String::as_str)
+    }
+}
+
+impl PartialEq for Certificate {
+    fn eq(&self, other: &Self) -> bool {
+        self.cert_path == other.cert_path
+            && self.key_path == other.key_path
+            && self.chain == other.chain
+            && self.key_der == other.key_der
+    }
+}
+
+impl Eq for Certificate {}
+
+impl fmt::Debug for Certificate {
+    // Never the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Certificate")
+            .field("cert", &self.cert_path)
+            .field("key", &self.key_path)
+            .field("names", &self.names)
+            .field("not_after", &self.not_after)
+            .finish()
+    }
+}
+
+/// Which certificate a handshake without a known server name gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultCertificate {
+    /// The certificate at this position of the list.
+    Index(usize),
+    /// None: the handshake is refused.
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    None,
+    Optional,
+    Required,
+}
+
+impl ClientAuth {
+    pub fn name(self) -> &'static str {
+        match self {
+            ClientAuth::None => "none",
+            ClientAuth::Optional => "optional",
+            ClientAuth::Required => "required",
+        }
+    }
+}
+
+/// A listener's `[listener.tls]`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub certificates: Vec<Certificate>,
+    pub default_certificate: DefaultCertificate,
+    pub alpn: Vec<Vec<u8>>,
+    /// Oldest version accepted: 0x0303 (1.2) or 0x0304 (1.3).
+    pub min_version: u16,
+    pub client_ca: Option<(PathBuf, Vec<CertificateDer<'static>>)>,
+    pub client_auth: ClientAuth,
+    pub handshake_timeout: Duration,
+    pub session_tickets: bool,
+}
+
+/// Reads a certificate chain and its key and checks that they belong together.
+pub fn load_certificate(cert_path: &Path, key_path: &Path) -> Result<Certificate, String> {
+    let cert_text = std::fs::read(cert_path)
+        .map_err(|error| format!("cannot read {}: {error}", cert_path.display()))?;
+    let chain = CertificateDer::pem_slice_iter(&cert_text)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| {
+            format!(
+                "{}: not a PEM certificate chain: {error}",
+                cert_path.display()
+            )
+        })?;
+    if chain.is_empty() {
+        return Err(format!(
+            "{}: no CERTIFICATE in the file",
+            cert_path.display()
+        ));
+    }
+    let key_text = std::fs::read(key_path)
+        .map_err(|error| format!("cannot read {}: {error}", key_path.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_text).map_err(|error| {
+        format!(
+            "{}: no private key (PKCS#8, PKCS#1 or SEC1 PEM) in the file: {error}",
+            key_path.display()
+        )
+    })?;
+    let (key_kind, key_der) = match &key {
+        PrivateKeyDer::Pkcs8(der) => (KeyKind::Pkcs8, der.secret_pkcs8_der().to_vec()),
+        PrivateKeyDer::Pkcs1(der) => (KeyKind::Pkcs1, der.secret_pkcs1_der().to_vec()),
+        PrivateKeyDer::Sec1(der) => (KeyKind::Sec1, der.secret_sec1_der().to_vec()),
+        _ => {
+            return Err(format!(
+                "{}: unsupported private key kind",
+                key_path.display()
+            ));
+        }
+    };
+    let provider = provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|error| format!("{}: unusable private key: {error}", key_path.display()))?;
+    CertifiedKey::new(chain.clone(), signing)
+        .keys_match()
+        .map_err(|error| {
+            format!(
+                "{} does not match the certificate in {}: {error}",
+                key_path.display(),
+                cert_path.display()
+            )
+        })?;
+    let (names, not_after) =
+        leaf_facts(&chain[0]).map_err(|error| format!("{}: {error}", cert_path.display()))?;
+    if names.is_empty() {
+        return Err(format!(
+            "{}: the certificate names no DNS name (subjectAltName or CN)",
+            cert_path.display()
+        ));
+    }
+    Ok(Certificate {
+        cert_path: cert_path.to_path_buf(),
+        key_path: key_path.to_path_buf(),
+        chain,
+        key_der,
+        key_kind,
+        names,
+        not_after,
+    })
+}
+
+/// Reads a PEM bundle of CA certificates (client verification).
+pub fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let text =
+        std::fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    let certificates = CertificateDer::pem_slice_iter(&text)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| format!("{}: not a PEM certificate bundle: {error}", path.display()))?;
+    if certificates.is_empty() {
+        return Err(format!("{}: no CERTIFICATE in the file", path.display()));
+    }
+    let mut roots = RootCertStore::empty();
+    for certificate in &certificates {
+        roots
+            .add(certificate.clone())
+            .map_err(|error| format!("{}: unusable CA certificate: {error}", path.display()))?;
+    }
+    Ok(certificates)
+}
+
+/// The leaf's DNS names (subjectAltName, else the subject's CN) and notAfter.
+fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, i64), String> {
+    use x509_parser::prelude::*;
+    let (_, certificate) = parse_x509_certificate(leaf.as_ref())
+        .map_err(|error| format!("cannot parse the certificate: {error}"))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = certificate.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::DNSName(name) = name {
+                names.push(name.to_ascii_lowercase());
+            }
+        }
+    }
+    if names.is_empty() {
+        for cn in certificate.subject().iter_common_name() {
+            if let Ok(name) = cn.as_str() {
+                names.push(name.to_ascii_lowercase());
+            }
+        }
+    }
+    Ok((names, certificate.validity().not_after.timestamp()))
+}
+
+/// Chooses the certificate by the ClientHello's server name: an exact name beats a wildcard,
+/// the first certificate naming it wins, and a name no certificate has gets the default.
+#[derive(Debug)]
+struct CertificateResolver {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// By the part after `*.`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl CertificateResolver {
+    fn find(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let Some(name) = server_name else {
+            return self.default.clone();
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(found) = self.exact.get(&name) {
+            return Some(Arc::clone(found));
+        }
+        if let Some((_, parent)) = name.split_once('.')
+            && let Some(found) = self.wildcard.get(parent)
+        {
+            return Some(Arc::clone(found));
+        }
+        self.default.clone()
+    }
+}
+
+impl ResolvesServerCert for CertificateResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.find(client_hello.server_name())
+    }
+}
+
+/// What a shard terminates TLS with on one listener.
+pub struct ShardTls {
+    pub config: Arc<rustls::ServerConfig>,
+}
+
+impl ShardTls {
+    /// Builds the shard's own rustls config (keys parsed again: nothing shared with other
+    /// shards).
+    pub fn build(settings: &TlsSettings, tickets: Option<&TicketKeys>) -> Result<ShardTls, String> {
+        let provider = Arc::new(provider());
+        let mut keys = Vec::with_capacity(settings.certificates.len());
+        for certificate in &settings.certificates {
+            let signing = provider
+                .key_provider
+                .load_private_key(certificate.key())
+                .map_err(|error| format!("{}: {error}", certificate.key_path.display()))?;
+            keys.push(Arc::new(CertifiedKey::new(
+                certificate.chain.clone(),
+                signing,
+            )));
+        }
+        let mut resolver = CertificateResolver {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+            default: match settings.default_certificate {
+                DefaultCertificate::Index(index) => keys.get(index).cloned(),
+                DefaultCertificate::Reject => None,
+            },
+        };
+        for (certificate, key) in settings.certificates.iter().zip(&keys) {
+            for name in &certificate.names {
+                let (map, name) = match name.strip_prefix("*.") {
+                    Some(parent) => (&mut resolver.wildcard, parent),
+                    None => (&mut resolver.exact, name.as_str()),
+                };
+                map.entry(name.to_string())
+                    .or_insert_with(|| Arc::clone(key));
+            }
+        }
+        let versions: &[&rustls::SupportedProtocolVersion] = if settings.min_version >= 0x0304 {
+            &[&rustls::version::TLS13]
+        } else {
+            &[&rustls::version::TLS13, &rustls::version::TLS12]
+        };
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(versions)
+            .map_err(|error| error.to_string())?;
+        let builder = match (&settings.client_ca, settings.client_auth) {
+            (Some((_, cas)), auth) if auth != ClientAuth::None => {
+                let mut roots = RootCertStore::empty();
+                for ca in cas {
+                    roots.add(ca.clone()).map_err(|error| error.to_string())?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+                let verifier = if auth == ClientAuth::Optional {
+                    verifier.allow_unauthenticated()
+                } else {
+                    verifier
+                };
+                builder.with_client_cert_verifier(verifier.build().map_err(|e| e.to_string())?)
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_cert_resolver(Arc::new(resolver));
+        config.alpn_protocols = settings.alpn.clone();
+        // No session cache shared by the shards (it takes a lock): resumption is by ticket.
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+        if settings.session_tickets
+            && let Some(tickets) = tickets
+        {
+            config.ticketer = Arc::new(ShardTicketer::new(tickets));
+            config.send_tls13_tickets = 1;
+        } else {
+            config.send_tls13_tickets = 0;
+        }
+        Ok(ShardTls {
+            config: Arc::new(config),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

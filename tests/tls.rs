@@ -1,0 +1,739 @@
+//! TLS termination end to end: certificates made here with rcgen, real clients (openssl
+//! s_client, curl, and a rustls client in the test) and real servers (nginx, the echo and
+//! counting test servers) on loopback.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::admin;
+use common::{Behaviour, Proxy, TestServer, tool, wait_for};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, PKCS_RSA_SHA256,
+    RsaKeySize,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// A test CA and the files it issued, in a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key"))
+            .expect("CA certificate");
+        let dir = tempfile::tempdir().expect("temporary directory");
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("ca.pem");
+        Pki { dir, ca }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// Issues `stem.pem` / `stem.key` for `names` (CN: the first name); RSA-2048 or ECDSA
+    /// P-256.
+    fn issue(&self, stem: &str, names: &[&str], rsa: bool) -> (PathBuf, PathBuf) {
+        let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+        let mut params = CertificateParams::new(names.clone()).expect("leaf params");
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
+        let key = if rsa {
+            KeyPair::generate_rsa_for(&PKCS_RSA_SHA256, RsaKeySize::_2048).expect("RSA key")
+        } else {
+            KeyPair::generate().expect("ECDSA key")
+        };
+        let certificate = params.signed_by(&key, &self.ca).expect("leaf certificate");
+        let (cert, key_path) = (
+            self.path(&format!("{stem}.pem")),
+            self.path(&format!("{stem}.key")),
+        );
+        std::fs::write(&cert, certificate.pem()).expect("write certificate");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        (cert, key_path)
+    }
+}
+
+/// A rustls client config trusting `ca`, offering `alpn`, with an optional client certificate.
+fn client_config(
+    ca: &Path,
+    alpn: &[&str],
+    client: Option<(&Path, &Path)>,
+) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(ca).expect("CA file") {
+        roots
+            .add(certificate.expect("CA certificate"))
+            .expect("root");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+    let mut config = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(cert)
+                    .expect("client cert")
+                    .map(|c| c.expect("client cert"))
+                    .collect(),
+                PrivateKeyDer::from_pem_file(key).expect("client key"),
+            )
+            .expect("client auth"),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    // Every connection a full handshake: a resumed one shows the certificate of its first.
+    config.resumption = rustls::client::Resumption::disabled();
+    Arc::new(config)
+}
+
+type TlsClient = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// Connects and completes the handshake (an error if the proxy refuses it).
+fn tls_connect(
+    addr: SocketAddr,
+    name: &str,
+    config: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsClient> {
+    let tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let connection = rustls::ClientConnection::new(
+        Arc::clone(config),
+        ServerName::try_from(name.to_string()).expect("server name"),
+    )
+    .map_err(std::io::Error::other)?;
+    let mut stream = rustls::StreamOwned::new(connection, tcp);
+    while stream.conn.is_handshaking() {
+        stream
+            .conn
+            .complete_io(&mut stream.sock)
+            .map_err(std::io::Error::other)?;
+    }
+    Ok(stream)
+}
+
+fn tls_block(pki: &Pki, extra: &str) -> String {
+    format!(
+        "[listener.tls]\ncertificates = [\n  {{ cert = \"{}\", key = \"{}\" }},\n  {{ cert = \"{}\", key = \"{}\" }},\n]\n{extra}\n",
+        pki.path("api.pem").display(),
+        pki.path("api.key").display(),
+        pki.path("wild.pem").display(),
+        pki.path("wild.key").display(),
+    )
+}
+
+fn tls_proxy(pki: &Pki, shards: u32, server: SocketAddr, extra: &str) -> Proxy {
+    let config = format!(
+        "[runtime]\nshards = {shards}\n[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"front\"\nbind = \"127.0.0.1:0\"\npool = \"app\"\n{}\n[[pool]]\nname = \"app\"\nservers = [ {{ addr = \"{server}\" }} ]\n",
+        tls_block(pki, extra)
+    );
+    Proxy::start(&config)
+}
+
+fn standard_pki() -> Pki {
+    let pki = Pki::new("ringproxy test CA");
+    pki.issue("api", &["api.example.com"], false);
+    pki.issue("wild", &["*.example.com"], true);
+    pki
+}
+
+fn metric(proxy: &Proxy, name: &str, labels: &str) -> f64 {
+    let text = admin::get(proxy.admin(), "/metrics").body;
+    text.lines()
+        .filter(|line| line.starts_with(name) && line.contains(labels))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `openssl s_client -brief` against the proxy: its summary lines (stderr and stdout).
+fn s_client(openssl: &Path, addr: SocketAddr, args: &[&str]) -> String {
+    s_client_with(openssl, addr, &[&["-brief"][..], args].concat())
+}
+
+/// `openssl s_client` with `args`; its input ends after 300 ms (so TLS 1.3 session tickets,
+/// sent after the handshake, arrive first).
+fn s_client_with(openssl: &Path, addr: SocketAddr, args: &[&str]) -> String {
+    let mut child = Command::new(openssl)
+        .arg("s_client")
+        .arg("-connect")
+        .arg(addr.to_string())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl s_client");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(child.stdin.take());
+    let output = child.wait_with_output().expect("openssl s_client");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn certificates_by_sni_default_alpn_and_versions_with_openssl() {
+    let Some(openssl) = tool("openssl", "openssl") else {
+        return;
+    };
+    let pki = standard_pki();
+    let server = TestServer::start(Behaviour::Echo);
+    let proxy = tls_proxy(&pki, 1, server.addr, "alpn = [\"h2\", \"http/1.1\"]");
+    let addr = proxy.addr();
+    let ca = pki.path("ca.pem");
+    let ca = ca.to_str().expect("path");
+    let exact = s_client(
+        &openssl,
+        addr,
+        &["-servername", "api.example.com", "-CAfile", ca],
+    );
+    assert!(
+        exact.contains("Peer certificate: CN = api.example.com"),
+        "{exact}"
+    );
+    assert!(exact.contains("Verification: OK"), "{exact}");
+    let wildcard = s_client(
+        &openssl,
+        addr,
+        &["-servername", "db.example.com", "-CAfile", ca],
+    );
+    assert!(
+        wildcard.contains("Peer certificate: CN = *.example.com"),
+        "{wildcard}"
+    );
+    // A name no certificate has, and no name at all: the first certificate.
+    let unknown = s_client(&openssl, addr, &["-servername", "other.test"]);
+    assert!(
+        unknown.contains("Peer certificate: CN = api.example.com"),
+        "{unknown}"
+    );
+    let nameless = s_client(&openssl, addr, &["-noservername"]);
+    assert!(
+        nameless.contains("Peer certificate: CN = api.example.com"),
+        "{nameless}"
+    );
+    let h2 = s_client_with(
+        &openssl,
+        addr,
+        &["-servername", "api.example.com", "-alpn", "h2"],
+    );
+    assert!(h2.contains("ALPN protocol: h2"), "{h2}");
+    let tls12 = s_client(
+        &openssl,
+        addr,
+        &["-servername", "api.example.com", "-tls1_2"],
+    );
+    assert!(tls12.contains("Protocol version: TLSv1.2"), "{tls12}");
+    let tls13 = s_client(
+        &openssl,
+        addr,
+        &["-servername", "api.example.com", "-tls1_3"],
+    );
+    assert!(tls13.contains("Protocol version: TLSv1.3"), "{tls13}");
+    assert!(wait_for(Duration::from_secs(3), || {
+        metric(&proxy, "ringproxy_tls_versions_total", "version=\"1.2\"") >= 1.0
+            && metric(&proxy, "ringproxy_tls_handshakes_total", "result=\"full\"") >= 7.0
+    }));
+    assert!(
+        metric(
+            &proxy,
+            "ringproxy_tls_certificate_expiry_timestamp_seconds",
+            "certificate=\"*.example.com\""
+        ) > 1.7e9
+    );
+    let status = admin::status(proxy.admin());
+    let certificates = &status["listeners"][0]["tls"]["certificates"];
+    assert_eq!(certificates[1]["names"][0], "*.example.com", "{status}");
+}
+
+#[test]
+fn default_certificate_by_name_or_reject() {
+    let Some(openssl) = tool("openssl", "openssl") else {
+        return;
+    };
+    let pki = standard_pki();
+    let server = TestServer::start(Behaviour::Echo);
+    let proxy = tls_proxy(
+        &pki,
+        1,
+        server.addr,
+        "default_certificate = \"*.example.com\"",
+    );
+    let unknown = s_client(&openssl, proxy.addr(), &["-servername", "other.test"]);
+    assert!(
+        unknown.contains("Peer certificate: CN = *.example.com"),
+        "{unknown}"
+    );
+    drop(proxy);
+    let proxy = tls_proxy(&pki, 1, server.addr, "default_certificate = \"reject\"");
+    let refused = s_client(&openssl, proxy.addr(), &["-servername", "other.test"]);
+    assert!(!refused.contains("CONNECTION ESTABLISHED"), "{refused}");
+    let known = s_client(&openssl, proxy.addr(), &["-servername", "api.example.com"]);
+    assert!(known.contains("CONNECTION ESTABLISHED"), "{known}");
+    assert!(wait_for(Duration::from_secs(3), || {
+        metric(
+            &proxy,
+            "ringproxy_tls_handshake_failures_total",
+            "reason=\"no_certificate\"",
+        ) == 1.0
+    }));
+    // One from the first proxy's client, one from the known name: the refused never arrived.
+    assert_eq!(
+        server.accepted(),
+        2,
+        "the refused handshake never reached the server"
+    );
+}
+
+#[test]
+fn min_version_13_refuses_12() {
+    let Some(openssl) = tool("openssl", "openssl") else {
+        return;
+    };
+    let pki = standard_pki();
+    let server = TestServer::start(Behaviour::Echo);
+    let proxy = tls_proxy(&pki, 1, server.addr, "min_version = \"1.3\"");
+    let old = s_client(
+        &openssl,
+        proxy.addr(),
+        &["-servername", "api.example.com", "-tls1_2"],
+    );
+    assert!(!old.contains("CONNECTION ESTABLISHED"), "{old}");
+    let new = s_client(
+        &openssl,
+        proxy.addr(),
+        &["-servername", "api.example.com", "-tls1_3"],
+    );
+    assert!(new.contains("Protocol version: TLSv1.3"), "{new}");
+    assert!(wait_for(Duration::from_secs(3), || {
+        metric(
+            &proxy,
+            "ringproxy_tls_handshake_failures_total",
+            "reason=\"incompatible\"",
+        ) == 1.0
+            && metric(
+                &proxy,
+                "ringproxy_connections_rejected_total",
+                "reason=\"tls_handshake\"",
+            ) == 1.0
+    }));
+}
+
+/// curl through termination to nginx, then every byte of large transfers both ways, in order,
+/// and the half-closes passed on as close_notify and FIN.
+#[test]
+fn curl_to_nginx_and_bulk_both_ways_through_termination() {
+    let pki = standard_pki();
+    if let (Some(curl), Some(nginx)) = (tool("curl", "curl"), tool("nginx", "nginx")) {
+        let dir = tempfile::tempdir().expect("nginx dir");
+        let port = common::free_port();
+        let page = vec![b'x'; 3 * 1024 * 1024 + 17];
+        std::fs::write(dir.path().join("big"), &page).expect("page");
+        let d = dir.path().display();
+        std::fs::write(
+            dir.path().join("nginx.conf"),
+            format!(
+                "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+                 events {{ worker_connections 64; }}\nhttp {{ access_log off;\n\
+                 server {{ listen 127.0.0.1:{port}; root {d};\n\
+                 location = / {{ return 200 \"nginx page\\n\"; }} }} }}\n"
+            ),
+        )
+        .expect("nginx.conf");
+        let _nginx = common::start_server(
+            "nginx",
+            Command::new(nginx)
+                .arg("-c")
+                .arg(dir.path().join("nginx.conf"))
+                .arg("-p")
+                .arg(dir.path()),
+            &[port],
+            Duration::from_secs(10),
+        );
+        let proxy = tls_proxy(
+            &pki,
+            1,
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            "alpn = [\"http/1.1\"]",
+        );
+        let resolve = format!("api.example.com:{}:127.0.0.1", proxy.addr().port());
+        let base = format!("https://api.example.com:{}", proxy.addr().port());
+        let fetch = |path: &str| {
+            Command::new(&curl)
+                .args(["-sS", "--fail", "--cacert"])
+                .arg(pki.path("ca.pem"))
+                .args(["--resolve", &resolve])
+                .arg(format!("{base}{path}"))
+                .output()
+                .expect("curl")
+        };
+        let answer = fetch("/");
+        assert!(answer.status.success(), "{answer:?}");
+        assert_eq!(answer.stdout, b"nginx page\n");
+        let big = fetch("/big");
+        assert!(
+            big.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&big.stderr)
+        );
+        assert!(
+            big.stdout == page,
+            "the 3 MiB file arrived changed ({} bytes)",
+            big.stdout.len()
+        );
+    }
+
+    // Both directions at once through an echo server: every byte back, in order.
+    let echo = TestServer::start(Behaviour::Echo);
+    let proxy = tls_proxy(&pki, 1, echo.addr, "");
+    let config = client_config(&pki.path("ca.pem"), &[], None);
+    let mut client = tls_connect(proxy.addr(), "api.example.com", &config).expect("handshake");
+    let sent: Vec<u8> = (0..8 * 1024 * 1024u32)
+        .map(|i| (i * 7 + i / 251) as u8)
+        .collect();
+    let mut received = Vec::with_capacity(sent.len());
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut offset = 0;
+    // Alternate writes and reads so neither side's buffers fill.
+    while received.len() < sent.len() {
+        if offset < sent.len() {
+            let end = (offset + 256 * 1024).min(sent.len());
+            client.write_all(&sent[offset..end]).expect("write");
+            client.flush().expect("flush");
+            offset = end;
+        }
+        while received.len() < offset {
+            let count = client.read(&mut chunk).expect("read echo");
+            assert!(count > 0, "early end after {} bytes", received.len());
+            received.extend_from_slice(&chunk[..count]);
+        }
+    }
+    assert!(received == sent, "the echo differs");
+    drop(client);
+
+    // close_notify from the client reaches the server as a FIN; its answer comes back, then
+    // close_notify and FIN.
+    let counter = TestServer::start(Behaviour::CountUntilFin);
+    let proxy = tls_proxy(&pki, 1, counter.addr, "");
+    let mut client = tls_connect(proxy.addr(), "api.example.com", &config).expect("handshake");
+    client.write_all(&vec![b'z'; 1_000_000]).expect("write");
+    client.conn.send_close_notify();
+    client.flush().expect("flush close_notify");
+    let mut answer = String::new();
+    client
+        .read_to_string(&mut answer)
+        .expect("the answer, then a clean close_notify");
+    assert_eq!(answer, "1000000\n");
+}
+
+#[test]
+fn mutual_tls_admits_the_ca_clients_and_refuses_others_with_an_alert() {
+    let pki = standard_pki();
+    let (client_cert, client_key) = pki.issue("client", &["client.example.com"], false);
+    let stranger = Pki::new("another CA");
+    let (other_cert, other_key) = stranger.issue("client", &["client.example.com"], false);
+    let server = TestServer::start(Behaviour::Echo);
+    let extra = format!(
+        "client_ca = \"{}\"\nclient_auth = \"required\"",
+        pki.path("ca.pem").display()
+    );
+    let proxy = tls_proxy(&pki, 1, server.addr, &extra);
+    let ca = pki.path("ca.pem");
+
+    let trusted = client_config(&ca, &[], Some((&client_cert, &client_key)));
+    let mut client = tls_connect(proxy.addr(), "api.example.com", &trusted).expect("admitted");
+    client.write_all(b"hello\n").expect("write");
+    let mut echo = [0u8; 6];
+    client.read_exact(&mut echo).expect("echo");
+    assert_eq!(&echo, b"hello\n");
+    drop(client);
+
+    // TLS 1.3: the client finishes before the server checks its certificate, so the refusal
+    // (an alert) arrives on the first read.
+    for config in [
+        client_config(&ca, &[], None),
+        client_config(&ca, &[], Some((&other_cert, &other_key))),
+    ] {
+        let refused = tls_connect(proxy.addr(), "api.example.com", &config).and_then(|mut c| {
+            c.write_all(b"hello\n")?;
+            let mut byte = [0u8; 1];
+            c.read(&mut byte)
+        });
+        let error = refused.expect_err("refused");
+        assert!(
+            error.to_string().contains("alert") || error.to_string().contains("Alert"),
+            "not refused with an alert: {error}"
+        );
+    }
+    assert!(wait_for(Duration::from_secs(3), || {
+        metric(
+            &proxy,
+            "ringproxy_tls_handshake_failures_total",
+            "reason=\"client_certificate\"",
+        ) == 2.0
+            && metric(
+                &proxy,
+                "ringproxy_connections_rejected_total",
+                "reason=\"tls_handshake\"",
+            ) == 2.0
+    }));
+    assert_eq!(
+        server.accepted(),
+        1,
+        "refused clients never reach the server"
+    );
+}
+
+/// Plain HTTP, garbage, truncated and mutated ClientHellos and silence: each is closed and
+/// counted, none reaches the server, the proxy keeps serving and its sessions go back to zero.
+#[test]
+fn garbage_truncated_hellos_and_silence_are_closed_and_counted() {
+    let pki = standard_pki();
+    let server = TestServer::start(Behaviour::Echo);
+    let proxy = tls_proxy(&pki, 1, server.addr, "handshake_timeout = \"1s\"");
+    let addr = proxy.addr();
+
+    let mut http = TcpStream::connect(addr).expect("connect");
+    http.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    http.write_all(b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+        .expect("write");
+    let mut answer = Vec::new();
+    let _ = http.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP"),
+        "a plain request got an HTTP answer"
+    );
+
+    // A real ClientHello, captured from a rustls client, then cut and mutated.
+    let config = client_config(&pki.path("ca.pem"), &["h2"], None);
+    let mut connection = rustls::ClientConnection::new(
+        Arc::clone(&config),
+        ServerName::try_from("api.example.com").expect("name"),
+    )
+    .expect("client");
+    let mut hello = Vec::new();
+    connection.write_tls(&mut hello).expect("hello");
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut random = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let rounds = 2_000;
+    for round in 0..rounds {
+        let mut bytes = hello.clone();
+        match round % 4 {
+            0 => bytes.truncate((random() as usize) % hello.len()),
+            1 => {
+                for _ in 0..1 + random() % 8 {
+                    let at = (random() as usize) % bytes.len();
+                    bytes[at] = random() as u8;
+                }
+            }
+            2 => bytes = (0..1 + random() % 600).map(|_| random() as u8).collect(),
+            _ => {
+                let at = (random() as usize) % bytes.len();
+                bytes.insert(at, random() as u8);
+            }
+        }
+        let Ok(mut stream) = TcpStream::connect(addr) else {
+            continue;
+        };
+        let _ = stream.write_all(&bytes);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        // Most get an alert and a close; some (truncated) wait for the timeout: don't wait.
+        if round % 97 == 0 {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+            let mut sink = Vec::new();
+            let _ = stream.read_to_end(&mut sink);
+        }
+    }
+    // Silence: cut by the handshake timeout.
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(addr).expect("connect");
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut byte = [0u8; 1];
+    let closed = silent.read(&mut byte);
+    assert!(
+        matches!(closed, Ok(0)) || closed.is_err(),
+        "the silent client was answered: {closed:?}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "cut after {waited:?}, not the 1 s handshake timeout"
+    );
+
+    // Still serving, and every failed session is gone.
+    let mut client = tls_connect(addr, "api.example.com", &config).expect("still serving");
+    client.write_all(b"ping\n").expect("write");
+    let mut echo = [0u8; 5];
+    client.read_exact(&mut echo).expect("echo");
+    drop(client);
+    assert!(wait_for(Duration::from_secs(5), || {
+        metric(&proxy, "ringproxy_connections_active", "listener=\"front\"") == 0.0
+    }));
+    let failures = metric(
+        &proxy,
+        "ringproxy_tls_handshake_failures_total",
+        "listener=\"front\"",
+    );
+    assert!(
+        failures >= rounds as f64 * 0.9,
+        "{failures} failures counted of {rounds}"
+    );
+    assert!(
+        metric(
+            &proxy,
+            "ringproxy_tls_handshake_failures_total",
+            "reason=\"timeout\""
+        ) >= 1.0
+    );
+    assert!(
+        metric(
+            &proxy,
+            "ringproxy_tls_handshake_failures_total",
+            "reason=\"protocol\""
+        ) >= 1.0
+    );
+    assert_eq!(
+        server.accepted(),
+        1,
+        "only the real client reached the server"
+    );
+    assert!(
+        !proxy
+            .logs()
+            .iter()
+            .any(|line| line.to_string().contains("panicked"))
+    );
+}
+
+/// A ticket from one shard resumes on the other: openssl saves the session, then resumes it
+/// over several new connections that the kernel spreads over both shards.
+#[test]
+fn resumption_by_ticket_across_shards() {
+    let Some(openssl) = tool("openssl", "openssl") else {
+        return;
+    };
+    let pki = standard_pki();
+    let server = TestServer::start(Behaviour::Echo);
+    let proxy = tls_proxy(&pki, 2, server.addr, "");
+    let session = pki.path("session.pem");
+    let session = session.to_str().expect("path");
+    let first = s_client_with(
+        &openssl,
+        proxy.addr(),
+        &["-servername", "api.example.com", "-sess_out", session],
+    );
+    assert!(first.contains("New, TLSv1.3"), "{first}");
+    let mut resumed = 0;
+    for _ in 0..8 {
+        let again = s_client_with(
+            &openssl,
+            proxy.addr(),
+            &["-servername", "api.example.com", "-sess_in", session],
+        );
+        if again.contains("Reused, TLSv1.3") {
+            resumed += 1;
+        }
+    }
+    assert_eq!(resumed, 8, "every resumption must work on either shard");
+    assert!(wait_for(Duration::from_secs(3), || {
+        metric(
+            &proxy,
+            "ringproxy_tls_handshakes_total",
+            "result=\"resumed\"",
+        ) == 8.0
+    }));
+}
+
+/// A reload with a new certificate file serves it to new handshakes; a broken replacement is
+/// refused and the running certificate stays.
+#[test]
+fn reload_rotates_the_certificate_and_refuses_a_broken_one() {
+    let pki = standard_pki();
+    let server = TestServer::start(Behaviour::Echo);
+    let proxy = tls_proxy(&pki, 1, server.addr, "");
+    let config = client_config(&pki.path("ca.pem"), &[], None);
+    let leaf = |proxy: &Proxy| {
+        let client = tls_connect(proxy.addr(), "api.example.com", &config).expect("handshake");
+        client.conn.peer_certificates().expect("certificates")[0].to_vec()
+    };
+    let before = leaf(&proxy);
+    let open = tls_connect(proxy.addr(), "api.example.com", &config).expect("open session");
+    pki.issue("api", &["api.example.com"], true);
+    proxy.signal(libc::SIGHUP);
+    assert!(wait_for(Duration::from_secs(5), || {
+        admin::status(proxy.admin())["reloads"]["success"] == 1
+    }));
+    let after = leaf(&proxy);
+    assert_ne!(
+        before, after,
+        "the new certificate is served after the reload"
+    );
+    // The session opened before the reload still works.
+    let mut open = open;
+    open.write_all(b"still\n").expect("write");
+    let mut echo = [0u8; 6];
+    open.read_exact(&mut echo).expect("echo");
+
+    std::fs::write(pki.path("api.key"), "-----BEGIN PRIVATE KEY-----\nbroken\n").expect("break");
+    proxy.signal(libc::SIGHUP);
+    assert!(wait_for(Duration::from_secs(5), || {
+        admin::status(proxy.admin())["reloads"]["failure"] == 1
+    }));
+    let status = admin::status(proxy.admin());
+    let error = status["last_reload"]["error"].to_string();
+    assert!(
+        error.contains("api.key"),
+        "the error names the file: {error}"
+    );
+    assert_eq!(leaf(&proxy), after, "the running certificate stays");
+}
+
+/// At start, a key that does not match its certificate exits 2 naming both files.
+#[test]
+fn a_mismatched_key_stops_the_start() {
+    let pki = standard_pki();
+    let config = format!(
+        "[[listener]]\nname = \"front\"\nbind = \"127.0.0.1:0\"\npool = \"app\"\n[listener.tls]\ncertificates = [ {{ cert = \"{}\", key = \"{}\" }} ]\n[[pool]]\nname = \"app\"\nservers = [ {{ addr = \"127.0.0.1:9\" }} ]\n",
+        pki.path("api.pem").display(),
+        pki.path("wild.key").display(),
+    );
+    let file = pki.path("bad.toml");
+    std::fs::write(&file, config).expect("config");
+    let output = Command::new(common::BIN)
+        .args(["run", "--config"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        text.contains("wild.key") && text.contains("api.pem"),
+        "{text}"
+    );
+}
