@@ -186,12 +186,9 @@ pub struct Relay<B> {
     /// Sides (bit 0 client, bit 1 server) whose next receive a bandwidth cap holds: the session
     /// is busy, not idle, and a held client has not been given the chance to send.
     held: u8,
-    /// TLS toward the client, when its listener terminates it.
-    tls: Option<Box<crate::tls::TlsStream>>,
-    /// The server is connected (false while a TLS handshake runs before the connect).
-    server_ready: bool,
-    /// Tick by which the TLS handshake must be done (u64::MAX: none, or done).
-    handshake_deadline: u64,
+    /// TLS toward the client, when its listener terminates it (boxed: plain sessions pay
+    /// one word).
+    tls: Option<Box<tls::TlsSide>>,
 }
 
 impl<B> Relay<B> {
@@ -205,8 +202,6 @@ impl<B> Relay<B> {
             first_byte_deadline: u64::MAX,
             held: 0,
             tls: None,
-            server_ready: true,
-            handshake_deadline: u64::MAX,
         }
     }
 
@@ -313,7 +308,7 @@ impl<B> Relay<B> {
     }
 
     fn start_send(&mut self, destination: Side, out: &mut Actions) {
-        if self.phase == Phase::Closing || (destination == Side::Server && !self.server_ready) {
+        if self.phase == Phase::Closing || (destination == Side::Server && !self.server_ready()) {
             return;
         }
         let flow = self.flow_to(destination);
@@ -414,7 +409,7 @@ impl<B> Relay<B> {
             return;
         }
         if source == Side::Client
-            && let Some(tls) = self.tls.as_deref_mut()
+            && let Some(tls) = self.tls.as_deref_mut().map(|side| &mut side.stream)
         {
             // The client's end reaches the server once what it sent before is decrypted.
             tls.receive_eof();
@@ -663,7 +658,7 @@ impl<B> Relay<B> {
             .unwrap_or(u64::MAX);
         idle.min(write)
             .min(self.first_byte_deadline)
-            .min(self.handshake_deadline)
+            .min(self.handshake_deadline())
     }
 
     /// Whether bytes wait for `destination` (the loop then reads its socket's unacknowledged
@@ -724,7 +719,7 @@ impl<B> Relay<B> {
                 return;
             }
         }
-        if self.phase == Phase::Relaying && now >= self.handshake_deadline {
+        if self.phase == Phase::Relaying && now >= self.handshake_deadline() {
             self.close(CloseMode::Graceful, CloseReason::HandshakeTimeout, out);
             return;
         }

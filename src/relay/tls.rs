@@ -13,6 +13,16 @@
 use super::{Action, Actions, BufferPool, CloseMode, CloseReason, Relay, Side, Spill};
 use crate::tls::{Plain, TlsFacts, TlsStream};
 
+/// A TLS session's state beside its stream.
+#[derive(Debug)]
+pub(super) struct TlsSide {
+    pub(super) stream: TlsStream,
+    /// The server is connected (false while the handshake runs, before the connect).
+    server_ready: bool,
+    /// Tick by which the handshake must be done (u64::MAX: done).
+    handshake_deadline: u64,
+}
+
 impl<B> Relay<B> {
     /// A TLS client (at tick `now`): its handshake runs first, with only the client read.
     pub fn start_tls(
@@ -22,9 +32,11 @@ impl<B> Relay<B> {
         now: u64,
         out: &mut Actions,
     ) {
-        self.tls = Some(tls);
-        self.server_ready = false;
-        self.handshake_deadline = now.saturating_add(handshake_ticks);
+        self.tls = Some(Box::new(TlsSide {
+            stream: *tls,
+            server_ready: false,
+            handshake_deadline: now.saturating_add(handshake_ticks),
+        }));
         self.last_active = self.last_active.max(now);
         self.arm_receive(Side::Client, out);
     }
@@ -32,7 +44,9 @@ impl<B> Relay<B> {
     /// The server of a TLS session is connected: `replay` (a PROXY header) goes first, then
     /// what the client has sent since its handshake.
     pub fn server_connected(&mut self, now: u64, replay: Box<[u8]>, out: &mut Actions) {
-        self.server_ready = true;
+        if let Some(side) = self.tls.as_deref_mut() {
+            side.server_ready = true;
+        }
         self.last_active = self.last_active.max(now);
         if !replay.is_empty() {
             self.upstream.spill = Some(Box::new(Spill::filled(replay)));
@@ -46,27 +60,41 @@ impl<B> Relay<B> {
 
     /// What the TLS handshake settled (None: no TLS, or not yet).
     pub fn tls_facts(&self) -> Option<TlsFacts> {
-        self.tls
-            .as_deref()
+        self.stream()
             .filter(|tls| !tls.is_handshaking())
             .map(TlsStream::facts)
     }
 
     /// Why TLS failed, if it did.
     pub fn tls_failure(&self) -> Option<String> {
-        self.tls
-            .as_deref()
+        self.stream()
             .and_then(TlsStream::failure)
             .map(ToString::to_string)
     }
 
     pub fn tls_error(&self) -> Option<&rustls::Error> {
-        self.tls.as_deref().and_then(TlsStream::failure)
+        self.stream().and_then(TlsStream::failure)
     }
 
     /// The TLS handshake is done (false without TLS).
     pub fn tls_established(&self) -> bool {
-        self.tls.as_deref().is_some_and(|tls| !tls.is_handshaking())
+        self.stream().is_some_and(|tls| !tls.is_handshaking())
+    }
+
+    /// The server is connected (always, without TLS).
+    pub(super) fn server_ready(&self) -> bool {
+        self.tls.as_deref().is_none_or(|side| side.server_ready)
+    }
+
+    /// Tick by which the TLS handshake must be done (u64::MAX: none, or done).
+    pub(super) fn handshake_deadline(&self) -> u64 {
+        self.tls
+            .as_deref()
+            .map_or(u64::MAX, |side| side.handshake_deadline)
+    }
+
+    fn stream(&self) -> Option<&TlsStream> {
+        self.tls.as_deref().map(|side| &side.stream)
     }
 
     pub fn is_tls(&self) -> bool {
@@ -75,7 +103,8 @@ impl<B> Relay<B> {
 
     /// Whether `source` may be read now (always, without TLS).
     pub(super) fn tls_may_receive(&self, source: Side) -> bool {
-        let Some(tls) = self.tls.as_deref() else {
+        let server_ready = self.server_ready();
+        let Some(tls) = self.stream() else {
             return true;
         };
         if tls.failure().is_some() {
@@ -88,9 +117,9 @@ impl<B> Relay<B> {
                 !tls.client_done()
                     && !tls.tcp_ended()
                     && !tls.has_unread()
-                    && (self.server_ready || tls.is_handshaking())
+                    && (server_ready || tls.is_handshaking())
             }
-            Side::Server => self.server_ready && !tls.wants_write(),
+            Side::Server => server_ready && !tls.wants_write(),
         }
     }
 
@@ -111,7 +140,7 @@ impl<B> Relay<B> {
         if source == Side::Client && !buffers.is_empty() {
             self.first_byte_deadline = u64::MAX;
         }
-        let Some(tls) = self.tls.as_deref_mut() else {
+        let Some(tls) = self.tls.as_deref_mut().map(|side| &mut side.stream) else {
             return;
         };
         let flow = match source {
@@ -141,9 +170,11 @@ impl<B> Relay<B> {
         }
         let capacity = self.tls_spill_capacity();
         let now = self.last_active;
-        let Some(tls) = self.tls.as_deref_mut() else {
+        let server_ready = self.server_ready();
+        let Some(side) = self.tls.as_deref_mut() else {
             return;
         };
+        let tls = &mut side.stream;
         if !self.downstream.abandoned {
             while tls.wants_write() {
                 let written = self
@@ -155,7 +186,7 @@ impl<B> Relay<B> {
             }
         }
         let mut client_ended = false;
-        if self.server_ready && !self.upstream.eof && !self.upstream.abandoned {
+        if server_ready && !self.upstream.eof && !self.upstream.abandoned {
             loop {
                 let mut ended = false;
                 let written = self.upstream.fill_spill(capacity, now, |room| {
@@ -181,7 +212,7 @@ impl<B> Relay<B> {
         let failed = tls.failure().is_some();
         let handshake_abandoned = tls.is_handshaking() && (tls.tcp_ended() || tls.client_done());
         if established {
-            self.handshake_deadline = u64::MAX;
+            side.handshake_deadline = u64::MAX;
             out.push(Action::TlsEstablished);
         }
         self.start_send(Side::Client, out);
@@ -205,7 +236,7 @@ impl<B> Relay<B> {
     /// Before the FIN toward a TLS client: close_notify, once everything before it is out.
     /// Returns true while that holds the FIN back.
     pub(super) fn close_notify_first(&mut self, out: &mut Actions) -> bool {
-        let Some(tls) = self.tls.as_deref_mut() else {
+        let Some(tls) = self.tls.as_deref_mut().map(|side| &mut side.stream) else {
             return false;
         };
         let flow = &self.downstream;

@@ -273,7 +273,8 @@ mod size {
     #[test]
     fn a_session_stays_small() {
         let bytes = std::mem::size_of::<super::Session>();
-        assert!(bytes <= 464, "Session is {bytes} bytes");
+        // 472: the relay's one word for TLS state (boxed, so plain sessions pay no more).
+        assert!(bytes <= 472, "Session is {bytes} bytes");
         let sniffing = std::mem::size_of::<super::Sniffing>();
         assert!(sniffing <= 56, "Sniffing is {sniffing} bytes");
     }
