@@ -37,6 +37,9 @@ for kind in ecdsa rsa; do
 done
 # 1 GiB of zeros for the bulk download (sparse: no disk).
 truncate -s 1G "$work/big"
+# nginx's worker (not root) reads it.
+chmod 755 "$work"
+chmod 644 "$work/big"
 
 ngx_stream_module=$(nginx -V 2>&1 | tr ' ' '\n' | grep -q -- '--with-stream=dynamic' && \
   find /usr/lib/nginx/modules -name 'ngx_stream_module.so' | head -1 || true)
@@ -75,7 +78,7 @@ EOF
   cat >"$work/hap.cfg" <<EOF
 global
   nbthread 1
-  maxconn 20000
+  maxconn 9000
   tune.ssl.cachesize 0
   ssl-default-bind-options no-tls-tickets
 defaults
@@ -167,7 +170,7 @@ measure() {
       ;;
     bulk)
       t0=$(tree_ticks "$pid")
-      out=$(timeout 60 curl -sk --http1.1 --resolve "$resolve" -o /dev/null \
+      out=$(timeout 60 curl -sk --fail --http1.1 --resolve "$resolve" -o /dev/null \
         -w '%{size_download} %{time_total}' "${url}big" || echo "0 1")
       t1=$(tree_ticks "$pid")
       read -r size seconds <<<"$out"

@@ -47,21 +47,54 @@ pub enum SendFrom {
     Spill,
 }
 
-/// Bytes copied out of ring buffers into memory of the session's own.
+/// Bytes copied out of ring buffers into memory of the session's own: `data[start..end]`,
+/// never more than `capacity` bytes (appended, so the memory is never zeroed first).
 #[derive(Debug)]
 pub struct Spill {
-    /// `None` while lent to a send in flight.
-    data: Option<Box<[u8]>>,
+    /// `None` while lent to a send in flight. Its length is `end`.
+    data: Option<Vec<u8>>,
     start: usize,
     end: usize,
+    capacity: usize,
+}
+
+/// Appends to a spill's vector without growing it past its capacity.
+pub struct SpillWriter<'a> {
+    data: &'a mut Vec<u8>,
+    capacity: usize,
+}
+
+impl SpillWriter<'_> {
+    /// Room left.
+    pub fn room(&self) -> usize {
+        self.capacity.saturating_sub(self.data.len())
+    }
+
+    /// Appends as much of `bytes` as fits; returns how much.
+    pub fn append(&mut self, bytes: &[u8]) -> usize {
+        let count = bytes.len().min(self.room());
+        self.data.extend_from_slice(&bytes[..count]);
+        count
+    }
+}
+
+impl std::io::Write for SpillWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        Ok(self.append(bytes))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Spill {
     fn new(capacity: usize) -> Spill {
         Spill {
-            data: Some(vec![0; capacity].into_boxed_slice()),
+            data: Some(Vec::with_capacity(capacity)),
             start: 0,
             end: 0,
+            capacity,
         }
     }
 
@@ -69,9 +102,10 @@ impl Spill {
     pub fn filled(bytes: Box<[u8]>) -> Spill {
         let end = bytes.len();
         Spill {
-            data: Some(bytes),
+            data: Some(bytes.into_vec()),
             start: 0,
             end,
+            capacity: end,
         }
     }
 
@@ -85,18 +119,27 @@ impl Spill {
 
     /// Copies as much of `bytes` as fits; returns how much. Nothing while lent.
     fn push(&mut self, bytes: &[u8]) -> usize {
-        let Some(data) = self.data.as_mut() else {
-            return 0;
-        };
-        if self.start > 0 && data.len() - self.end < bytes.len() {
+        let count = self
+            .writer(bytes.len())
+            .map_or(0, |mut writer| writer.append(bytes));
+        self.end += count;
+        count
+    }
+
+    /// A writer appending after the held bytes, moved to the front first when fewer than
+    /// `wanted` bytes of room are left behind them. None while lent.
+    fn writer(&mut self, wanted: usize) -> Option<SpillWriter<'_>> {
+        let data = self.data.as_mut()?;
+        if self.start > 0 && (self.start == self.end || self.capacity - self.end < wanted) {
             data.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
+            data.truncate(self.end);
         }
-        let count = bytes.len().min(data.len() - self.end);
-        data[self.end..self.end + count].copy_from_slice(&bytes[..count]);
-        self.end += count;
-        count
+        Some(SpillWriter {
+            data,
+            capacity: self.capacity,
+        })
     }
 }
 
@@ -299,34 +342,28 @@ impl<B> Flow<B> {
         }
     }
 
-    /// Lets `fill` write bytes for the destination into the spill buffer's free room (creating
-    /// it with `capacity` bytes); returns how many it wrote. Nothing while the spill is lent to
-    /// a send in flight. (TLS sessions: rustls's output has no ring buffer to queue.)
+    /// Lets `fill` append bytes for the destination to the spill buffer (creating it with
+    /// `capacity` bytes; the writer refuses more); returns how many it wrote. Nothing while the
+    /// spill is lent to a send in flight. (TLS sessions: rustls's output has no ring buffer to
+    /// queue.)
     pub fn fill_spill(
         &mut self,
         capacity: usize,
         now: u64,
-        fill: impl FnOnce(&mut [u8]) -> usize,
+        fill: impl FnOnce(&mut SpillWriter<'_>) -> usize,
     ) -> usize {
         let spill = self
             .spill
             .get_or_insert_with(|| Box::new(Spill::new(capacity)));
-        let Some(data) = spill.data.as_mut() else {
+        let Some(mut writer) = spill.writer(capacity / 2) else {
             return 0;
         };
-        if spill.start > 0 && spill.start == spill.end {
-            spill.start = 0;
-            spill.end = 0;
-        } else if spill.start > 0 && data.len() - spill.end < data.len() / 2 {
-            data.copy_within(spill.start..spill.end, 0);
-            spill.end -= spill.start;
-            spill.start = 0;
-        }
-        let room = &mut data[spill.end..];
-        if room.is_empty() {
+        if writer.room() == 0 {
             return 0;
         }
-        let written = fill(room).min(room.len());
+        let before = writer.data.len();
+        fill(&mut writer);
+        let written = writer.data.len() - before;
         spill.end += written;
         if written > 0 && self.waiting_since.is_none() {
             self.waiting_since = Some(now);
@@ -339,16 +376,18 @@ impl<B> Flow<B> {
     }
 
     /// The spill buffer's bytes to send, lent out until `restore_spill`.
-    pub fn lend_spill(&mut self) -> Option<(Box<[u8]>, usize, usize)> {
+    pub fn lend_spill(&mut self) -> Option<(Vec<u8>, usize, usize)> {
         let spill = self.spill.as_mut()?;
         let data = spill.data.take()?;
         Some((data, spill.start, spill.end))
     }
 
-    pub fn restore_spill(&mut self, data: Box<[u8]>) {
+    pub fn restore_spill(&mut self, data: Vec<u8>) {
         if let Some(spill) = self.spill.as_mut()
             && spill.data.is_none()
         {
+            let mut data = data;
+            data.truncate(spill.end);
             spill.data = Some(data);
         }
     }
@@ -381,6 +420,9 @@ impl<B> Flow<B> {
                     if spill.is_empty() {
                         spill.start = 0;
                         spill.end = 0;
+                        if let Some(data) = spill.data.as_mut() {
+                            data.clear();
+                        }
                     }
                 }
             }

@@ -179,7 +179,7 @@ impl<B> Relay<B> {
             while tls.wants_write() {
                 let written = self
                     .downstream
-                    .fill_spill(capacity, now, |room| tls.write_ciphertext(room));
+                    .fill_spill(capacity, now, |writer| tls.write_ciphertext(writer));
                 if written == 0 {
                     break;
                 }
@@ -189,8 +189,8 @@ impl<B> Relay<B> {
         if server_ready && !self.upstream.eof && !self.upstream.abandoned {
             loop {
                 let mut ended = false;
-                let written = self.upstream.fill_spill(capacity, now, |room| {
-                    match tls.read_plaintext(room) {
+                let written = self.upstream.fill_spill(capacity, now, |writer| {
+                    match tls.read_plaintext(|chunk| writer.append(chunk)) {
                         Plain::Data(count) => count,
                         Plain::Empty => 0,
                         Plain::Closed => {

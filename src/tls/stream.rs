@@ -1,7 +1,7 @@
 //! One terminated TLS session, sans-IO: ciphertext from the client goes in, plaintext for the
 //! server comes out, and the other way round. The relay owns it and moves the bytes.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Write};
 use std::sync::Arc;
 
 use rustls::{HandshakeKind, ServerConfig, ServerConnection};
@@ -114,18 +114,27 @@ impl TlsStream {
         taken
     }
 
-    /// Copies decrypted bytes into `into` (which must not be empty).
-    pub fn read_plaintext(&mut self, into: &mut [u8]) -> Plain {
+    /// Appends decrypted bytes to `into` (`append` takes what fits and says how much).
+    pub fn read_plaintext(&mut self, mut append: impl FnMut(&[u8]) -> usize) -> Plain {
         if self.client_done {
             return Plain::Closed;
         }
         loop {
-            match self.connection.reader().read(into) {
-                Ok(0) => {
+            let mut reader = self.connection.reader();
+            match reader.fill_buf() {
+                Ok([]) => {
                     self.client_done = true;
                     return Plain::Closed;
                 }
-                Ok(count) => return Plain::Data(count),
+                Ok(chunk) => {
+                    let count = append(chunk);
+                    reader.consume(count);
+                    return if count == 0 {
+                        Plain::Empty
+                    } else {
+                        Plain::Data(count)
+                    };
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     if self.unread.is_empty() || self.failure.is_some() {
                         return Plain::Empty;
@@ -164,12 +173,11 @@ impl TlsStream {
         self.connection.wants_write()
     }
 
-    /// Copies ciphertext for the client into `into`; returns how much.
-    pub fn write_ciphertext(&mut self, into: &mut [u8]) -> usize {
+    /// Writes ciphertext for the client into `into` until it takes no more; returns how much.
+    pub fn write_ciphertext(&mut self, into: &mut dyn Write) -> usize {
         let mut written = 0;
-        while written < into.len() && self.connection.wants_write() {
-            let mut window = &mut into[written..];
-            match self.connection.write_tls(&mut window) {
+        while self.connection.wants_write() {
+            match self.connection.write_tls(into) {
                 Ok(0) | Err(_) => break,
                 Ok(count) => written += count,
             }

@@ -52,7 +52,7 @@ pub struct Completion {
     flags: u32,
     ring: u32,
     /// The memory of a `send_owned`, back from the kernel.
-    owned: Option<Box<[u8]>>,
+    owned: Option<Vec<u8>>,
 }
 
 impl Completion {
@@ -62,7 +62,7 @@ impl Completion {
     }
 
     /// The memory a `send_owned` lent to the kernel, now that the send is over.
-    pub fn take_owned(&mut self) -> Option<Box<[u8]>> {
+    pub fn take_owned(&mut self) -> Option<Vec<u8>> {
         self.owned.take()
     }
 
@@ -125,7 +125,7 @@ pub struct Ring {
 /// Memory the ring holds for a send in flight.
 enum Owned {
     /// Bytes the caller lent (`send_owned`); handed back by the completion.
-    Bytes(Box<[u8]>),
+    Bytes(Vec<u8>),
     /// The message header and iovecs of a `send_buffers`; freed by the completion.
     Vector(Box<SendVector>),
 }
@@ -356,7 +356,7 @@ impl Ring {
     pub fn send_owned(
         &mut self,
         fd: RawFd,
-        data: Box<[u8]>,
+        data: Vec<u8>,
         start: usize,
         end: usize,
         user_data: u64,
@@ -375,7 +375,8 @@ impl Ring {
             .flags(libc::MSG_NOSIGNAL)
             .build()
             .user_data(key);
-        // The boxed bytes do not move when the box does; the map keeps them alive.
+        // The vector's bytes do not move when the vector does (it is not changed while the
+        // map keeps it alive).
         self.owned.insert(key, Owned::Bytes(data));
         self.push(entry)
     }
@@ -650,7 +651,7 @@ impl Drop for Ring {
         for (_, owned) in self.owned.drain() {
             match owned {
                 Owned::Bytes(data) => {
-                    Box::leak(data);
+                    data.leak();
                 }
                 Owned::Vector(vector) => {
                     Box::leak(vector);
