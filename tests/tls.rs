@@ -737,3 +737,34 @@ fn a_mismatched_key_stops_the_start() {
         "{text}"
     );
 }
+
+/// With `watch = true`, replacing the files is enough: new handshakes get the new certificate
+/// within seconds, and a broken replacement keeps the running one.
+#[test]
+fn watched_files_rotate_without_a_reload_command() {
+    let pki = standard_pki();
+    let server = TestServer::start(Behaviour::Echo);
+    let proxy = tls_proxy(&pki, 1, server.addr, "watch = true");
+    let config = client_config(&pki.path("ca.pem"), &[], None);
+    let leaf = |proxy: &Proxy| {
+        let client = tls_connect(proxy.addr(), "api.example.com", &config).expect("handshake");
+        client.conn.peer_certificates().expect("certificates")[0].to_vec()
+    };
+    let before = leaf(&proxy);
+    let changed_at = Instant::now();
+    pki.issue("api", &["api.example.com"], true);
+    assert!(
+        wait_for(Duration::from_secs(5), || leaf(&proxy) != before),
+        "the new certificate was not served within 5 s"
+    );
+    eprintln!("new certificate served after {:?}", changed_at.elapsed());
+    let after = leaf(&proxy);
+    let failures = admin::status(proxy.admin())["reloads"]["failure"]
+        .as_u64()
+        .unwrap_or(0);
+    std::fs::write(pki.path("api.key"), "-----BEGIN PRIVATE KEY-----\nbroken\n").expect("break");
+    assert!(wait_for(Duration::from_secs(5), || {
+        admin::status(proxy.admin())["reloads"]["failure"].as_u64() > Some(failures)
+    }));
+    assert_eq!(leaf(&proxy), after, "the running certificate stays");
+}

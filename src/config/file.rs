@@ -138,6 +138,7 @@ pub struct FileTls {
     pub client_auth: Option<Spanned<String>>,
     pub handshake_timeout: Option<Spanned<String>>,
     pub session_tickets: Option<Spanned<bool>>,
+    pub watch: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

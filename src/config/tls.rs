@@ -169,5 +169,6 @@ pub(super) fn resolve(
         client_auth,
         handshake_timeout,
         session_tickets: tls.session_tickets.as_ref().is_none_or(|b| *b.get_ref()),
+        watch: tls.watch.as_ref().is_some_and(|b| *b.get_ref()),
     }))
 }

@@ -361,6 +361,29 @@ fn control_thread(
     });
 }
 
+/// How often files of `[listener.tls]` with `watch = true` are looked at.
+const TLS_WATCH_PERIOD: Duration = Duration::from_secs(2);
+
+type Fingerprints = Vec<(
+    std::path::PathBuf,
+    Option<(std::time::SystemTime, u64, u64)>,
+)>;
+
+/// The files of every TLS listener with `watch = true`, as they look now.
+fn tls_fingerprints(config: &Config) -> Fingerprints {
+    let mut files: Fingerprints = config
+        .listeners
+        .iter()
+        .filter_map(|listener| listener.tls.as_deref())
+        .filter(|tls| tls.watch)
+        .flat_map(|tls| tls.files())
+        .map(|path| (path.to_path_buf(), crate::tls::file_fingerprint(path)))
+        .collect();
+    files.sort();
+    files.dedup();
+    files
+}
+
 /// Removals, slow-start ramps, the watchdog and the status line, a few times a second.
 async fn housekeeping(shared: Shared) {
     let mut last_ramp_publish = Instant::now();
@@ -369,9 +392,24 @@ async fn housekeeping(shared: Shared) {
     let mut last_rebalance = Instant::now();
     let mut rates = shares::RateBalancer::default();
     let mut interval = tokio::time::interval(HOUSEKEEPING);
+    let mut last_watch = Instant::now();
+    let mut watched = tls_fingerprints(&shared.borrow().config);
     loop {
         interval.tick().await;
         let now = Instant::now();
+        if now.duration_since(last_watch) >= TLS_WATCH_PERIOD {
+            last_watch = now;
+            let seen = tls_fingerprints(&shared.borrow().config);
+            if seen != watched {
+                info!("a watched TLS file changed: reloading");
+                let (status, body) = reload(&shared);
+                if status != 200 {
+                    warn!(error = %body["error"], "reload rejected; the running config stays");
+                }
+                // Once per change: a broken file is not tried again until it changes again.
+                watched = tls_fingerprints(&shared.borrow().config);
+            }
+        }
         let mut control = shared.borrow_mut();
         control.collect_removed();
         let ramps_before = control.ramps.len();

@@ -136,6 +136,26 @@ pub struct TlsSettings {
     pub client_auth: ClientAuth,
     pub handshake_timeout: Duration,
     pub session_tickets: bool,
+    /// The control thread reloads when one of the files changes.
+    pub watch: bool,
+}
+
+impl TlsSettings {
+    /// Every file the settings were read from.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.certificates
+            .iter()
+            .flat_map(|c| [c.cert_path.as_path(), c.key_path.as_path()])
+            .chain(self.client_ca.iter().map(|(path, _)| path.as_path()))
+    }
+}
+
+/// What a watched file looks like now (modification time, size, inode; None: unreadable), to
+/// notice a replacement whichever way it was made (rewritten, renamed over, a symlink moved).
+pub fn file_fingerprint(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.modified().ok()?, metadata.len(), metadata.ino()))
 }
 
 /// Reads a certificate chain and its key and checks that they belong together.

@@ -27,6 +27,7 @@ fn settings(certificates: Vec<Certificate>, default: DefaultCertificate) -> TlsS
         client_auth: ClientAuth::None,
         handshake_timeout: Duration::from_secs(10),
         session_tickets: true,
+        watch: false,
     }
 }
 
