@@ -5,7 +5,9 @@
 # scrape and check with), and the real clients the routing tests send through the proxy:
 # curl, openssl, psql (postgresql-client) and redis-cli (redis-tools); HAProxy and nginx, which
 # the PROXY protocol tests put in front of and behind the proxy; and the real servers of the
-# one-port test: PostgreSQL, Redis, MariaDB, nginx's RTMP module, with ffmpeg as RTMP client.
+# one-port test: PostgreSQL, Redis, MariaDB, nginx's RTMP module, with ffmpeg as RTMP client;
+# and Debian's python3-grpcio, whose client and server make a real gRPC call through TLS
+# termination.
 #   bash tests/run.sh            # from the repository root or anywhere
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +25,7 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 { command -v mariadbd >/dev/null 2>&1 && command -v mariadb >/dev/null 2>&1; } || missing+=(mariadb-server mariadb-client)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
+{ [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import grpc' >/dev/null 2>&1; } || missing+=(python3-grpcio)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     # Packages such as nginx start their service on install; the tests start their own

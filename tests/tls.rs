@@ -768,3 +768,95 @@ fn watched_files_rotate_without_a_reload_command() {
     }));
     assert_eq!(leaf(&proxy), after, "the running certificate stays");
 }
+
+const GRPC_SERVER: &str = r#"
+import sys
+from concurrent import futures
+import grpc
+
+def say(request, context):
+    return b"echo:" + request
+
+handler = grpc.method_handlers_generic_handler(
+    "test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(say)})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+server.add_generic_rpc_handlers((handler,))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+server.wait_for_termination()
+"#;
+
+const GRPC_CLIENT: &str = r#"
+import sys
+import grpc
+
+port, ca = sys.argv[1], sys.argv[2]
+credentials = grpc.ssl_channel_credentials(root_certificates=open(ca, "rb").read())
+channel = grpc.secure_channel(
+    "127.0.0.1:" + port, credentials,
+    options=(("grpc.ssl_target_name_override", "api.example.com"),))
+say = channel.unary_unary("/test.Echo/Say")
+for i in range(3):
+    print(say(b"hello %d" % i, timeout=10).decode())
+"#;
+
+/// A real gRPC call (Debian's python3-grpcio, generic handlers): the client speaks TLS with
+/// ALPN h2 to the proxy, which relays the HTTP/2 bytes to an h2c grpcio server.
+#[test]
+fn grpc_over_tls_to_an_h2c_server() {
+    let python = Path::new("/usr/bin/python3");
+    let has_grpc = python.is_file()
+        && Command::new(python)
+            .args(["-c", "import grpc"])
+            .status()
+            .is_ok_and(|status| status.success());
+    if !has_grpc {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "python3-grpcio is missing; CI must install it"
+        );
+        eprintln!("SKIPPED: python3-grpcio is not installed (apt-get install python3-grpcio)");
+        return;
+    }
+    let pki = standard_pki();
+    std::fs::write(pki.path("server.py"), GRPC_SERVER).expect("server.py");
+    std::fs::write(pki.path("client.py"), GRPC_CLIENT).expect("client.py");
+    let mut child = Command::new(python)
+        .arg(pki.path("server.py"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("grpc server");
+    let stdout = child.stdout.take().expect("stdout");
+    let server = common::Started {
+        child,
+        name: "grpc server",
+    };
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("port");
+    let port: u16 = line.trim().parse().expect("the server's port");
+    let proxy = tls_proxy(
+        &pki,
+        1,
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        "alpn = [\"h2\"]",
+    );
+    let output = Command::new(python)
+        .arg(pki.path("client.py"))
+        .arg(proxy.addr().port().to_string())
+        .arg(pki.path("ca.pem"))
+        .output()
+        .expect("grpc client");
+    assert!(
+        output.status.success(),
+        "the call failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "echo:hello 0\necho:hello 1\necho:hello 2\n"
+    );
+    drop(server);
+}
