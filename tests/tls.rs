@@ -860,3 +860,92 @@ fn grpc_over_tls_to_an_h2c_server() {
     );
     drop(server);
 }
+
+/// With `send_proxy = "v2"`, the server learns what the handshake settled: ALPN, SNI and the
+/// PP2_TYPE_SSL TLV with the version, the client certificate's CN and the cipher (read here
+/// with the `ppp` crate, not the proxy's own parser).
+#[test]
+fn proxy_v2_tells_the_server_about_the_tls_session() {
+    let pki = standard_pki();
+    let (client_cert, client_key) = pki.issue("client", &["billing-client"], false);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("server");
+    let server_addr = listener.local_addr().expect("addr");
+    let recorder = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut bytes = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !bytes.ends_with(b"ping") {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(count) => bytes.extend_from_slice(&chunk[..count]),
+            }
+        }
+        let _ = stream.write_all(b"pong");
+        bytes
+    });
+    let extra = format!(
+        "client_ca = \"{}\"\nalpn = [\"h2\", \"http/1.1\"]",
+        pki.path("ca.pem").display()
+    );
+    let config = format!(
+        "[runtime]\nshards = 1\n[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"front\"\nbind = \"127.0.0.1:0\"\npool = \"app\"\n{}\n[[pool]]\nname = \"app\"\nsend_proxy = \"v2\"\nservers = [ {{ addr = \"{server_addr}\" }} ]\n",
+        tls_block(&pki, &extra)
+    );
+    let proxy = Proxy::start(&config);
+    let client_config = client_config(
+        &pki.path("ca.pem"),
+        &["http/1.1"],
+        Some((&client_cert, &client_key)),
+    );
+    let mut client =
+        tls_connect(proxy.addr(), "api.example.com", &client_config).expect("handshake");
+    client.write_all(b"ping").expect("write");
+    let mut pong = [0u8; 4];
+    client.read_exact(&mut pong).expect("pong");
+    let bytes = recorder.join().expect("recorder");
+    let header = ppp::v2::Header::try_from(&bytes[..]).expect("a PROXY v2 header");
+    let tlvs: Vec<(u8, Vec<u8>)> = header
+        .tlvs()
+        .map(|tlv| tlv.expect("a TLV"))
+        .map(|tlv| (tlv.kind, tlv.value.to_vec()))
+        .collect();
+    let find = |kind: u8| {
+        tlvs.iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no TLV {kind:#x} in {tlvs:?}"))
+    };
+    assert_eq!(find(0x01), b"http/1.1");
+    assert_eq!(find(0x02), b"api.example.com");
+    let ssl = find(0x20);
+    assert_eq!(
+        ssl[0] & 0x03,
+        0x03,
+        "client used SSL and sent a certificate"
+    );
+    assert_eq!(&ssl[1..5], &[0, 0, 0, 0], "verified");
+    let mut subs = Vec::new();
+    let mut at = 5;
+    while at + 3 <= ssl.len() {
+        let length = usize::from(u16::from_be_bytes([ssl[at + 1], ssl[at + 2]]));
+        subs.push((
+            ssl[at],
+            String::from_utf8_lossy(&ssl[at + 3..at + 3 + length]).into_owned(),
+        ));
+        at += 3 + length;
+    }
+    assert!(subs.contains(&(0x21, "TLSv1.3".to_string())), "{subs:?}");
+    assert!(
+        subs.contains(&(0x22, "billing-client".to_string())),
+        "{subs:?}"
+    );
+    assert!(
+        subs.iter()
+            .any(|(kind, value)| *kind == 0x23 && value.starts_with("TLS_AES_")),
+        "{subs:?}"
+    );
+    assert!(bytes.ends_with(b"ping"));
+}

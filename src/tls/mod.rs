@@ -247,6 +247,60 @@ pub fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certificates)
 }
 
+/// A certificate's subject CN.
+fn subject_cn(certificate: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
+}
+
+/// PROXY protocol v2 TLVs describing a terminated session, as HAProxy's `send-proxy-v2-ssl-cn`
+/// writes them: ALPN (0x01), the SNI as authority (0x02), and PP2_TYPE_SSL (0x20: client flags,
+/// verify result 0, then the version, the client certificate's CN and the cipher as sub-TLVs).
+pub fn proxy_tlvs(facts: &TlsFacts) -> Vec<(u8, Vec<u8>)> {
+    const PP2_CLIENT_SSL: u8 = 0x01;
+    const PP2_CLIENT_CERT_CONN: u8 = 0x02;
+    const PP2_CLIENT_CERT_SESS: u8 = 0x04;
+    let mut tlvs = Vec::new();
+    if let Some(alpn) = &facts.alpn {
+        tlvs.push((0x01, alpn.as_bytes().to_vec()));
+    }
+    if let Some(name) = &facts.server_name {
+        tlvs.push((0x02, name.as_bytes().to_vec()));
+    }
+    let mut client = PP2_CLIENT_SSL;
+    if facts.client_certificate {
+        client |= PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS;
+    }
+    // A handshake that completed verified any client certificate it carried: verify = 0.
+    let mut ssl = vec![client, 0, 0, 0, 0];
+    let mut sub = |kind: u8, value: &[u8]| {
+        if let Ok(length) = u16::try_from(value.len()) {
+            ssl.push(kind);
+            ssl.extend_from_slice(&length.to_be_bytes());
+            ssl.extend_from_slice(value);
+        }
+    };
+    let version = match facts.version {
+        0x0304 => "TLSv1.3",
+        0x0303 => "TLSv1.2",
+        _ => "",
+    };
+    if !version.is_empty() {
+        sub(0x21, version.as_bytes());
+    }
+    if let Some(cn) = &facts.client_cn {
+        sub(0x22, cn.as_bytes());
+    }
+    if let Some(cipher) = facts.cipher {
+        // rustls names TLS 1.3 suites TLS13_*; the IANA (and OpenSSL) names are TLS_*.
+        let iana = cipher.replacen("TLS13_", "TLS_", 1);
+        sub(0x23, iana.as_bytes());
+    }
+    tlvs.push((0x20, ssl));
+    tlvs
+}
+
 /// The leaf's DNS names (subjectAltName, else the subject's CN) and notAfter.
 fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, i64), String> {
     use x509_parser::prelude::*;

@@ -27,6 +27,8 @@ pub struct TlsFacts {
     pub cipher: Option<&'static str>,
     pub resumed: bool,
     pub client_certificate: bool,
+    /// The client certificate's subject CN (mTLS).
+    pub client_cn: Option<String>,
 }
 
 pub struct TlsStream {
@@ -246,6 +248,10 @@ impl TlsStream {
             client_certificate: connection
                 .peer_certificates()
                 .is_some_and(|certificates| !certificates.is_empty()),
+            client_cn: connection
+                .peer_certificates()
+                .and_then(|certificates| certificates.first())
+                .and_then(|leaf| super::subject_cn(leaf)),
         }
     }
 }

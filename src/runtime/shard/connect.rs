@@ -194,7 +194,17 @@ impl Shard {
                     .sniffing
                     .as_deref()
                     .and_then(|sniffing| sniffing.carried.as_deref());
-                let tlvs = carried.map_or(&[][..], |carried| carried.tlvs.as_slice());
+                // A terminated TLS session tells its server what the handshake settled.
+                let tls_tlvs = match version {
+                    crate::sniff::proxy::ProxyVersion::V2 => session
+                        .relay
+                        .tls_facts()
+                        .map(|facts| crate::tls::proxy_tlvs(&facts)),
+                    _ => None,
+                };
+                let tlvs = carried.map_or(tls_tlvs.as_deref().unwrap_or(&[]), |carried| {
+                    carried.tlvs.as_slice()
+                });
                 let carried = carried.and_then(|carried| carried.addresses);
                 let addresses = match carried {
                     // What the client's own load balancer said, passed on with its TLVs.
