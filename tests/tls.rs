@@ -532,41 +532,52 @@ fn garbage_truncated_hellos_and_silence_are_closed_and_counted() {
     .expect("client");
     let mut hello = Vec::new();
     connection.write_tls(&mut hello).expect("hello");
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut random = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
-    let rounds = 2_000;
-    for round in 0..rounds {
-        let mut bytes = hello.clone();
-        match round % 4 {
-            0 => bytes.truncate((random() as usize) % hello.len()),
-            1 => {
-                for _ in 0..1 + random() % 8 {
-                    let at = (random() as usize) % bytes.len();
-                    bytes[at] = random() as u8;
+    // 100,000 of them from two threads, each with its own generator.
+    let rounds = 100_000;
+    let workers: Vec<_> = (0..2u64)
+        .map(|worker| {
+            let hello = hello.clone();
+            std::thread::spawn(move || {
+                let mut seed = 0x2545_f491_4f6c_dd1du64 ^ (worker + 1).wrapping_mul(0x9e37_79b9);
+                let mut random = move || {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed
+                };
+                for round in 0..rounds / 2 {
+                    let mut bytes = hello.clone();
+                    match round % 4 {
+                        0 => bytes.truncate((random() as usize) % hello.len()),
+                        1 => {
+                            for _ in 0..1 + random() % 8 {
+                                let at = (random() as usize) % bytes.len();
+                                bytes[at] = random() as u8;
+                            }
+                        }
+                        2 => bytes = (0..1 + random() % 600).map(|_| random() as u8).collect(),
+                        _ => {
+                            let at = (random() as usize) % bytes.len();
+                            bytes.insert(at, random() as u8);
+                        }
+                    }
+                    let Ok(mut stream) = TcpStream::connect(addr) else {
+                        continue;
+                    };
+                    let _ = stream.write_all(&bytes);
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                    // Most get an alert and a close; some (truncated) wait for the timeout.
+                    if round % 997 == 0 {
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+                        let mut sink = Vec::new();
+                        let _ = stream.read_to_end(&mut sink);
+                    }
                 }
-            }
-            2 => bytes = (0..1 + random() % 600).map(|_| random() as u8).collect(),
-            _ => {
-                let at = (random() as usize) % bytes.len();
-                bytes.insert(at, random() as u8);
-            }
-        }
-        let Ok(mut stream) = TcpStream::connect(addr) else {
-            continue;
-        };
-        let _ = stream.write_all(&bytes);
-        let _ = stream.shutdown(std::net::Shutdown::Write);
-        // Most get an alert and a close; some (truncated) wait for the timeout: don't wait.
-        if round % 97 == 0 {
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
-            let mut sink = Vec::new();
-            let _ = stream.read_to_end(&mut sink);
-        }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().expect("fuzzing client");
     }
     // Silence: cut by the handshake timeout.
     let started = Instant::now();
@@ -948,4 +959,70 @@ fn proxy_v2_tells_the_server_about_the_tls_session() {
         "{subs:?}"
     );
     assert!(bytes.ends_with(b"ping"));
+}
+
+/// Certificates rotated five times under a continuous load of new TLS connections: not one
+/// handshake fails, and the last certificate is the one served.
+#[test]
+fn rotation_under_handshake_load_fails_no_handshake() {
+    let pki = standard_pki();
+    let server = TestServer::start(Behaviour::Echo);
+    let proxy = tls_proxy(&pki, 2, server.addr, "");
+    let config = client_config(&pki.path("ca.pem"), &[], None);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let addr = proxy.addr();
+    let loaders: Vec<_> = (0..2)
+        .map(|_| {
+            let config = Arc::clone(&config);
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let (mut done, mut failed) = (0u64, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match tls_connect(addr, "api.example.com", &config).and_then(|mut client| {
+                        client.write_all(b"x")?;
+                        let mut echo = [0u8; 1];
+                        client.read_exact(&mut echo)
+                    }) {
+                        Ok(()) => done += 1,
+                        Err(error) => failed.push(error.to_string()),
+                    }
+                }
+                (done, failed)
+            })
+        })
+        .collect();
+    let mut generation = 0;
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(300));
+        pki.issue("api", &["api.example.com"], generation % 2 == 0);
+        generation += 1;
+        proxy.signal(libc::SIGHUP);
+        assert!(wait_for(Duration::from_secs(5), || {
+            admin::status(proxy.admin())["reloads"]["success"] == generation
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut done, mut failed) = (0, Vec::new());
+    for loader in loaders {
+        let (d, f) = loader.join().expect("loader");
+        done += d;
+        failed.extend(f);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} handshakes failed: {:?}",
+        failed.len(),
+        done,
+        &failed[..failed.len().min(3)]
+    );
+    assert!(done > 100, "only {done} handshakes under load");
+    let served = tls_connect(addr, "api.example.com", &config).expect("handshake");
+    let leaf = served.conn.peer_certificates().expect("certificates")[0].to_vec();
+    let last = CertificateDer::pem_file_iter(pki.path("api.pem"))
+        .expect("api.pem")
+        .next()
+        .expect("a certificate")
+        .expect("pem");
+    assert_eq!(leaf, last.to_vec(), "the last certificate is served");
 }
