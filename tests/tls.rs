@@ -991,11 +991,9 @@ fn rotation_under_handshake_load_fails_no_handshake() {
             })
         })
         .collect();
-    let mut generation = 0;
-    for _ in 0..5 {
+    for generation in 1..=5u64 {
         std::thread::sleep(Duration::from_millis(300));
-        pki.issue("api", &["api.example.com"], generation % 2 == 0);
-        generation += 1;
+        pki.issue("api", &["api.example.com"], generation % 2 == 1);
         proxy.signal(libc::SIGHUP);
         assert!(wait_for(Duration::from_secs(5), || {
             admin::status(proxy.admin())["reloads"]["success"] == generation
