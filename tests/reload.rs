@@ -28,23 +28,6 @@ fn reload(admin: SocketAddr) -> admin::Response {
     http(admin, "POST", "/reload", Some(TOKEN), None)
 }
 
-/// `ringload`, built beside this test's `ringproxy` (built on the spot if this test runs alone).
-fn ringload() -> PathBuf {
-    let path = std::path::Path::new(BIN)
-        .parent()
-        .expect("target dir")
-        .join("ringload");
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let built = Command::new(cargo)
-            .args(["build", "-p", "ringload", "--quiet"])
-            .status()
-            .expect("build ringload");
-        assert!(built.success(), "cannot build ringload");
-    }
-    path
-}
-
 /// `ringload serve --mode echo` on an ephemeral loopback port.
 struct EchoBackend {
     child: Child,

@@ -1024,3 +1024,68 @@ fn rotation_under_handshake_load_fails_no_handshake() {
         .expect("pem");
     assert_eq!(leaf, last.to_vec(), "the last certificate is served");
 }
+
+/// `ringload rr --tls` through termination: full handshakes per request, then resumed ones,
+/// then with a client certificate; every answer checked by ringload, every handshake counted by
+/// the proxy.
+#[test]
+fn ringload_rr_tls_full_resumed_and_mutual() {
+    let pki = standard_pki();
+    let (client_cert, client_key) = pki.issue("client", &["loadgen"], false);
+    let server = TestServer::start(Behaviour::Echo);
+    let extra = format!(
+        "client_ca = \"{}\"\nclient_auth = \"optional\"",
+        pki.path("ca.pem").display()
+    );
+    let proxy = tls_proxy(&pki, 2, server.addr, &extra);
+    let target = proxy.addr().to_string();
+    let ca = pki.path("ca.pem");
+    let ca = ca.to_str().expect("path");
+    let run = |extra: &[&str]| {
+        let json = pki.path("rr.json");
+        let output = Command::new(common::ringload())
+            .args(["rr", "--target", &target, "--tls", "--ca", ca])
+            .args(["--server-name", "api.example.com", "--connections", "4"])
+            .args(["--threads", "1", "--requests", "500", "--json"])
+            .arg(&json)
+            .args(extra)
+            .output()
+            .expect("ringload rr");
+        assert!(output.status.success(), "{output:?}");
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).expect("summary")).expect("json");
+        assert_eq!(summary["requests"], 500, "{summary}");
+        assert_eq!(summary["errors_total"], 0, "{summary}");
+        summary
+    };
+    let full = run(&["--new-connection-per-request"]);
+    // One per request, plus at most one per connection opened as the last requests ended.
+    let opened = full["connections_opened"].as_u64().expect("opened");
+    assert!((500..=504).contains(&opened), "{full}");
+    assert!(wait_for(Duration::from_secs(3), || {
+        metric(&proxy, "ringproxy_tls_handshakes_total", "result=\"full\"") >= 500.0
+    }));
+    run(&["--new-connection-per-request", "--resume"]);
+    assert!(wait_for(Duration::from_secs(3), || {
+        metric(
+            &proxy,
+            "ringproxy_tls_handshakes_total",
+            "result=\"resumed\"",
+        ) >= 400.0
+    }));
+    let client_cert = client_cert.to_str().expect("path");
+    let client_key = client_key.to_str().expect("path");
+    run(&["--client-cert", client_cert, "--client-key", client_key]);
+    // A wrong CA on the client side: every handshake fails, and says so.
+    let stranger = Pki::new("another CA");
+    let output = Command::new(common::ringload())
+        .args(["rr", "--target", &target, "--tls", "--ca"])
+        .arg(stranger.path("ca.pem"))
+        .args(["--server-name", "api.example.com", "--connections", "1"])
+        .args(["--threads", "1", "--duration", "1s"])
+        .output()
+        .expect("ringload rr");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("requests     0 "), "{text}");
+    assert!(!text.contains("tls 0,"), "TLS failures are counted: {text}");
+}

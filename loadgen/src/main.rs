@@ -10,6 +10,7 @@ mod process;
 mod rr;
 mod serve;
 mod target;
+mod tls;
 
 use std::process::ExitCode;
 

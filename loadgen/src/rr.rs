@@ -66,6 +66,29 @@ pub struct RrArgs {
     json: Option<PathBuf>,
     #[arg(long)]
     allow_remote: bool,
+    /// Speak TLS (rustls) to the target: a handshake per new connection.
+    #[arg(long)]
+    tls: bool,
+    /// With --tls: PEM CA bundle the target's certificate must chain to.
+    #[arg(long, requires = "tls")]
+    ca: Option<PathBuf>,
+    /// With --tls and no --ca: accept any certificate (measuring, not verifying).
+    #[arg(long, requires = "tls", conflicts_with = "ca")]
+    insecure: bool,
+    /// With --tls: the SNI sent and the name verified (default: the target's address).
+    #[arg(long, requires = "tls")]
+    server_name: Option<String>,
+    /// With --tls: resume sessions (tickets) on new connections instead of full handshakes.
+    #[arg(long, requires = "tls")]
+    resume: bool,
+    /// With --tls: ALPN protocols to offer, comma-separated ("h2,http/1.1").
+    #[arg(long, requires = "tls", value_delimiter = ',')]
+    alpn: Vec<String>,
+    /// With --tls: a client certificate chain (PEM) for mTLS, with --client-key.
+    #[arg(long, requires_all = ["tls", "client_key"])]
+    client_cert: Option<PathBuf>,
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -75,12 +98,20 @@ pub struct Errors {
     pub timeout: u64,
     pub mismatch: u64,
     pub status: u64,
+    /// A TLS handshake or record the target broke (or refused).
+    pub tls: u64,
     pub other: u64,
 }
 
 impl Errors {
     pub(crate) fn total(&self) -> u64 {
-        self.refused + self.reset + self.timeout + self.mismatch + self.status + self.other
+        self.refused
+            + self.reset
+            + self.timeout
+            + self.mismatch
+            + self.status
+            + self.tls
+            + self.other
     }
 
     pub(crate) fn add(&mut self, other: &Errors) {
@@ -89,6 +120,7 @@ impl Errors {
         self.timeout += other.timeout;
         self.mismatch += other.mismatch;
         self.status += other.status;
+        self.tls += other.tls;
         self.other += other.other;
     }
 }
@@ -187,6 +219,19 @@ pub fn run(args: RrArgs) -> anyhow::Result<()> {
         .into());
     }
     let threads = crate::process::thread_count(args.threads).clamp(1, args.connections.min(256));
+    let tls = if args.tls {
+        Some(crate::tls::client_setup(
+            &args.target,
+            args.ca.as_deref(),
+            args.insecure,
+            args.server_name.as_deref(),
+            args.resume,
+            &args.alpn,
+            args.client_cert.as_deref().zip(args.client_key.as_deref()),
+        )?)
+    } else {
+        None
+    };
 
     let stop = crate::process::stop_flag()?;
     let request: &'static [u8] = if args.http {
@@ -230,6 +275,7 @@ pub fn run(args: RrArgs) -> anyhow::Result<()> {
             timeout: args.timeout,
             deadline,
             seed: index as u64,
+            tls: tls.clone(),
         };
         let stop = Arc::clone(&stop);
         let progress = Arc::clone(&progress[index]);
@@ -321,13 +367,14 @@ fn print_summary(summary: &Summary) {
         summary.bytes_received as f64 / summary.elapsed_s.max(1e-9) / (1 << 20) as f64
     );
     println!(
-        "errors       {} (refused {}, reset {}, timeout {}, mismatch {}, status {}, other {})",
+        "errors       {} (refused {}, reset {}, timeout {}, mismatch {}, status {}, tls {}, other {})",
         summary.errors_total,
         errors.refused,
         errors.reset,
         errors.timeout,
         errors.mismatch,
         errors.status,
+        errors.tls,
         errors.other
     );
     let latency = &summary.latency_us;
@@ -348,6 +395,8 @@ struct WorkerSetup {
     timeout: Duration,
     deadline: Instant,
     seed: u64,
+    /// With --tls: the client config and the server name.
+    tls: Option<crate::tls::ClientSetup>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,6 +404,8 @@ enum Phase {
     /// Waiting to reconnect (after an error, or to open the first time).
     Down(Instant),
     Connecting,
+    /// TLS: connected, the handshake runs.
+    Handshaking,
     /// Connected, no request outstanding.
     Ready,
     /// A request is out: sent (or being sent) and its answer is being read.
@@ -385,6 +436,10 @@ struct Conn {
     /// Where this request's payload starts in the worker's payload pool.
     payload_offset: usize,
     response: ResponseParser,
+    /// With --tls: the session, and its ciphertext buffer (None while a send has it).
+    tls: Option<Box<rustls::ClientConnection>>,
+    tls_out: Option<Vec<u8>>,
+    tls_sending: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -394,6 +449,7 @@ enum Op {
     Connect = 1,
     Send = 2,
     Recv = 3,
+    TlsSend = 4,
 }
 
 fn user_data(op: Op, index: usize) -> u64 {
@@ -462,6 +518,9 @@ impl Worker {
                 sequence: 0,
                 payload_offset: 0,
                 response: ResponseParser::default(),
+                tls: None,
+                tls_out: Some(Vec::new()),
+                tls_sending: false,
             })
             .collect();
         Ok(Worker {
@@ -544,7 +603,7 @@ impl Worker {
                     let now = self.now;
                     self.start_request(index, now)?;
                 }
-                Phase::Busy
+                Phase::Busy | Phase::Handshaking
                     if check_timeouts
                         && self.now.duration_since(self.conns[index].started)
                             >= self.setup.timeout =>
@@ -587,6 +646,9 @@ impl Worker {
         let raw_fd = fd.as_raw_fd();
         conn.fd = Some(fd);
         conn.phase = Phase::Connecting;
+        conn.tls = None;
+        conn.tls_sending = false;
+        conn.tls_out.get_or_insert_with(Vec::new);
         conn.inflight += 1;
         self.ring.connect(
             raw_fd,
@@ -629,6 +691,17 @@ impl Worker {
             Some(request) => request,
             None => &self.pool[conn.payload_offset..conn.payload_offset + self.setup.size],
         };
+        if let Some(tls) = conn.tls.as_deref_mut() {
+            // rustls takes the whole request; its ciphertext goes out by flush_tls.
+            use std::io::Write;
+            if tls.writer().write_all(&bytes[conn.sent..]).is_err() {
+                self.result.errors.tls += 1;
+                return self.fail(index);
+            }
+            conn.sent = bytes.len();
+            conn.send_done = true;
+            return self.flush_tls(index);
+        }
         conn.inflight += 1;
         self.ring.send_static(
             raw(&conn.fd),
@@ -644,6 +717,7 @@ impl Worker {
             1 => Op::Connect,
             2 => Op::Send,
             3 => Op::Recv,
+            4 => Op::TlsSend,
             _ => return Ok(()),
         };
         if index >= self.conns.len() {
@@ -653,6 +727,7 @@ impl Worker {
             Op::Connect => self.on_connect(index, completion.result()),
             Op::Send => self.on_sent(index, completion.result()),
             Op::Recv => self.on_receive(index, completion),
+            Op::TlsSend => self.on_tls_sent(index, completion),
             Op::Ignored => Ok(()),
         }
     }
@@ -677,6 +752,21 @@ impl Worker {
         conn.inflight += 1;
         self.ring
             .recv_multishot(raw(&conn.fd), user_data(Op::Recv, index))?;
+        if let Some(setup) = &self.setup.tls {
+            match setup.connect() {
+                Ok(tls) => {
+                    let conn = &mut self.conns[index];
+                    conn.tls = Some(Box::new(tls));
+                    conn.phase = Phase::Handshaking;
+                    conn.started = self.now;
+                    return self.flush_tls(index);
+                }
+                Err(_) => {
+                    self.result.errors.tls += 1;
+                    return self.fail(index);
+                }
+            }
+        }
         if self.setup.interval.is_none() {
             let now = self.now;
             self.start_request(index, now)?;
@@ -735,38 +825,45 @@ impl Worker {
         };
         let bytes = self.ring.buffers().bytes(&token);
         self.result.bytes_received += bytes.len() as u64;
-        let verdict = if conn.phase != Phase::Busy {
-            Verdict::Mismatch
-        } else if self.setup.http.is_some() {
-            parse_response(&mut conn.response, bytes)
-        } else {
-            let payload = &self.pool[conn.payload_offset..conn.payload_offset + self.setup.size];
-            let expected = &payload[conn.received.min(payload.len())..];
-            if bytes.len() <= expected.len() && expected[..bytes.len()] == *bytes {
-                conn.received += bytes.len();
-                if conn.received == payload.len() {
-                    Verdict::Complete
-                } else {
-                    Verdict::Partial
+        let size = self.setup.size;
+        let http = self.setup.http.is_some();
+        let verdict = match conn.tls.as_deref_mut() {
+            Some(tls) => {
+                let mut plain = Vec::new();
+                let received = crate::tls::receive(tls, bytes, &mut plain);
+                self.ring.buffers_mut().recycle(token);
+                if received.is_err() {
+                    self.result.errors.tls += 1;
+                    return self.fail(index);
                 }
-            } else {
-                Verdict::Mismatch
+                if conn.phase == Phase::Handshaking && !tls.is_handshaking() {
+                    conn.phase = Phase::Ready;
+                }
+                self.flush_tls(index)?;
+                let conn = &mut self.conns[index];
+                if conn.phase == Phase::Ready && plain.is_empty() {
+                    if self.setup.interval.is_none() && !self.done() {
+                        let now = self.now;
+                        self.start_request(index, now)?;
+                    }
+                    return self.keep_receiving(index);
+                }
+                if plain.is_empty() {
+                    return self.keep_receiving(index);
+                }
+                judge(conn, self.pool, size, http, &plain)
+            }
+            None => {
+                let verdict = judge(conn, self.pool, size, http, bytes);
+                self.ring.buffers_mut().recycle(token);
+                verdict
             }
         };
-        self.ring.buffers_mut().recycle(token);
         match verdict {
-            Verdict::Partial => {
-                if !self.conns[index].receiving {
-                    // The multishot receive ended without an error; arm it again.
-                    self.rearm_receive(index)?;
-                }
-                Ok(())
-            }
+            Verdict::Partial => self.keep_receiving(index),
             Verdict::Complete => {
                 self.conns[index].received = usize::MAX;
-                if !self.conns[index].receiving {
-                    self.rearm_receive(index)?;
-                }
+                self.keep_receiving(index)?;
                 self.complete_if_answered(index)
             }
             Verdict::Mismatch => {
@@ -778,6 +875,77 @@ impl Worker {
                 self.fail(index)
             }
         }
+    }
+
+    /// Re-arms a multishot receive that ended without an error.
+    fn keep_receiving(&mut self, index: usize) -> anyhow::Result<()> {
+        if self.conns[index].receiving || self.conns[index].phase == Phase::Closing {
+            return Ok(());
+        }
+        self.rearm_receive(index)
+    }
+
+    /// Sends what rustls has for the target (one send in flight per connection).
+    fn flush_tls(&mut self, index: usize) -> anyhow::Result<()> {
+        let conn = &mut self.conns[index];
+        let Some(tls) = conn.tls.as_deref_mut() else {
+            return Ok(());
+        };
+        if conn.tls_sending || !tls.wants_write() {
+            return Ok(());
+        }
+        let mut out = conn.tls_out.take().unwrap_or_default();
+        out.clear();
+        while tls.wants_write() {
+            if tls.write_tls(&mut out).is_err() {
+                break;
+            }
+        }
+        let len = out.len();
+        conn.tls_sending = true;
+        conn.inflight += 1;
+        self.ring
+            .send_owned(raw(&conn.fd), out, 0, len, user_data(Op::TlsSend, index))?;
+        Ok(())
+    }
+
+    fn on_tls_sent(&mut self, index: usize, mut completion: Completion) -> anyhow::Result<()> {
+        let result = completion.result();
+        let data = completion.take_owned();
+        let conn = &mut self.conns[index];
+        conn.inflight -= 1;
+        conn.tls_sending = false;
+        if matches!(conn.phase, Phase::Closing | Phase::Down(_)) {
+            return self.finish_if_closed(index);
+        }
+        let Some(data) = data else {
+            self.result.errors.other += 1;
+            return self.fail(index);
+        };
+        if result <= 0 {
+            self.result.errors.reset += 1;
+            return self.fail(index);
+        }
+        self.result.bytes_sent += result as u64;
+        let sent = result as usize;
+        if sent < data.len() {
+            // The rest of this ciphertext first.
+            let len = data.len();
+            conn.tls_sending = true;
+            conn.inflight += 1;
+            // Owned sends start at an offset: resend from where the socket stopped.
+            self.ring.send_owned(
+                raw(&conn.fd),
+                data,
+                sent,
+                len,
+                user_data(Op::TlsSend, index),
+            )?;
+            return Ok(());
+        }
+        conn.tls_out = Some(data);
+        self.flush_tls(index)?;
+        self.complete_if_answered(index)
     }
 
     fn rearm_receive(&mut self, index: usize) -> anyhow::Result<()> {
@@ -792,7 +960,7 @@ impl Worker {
     /// A request is done once it was fully sent and fully answered.
     fn complete_if_answered(&mut self, index: usize) -> anyhow::Result<()> {
         let conn = &mut self.conns[index];
-        if !(conn.send_done && conn.received == usize::MAX) {
+        if conn.phase != Phase::Busy || !(conn.send_done && conn.received == usize::MAX) {
             return Ok(());
         }
         let latency = self.now.duration_since(conn.started).as_nanos() as u64;
@@ -841,6 +1009,28 @@ impl Worker {
         }
         conn.phase = Phase::Down(conn.retry_at);
         Ok(())
+    }
+}
+
+/// What `bytes` (more of the answer to the outstanding request) make of it.
+fn judge(conn: &mut Conn, pool: &'static [u8], size: usize, http: bool, bytes: &[u8]) -> Verdict {
+    if conn.phase != Phase::Busy {
+        Verdict::Mismatch
+    } else if http {
+        parse_response(&mut conn.response, bytes)
+    } else {
+        let payload = &pool[conn.payload_offset..conn.payload_offset + size];
+        let expected = &payload[conn.received.min(payload.len())..];
+        if bytes.len() <= expected.len() && expected[..bytes.len()] == *bytes {
+            conn.received += bytes.len();
+            if conn.received == payload.len() {
+                Verdict::Complete
+            } else {
+                Verdict::Partial
+            }
+        } else {
+            Verdict::Mismatch
+        }
     }
 }
 

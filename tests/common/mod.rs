@@ -1015,6 +1015,23 @@ pub fn tool(name: &str, package: &str) -> Option<std::path::PathBuf> {
 
 // ---- real servers the tests start -------------------------------------------------------------
 
+/// `ringload`, built beside this test's `ringproxy` (built on the spot if this test runs alone).
+pub fn ringload() -> std::path::PathBuf {
+    let path = std::path::Path::new(BIN)
+        .parent()
+        .expect("target dir")
+        .join("ringload");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let built = Command::new(cargo)
+            .args(["build", "-p", "ringload", "--quiet"])
+            .status()
+            .expect("build ringload");
+        assert!(built.success(), "cannot build ringload");
+    }
+    path
+}
+
 /// A free loopback port (bound, then let go for the server the test starts on it).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
