@@ -236,6 +236,9 @@ fn certificates_by_sni_default_alpn_and_versions_with_openssl() {
         &["-servername", "api.example.com", "-alpn", "h2"],
     );
     assert!(h2.contains("ALPN protocol: h2"), "{h2}");
+    assert!(wait_for(Duration::from_secs(3), || {
+        metric(&proxy, "ringproxy_tls_alpn_total", "protocol=\"h2\"") == 1.0
+    }));
     let tls12 = s_client(
         &openssl,
         addr,

@@ -719,6 +719,28 @@ fn tls_families(snapshot: &Snapshot, merged: &Merged, out: &mut Exposition) {
         }
     }
     out.family(
+        TLS_ALPN,
+        "counter",
+        "TLS handshakes completed, per listener, by the ALPN protocol chosen (none: the client offered none the listener has).",
+    );
+    for listener in tls_listeners() {
+        let Some(tls) = &listener.tls else { continue };
+        let counters = counters_of(listener);
+        let names = tls
+            .settings
+            .alpn
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .chain(std::iter::once("none".to_string()));
+        for (index, name) in names.enumerate() {
+            out.sample(
+                TLS_ALPN,
+                &[("listener", &listener.name), ("protocol", &name)],
+                counters.tls_alpn.get(index).copied().unwrap_or(0) as f64,
+            );
+        }
+    }
+    out.family(
         TLS_HANDSHAKE_DURATION,
         "histogram",
         "Time from accept to a completed TLS handshake, per listener.",

@@ -262,6 +262,9 @@ pub struct ListenerCounters {
     pub tls_versions: [u64; 2],
     pub tls_failures: [u64; TlsFailure::ALL.len()],
     pub tls_handshake_time: Histogram,
+    /// Handshakes by the ALPN protocol chosen: by position in the listener's `alpn`, then
+    /// none (empty on listeners without TLS).
+    pub tls_alpn: Vec<u64>,
 }
 
 /// Why a TLS handshake failed.
@@ -418,6 +421,7 @@ impl Default for ListenerCounters {
             tls_versions: [0; 2],
             tls_failures: [0; TlsFailure::ALL.len()],
             tls_handshake_time: Histogram::new(&CONNECT_BUCKETS),
+            tls_alpn: Vec::new(),
         }
     }
 }
@@ -500,6 +504,21 @@ impl ListenerCounters {
             *mine += theirs;
         }
         self.tls_handshake_time.merge(&other.tls_handshake_time);
+        if self.tls_alpn.len() < other.tls_alpn.len() {
+            self.tls_alpn.resize(other.tls_alpn.len(), 0);
+        }
+        for (mine, theirs) in self.tls_alpn.iter_mut().zip(&other.tls_alpn) {
+            *mine += theirs;
+        }
+    }
+
+    /// A handshake chose ALPN protocol `position` of `offered` (None: no ALPN).
+    pub fn tls_alpn_chosen(&mut self, position: Option<usize>, offered: usize) {
+        let slot = position.unwrap_or(offered);
+        if self.tls_alpn.len() <= slot {
+            self.tls_alpn.resize(slot + 1, 0);
+        }
+        self.tls_alpn[slot] += 1;
     }
 
     pub fn tls_failed(&mut self, failure: TlsFailure) {

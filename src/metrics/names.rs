@@ -20,6 +20,7 @@ pub const LISTENER_PROXY_ERRORS: &str = "ringproxy_listener_proxy_header_errors_
 pub const TLS_HANDSHAKES: &str = "ringproxy_tls_handshakes_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "ringproxy_tls_handshake_failures_total";
 pub const TLS_VERSIONS: &str = "ringproxy_tls_versions_total";
+pub const TLS_ALPN: &str = "ringproxy_tls_alpn_total";
 pub const TLS_HANDSHAKE_DURATION: &str = "ringproxy_tls_handshake_duration_seconds";
 pub const TLS_CERTIFICATE_EXPIRY: &str = "ringproxy_tls_certificate_expiry_timestamp_seconds";
 pub const LISTENER_BYTES: &str = "ringproxy_listener_bytes_total";

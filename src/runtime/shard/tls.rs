@@ -94,6 +94,18 @@ impl Shard {
         let took = self.now_us.saturating_sub(session.started_us);
         let slot = session.listener_counters;
         let listener = session.listener;
+        let offered = self
+            .snapshot
+            .listener(listener)
+            .and_then(|l| l.tls.as_ref())
+            .map(|tls| &tls.settings.alpn);
+        let alpn = offered.map(|offered| {
+            let position = facts
+                .alpn
+                .as_ref()
+                .and_then(|chosen| offered.iter().position(|p| p == chosen.as_bytes()));
+            (position, offered.len())
+        });
         if let Some(counters) = self.counters.listeners.get_mut(slot) {
             if facts.resumed {
                 counters.tls_resumed += 1;
@@ -108,6 +120,9 @@ impl Shard {
             counters
                 .tls_handshake_time
                 .record(std::time::Duration::from_micros(took));
+            if let Some((position, offered)) = alpn {
+                counters.tls_alpn_chosen(position, offered);
+            }
         }
         debug!(shard = self.index, ?facts, "TLS handshake done");
         let snapshot = Rc::clone(&self.snapshot);
