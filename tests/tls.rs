@@ -262,6 +262,24 @@ fn certificates_by_sni_default_alpn_and_versions_with_openssl() {
             "certificate=\"*.example.com\""
         ) > 1.7e9
     );
+    if let Some(promtool) = tool("promtool", "prometheus") {
+        let text = admin::get(proxy.admin(), "/metrics").body;
+        let mut check = Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool");
+        check
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("metrics to promtool");
+        let checked = check.wait_with_output().expect("promtool");
+        assert!(checked.status.success(), "promtool: {checked:?}");
+    }
     let status = admin::status(proxy.admin());
     let certificates = &status["listeners"][0]["tls"]["certificates"];
     assert_eq!(certificates[1]["names"][0], "*.example.com", "{status}");

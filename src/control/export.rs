@@ -663,83 +663,93 @@ fn destination_label(snapshot: &Snapshot, destination: crate::snapshot::Destinat
     }
 }
 
+/// A listener's counts by the values of one label.
+type LabelCounts = dyn Fn(&ListenerSnapshot, &ListenerCounters) -> Vec<(String, u64)>;
+
 /// TLS handshakes, failures, versions and durations per TLS listener, and each certificate's
 /// expiry.
 fn tls_families(snapshot: &Snapshot, merged: &Merged, out: &mut Exposition) {
     let tls_listeners = || snapshot.listeners.iter().filter(|l| l.tls.is_some());
     let empty = ListenerCounters::default();
-    let counters_of =
-        |listener: &ListenerSnapshot| merged.listeners.get(&listener.id).unwrap_or(&empty).clone();
-    out.family(
-        TLS_HANDSHAKES,
-        "counter",
-        "TLS handshakes completed, per listener, by result: full or resumed (session ticket).",
+    // Counters per TLS listener and one label.
+    let labelled =
+        |out: &mut Exposition, (name, help, key): (&str, &str, &str), counts: &LabelCounts| {
+            out.family(name, "counter", help);
+            for listener in tls_listeners() {
+                let counters = merged.listeners.get(&listener.id).unwrap_or(&empty);
+                for (label, count) in counts(listener, counters) {
+                    out.sample(
+                        name,
+                        &[("listener", &listener.name), (key, &label)],
+                        count as f64,
+                    );
+                }
+            }
+        };
+    labelled(
+        out,
+        (
+            TLS_HANDSHAKES,
+            "TLS handshakes completed, per listener, by result: full or resumed (session ticket).",
+            "result",
+        ),
+        &|_, c| {
+            vec![
+                ("full".into(), c.tls_full),
+                ("resumed".into(), c.tls_resumed),
+            ]
+        },
     );
-    for listener in tls_listeners() {
-        let counters = counters_of(listener);
-        for (result, count) in [
-            ("full", counters.tls_full),
-            ("resumed", counters.tls_resumed),
-        ] {
-            out.sample(
-                TLS_HANDSHAKES,
-                &[("listener", &listener.name), ("result", result)],
-                count as f64,
-            );
-        }
-    }
-    out.family(
-        TLS_HANDSHAKE_FAILURES,
-        "counter",
-        "TLS handshakes that failed, per listener, by reason: timeout, client_closed, protocol (no TLS, or broken), incompatible (no version, cipher or ALPN in common), no_certificate, client_certificate (mTLS), other.",
+    labelled(
+        out,
+        (
+            TLS_HANDSHAKE_FAILURES,
+            "TLS handshakes that failed, per listener, by reason: timeout, client_closed, protocol (no TLS, or broken), incompatible (no version, cipher or ALPN in common), no_certificate, client_certificate (mTLS), other.",
+            "reason",
+        ),
+        &|_, c| {
+            TlsFailure::ALL
+                .iter()
+                .zip(c.tls_failures)
+                .map(|(failure, count)| (failure.name().to_string(), count))
+                .collect()
+        },
     );
-    for listener in tls_listeners() {
-        let counters = counters_of(listener);
-        for (index, failure) in TlsFailure::ALL.iter().enumerate() {
-            out.sample(
-                TLS_HANDSHAKE_FAILURES,
-                &[("listener", &listener.name), ("reason", failure.name())],
-                counters.tls_failures[index] as f64,
-            );
-        }
-    }
-    out.family(
-        TLS_VERSIONS,
-        "counter",
-        "TLS handshakes completed, per listener and protocol version.",
+    labelled(
+        out,
+        (
+            TLS_VERSIONS,
+            "TLS handshakes completed, per listener and protocol version.",
+            "version",
+        ),
+        &|_, c| {
+            vec![
+                ("1.2".into(), c.tls_versions[0]),
+                ("1.3".into(), c.tls_versions[1]),
+            ]
+        },
     );
-    for listener in tls_listeners() {
-        let counters = counters_of(listener);
-        for (index, version) in ["1.2", "1.3"].iter().enumerate() {
-            out.sample(
-                TLS_VERSIONS,
-                &[("listener", &listener.name), ("version", version)],
-                counters.tls_versions[index] as f64,
-            );
-        }
-    }
-    out.family(
-        TLS_ALPN,
-        "counter",
-        "TLS handshakes completed, per listener, by the ALPN protocol chosen (none: the client offered none the listener has).",
+    labelled(
+        out,
+        (
+            TLS_ALPN,
+            "TLS handshakes completed, per listener, by the ALPN protocol chosen (none: the client offered none the listener has).",
+            "protocol",
+        ),
+        &|listener, c| {
+            let offered = listener
+                .tls
+                .as_ref()
+                .map_or(&[][..], |tls| &tls.settings.alpn[..]);
+            offered
+                .iter()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .chain(std::iter::once("none".to_string()))
+                .enumerate()
+                .map(|(index, name)| (name, c.tls_alpn.get(index).copied().unwrap_or(0)))
+                .collect()
+        },
     );
-    for listener in tls_listeners() {
-        let Some(tls) = &listener.tls else { continue };
-        let counters = counters_of(listener);
-        let names = tls
-            .settings
-            .alpn
-            .iter()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .chain(std::iter::once("none".to_string()));
-        for (index, name) in names.enumerate() {
-            out.sample(
-                TLS_ALPN,
-                &[("listener", &listener.name), ("protocol", &name)],
-                counters.tls_alpn.get(index).copied().unwrap_or(0) as f64,
-            );
-        }
-    }
     out.family(
         TLS_HANDSHAKE_DURATION,
         "histogram",

@@ -1091,33 +1091,30 @@ mod tls {
         let mut session = Harness::new();
         session.handshake();
         // Hold the client's sends: what the server sends stays in the relay.
-        let mut out = Vec::new();
-        let (buffer, len) = session.pool.buffer(&[b's'; 4096]);
+        let server_sends = |session: &mut Harness| {
+            let mut out = Vec::new();
+            let (buffer, len) = session.pool.buffer(&[b's'; 4096]);
+            session.relay.on_received(
+                Side::Server,
+                buffer,
+                len,
+                false,
+                1,
+                &mut session.pool,
+                &mut out,
+            );
+            out
+        };
         session.server_receive = false;
-        session.relay.on_received(
-            Side::Server,
-            buffer,
-            len,
-            false,
-            1,
-            &mut session.pool,
-            &mut out,
-        );
+        let out = server_sends(&mut session);
         // A send toward the client is asked for; until it completes, the spill is lent.
         assert!(out.contains(&Action::Send(Side::Client)), "{out:?}");
-        let flow = session.relay.flow_to(Side::Client);
-        let lent = flow.lend_spill().expect("spill");
-        let mut more = Vec::new();
-        let (buffer, len) = session.pool.buffer(&[b's'; 4096]);
-        session.relay.on_received(
-            Side::Server,
-            buffer,
-            len,
-            false,
-            1,
-            &mut session.pool,
-            &mut more,
-        );
+        let lent = session
+            .relay
+            .flow_to(Side::Client)
+            .lend_spill()
+            .expect("spill");
+        let more = server_sends(&mut session);
         assert!(
             !more
                 .iter()
