@@ -110,7 +110,15 @@ fn tls_connect(
     name: &str,
     config: &Arc<rustls::ClientConfig>,
 ) -> std::io::Result<TlsClient> {
-    let tcp = TcpStream::connect(addr)?;
+    tls_over(TcpStream::connect(addr)?, name, config)
+}
+
+/// Completes a handshake over `tcp`.
+fn tls_over(
+    tcp: TcpStream,
+    name: &str,
+    config: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsClient> {
     tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
     tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
     let connection = rustls::ClientConnection::new(
@@ -1109,4 +1117,102 @@ fn ringload_rr_tls_full_resumed_and_mutual() {
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("requests     0 "), "{text}");
     assert!(!text.contains("tls 0,"), "TLS failures are counted: {text}");
+}
+
+/// Behind a load balancer that sends PROXY headers (HAProxy `send-proxy-v2`, as an AWS NLB
+/// does), a TLS listener reads the header, then terminates TLS: the client's address (here
+/// 127.0.0.5) reaches the server in the proxy's own PROXY header.
+#[test]
+fn proxy_header_then_tls_behind_haproxy() {
+    let Some(haproxy) = tool("haproxy", "haproxy") else {
+        return;
+    };
+    let pki = standard_pki();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("server");
+    let server_addr = listener.local_addr().expect("addr");
+    let recorder = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut bytes = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !bytes.ends_with(b"ping") {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(count) => bytes.extend_from_slice(&chunk[..count]),
+            }
+        }
+        let _ = stream.write_all(b"pong");
+        bytes
+    });
+    let config = format!(
+        "[runtime]\nshards = 1\n[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"front\"\nbind = \"127.0.0.1:0\"\npool = \"app\"\nproxy_protocol = \"required\"\ntrusted_proxies = [\"127.0.0.1\"]\n{}\n[[pool]]\nname = \"app\"\nsend_proxy = \"v2\"\nservers = [ {{ addr = \"{server_addr}\" }} ]\n",
+        tls_block(&pki, "")
+    );
+    let proxy = Proxy::start(&config);
+    let front = common::free_port();
+    let haproxy_config = pki.path("haproxy.cfg");
+    std::fs::write(
+        &haproxy_config,
+        format!(
+            "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 2s\n  \
+             timeout client 5s\n  timeout server 5s\n\
+             listen front\n  bind 127.0.0.1:{front}\n  \
+             server rp {} send-proxy-v2 source 127.0.0.1\n",
+            proxy.addr()
+        ),
+    )
+    .expect("haproxy.cfg");
+    let _haproxy = common::start_server(
+        "haproxy",
+        Command::new(haproxy)
+            .arg("-db")
+            .arg("-f")
+            .arg(&haproxy_config),
+        &[front],
+        Duration::from_secs(10),
+    );
+    let client_config = client_config(&pki.path("ca.pem"), &[], None);
+    let tcp = common::connect_from(
+        SocketAddr::from(([127, 0, 0, 1], front)),
+        std::net::Ipv4Addr::new(127, 0, 0, 5),
+        None,
+    )
+    .expect("connect from 127.0.0.5");
+    let mut client = tls_over(tcp, "api.example.com", &client_config).expect("handshake");
+    client.write_all(b"ping").expect("write");
+    let mut pong = [0u8; 4];
+    client.read_exact(&mut pong).expect("pong");
+    let bytes = recorder.join().expect("recorder");
+    let header = ppp::v2::Header::try_from(&bytes[..]).expect("a PROXY v2 header");
+    match header.addresses {
+        ppp::v2::Addresses::IPv4(addresses) => {
+            assert_eq!(
+                addresses.source_address,
+                std::net::Ipv4Addr::new(127, 0, 0, 5)
+            );
+        }
+        other => panic!("not IPv4 addresses: {other:?}"),
+    }
+    assert!(bytes.ends_with(b"ping"), "the plaintext follows the header");
+    // (start_server's readiness probe through HAProxy brought a header too, and no TLS.)
+    let counted = wait_for(Duration::from_secs(3), || {
+        metric(
+            &proxy,
+            "ringproxy_listener_proxy_headers_total",
+            "listener=\"front\"",
+        ) >= 1.0
+            && metric(&proxy, "ringproxy_tls_handshakes_total", "result=\"full\"") == 1.0
+    });
+    assert!(
+        counted,
+        "headers {}, handshakes {}",
+        metric(
+            &proxy,
+            "ringproxy_listener_proxy_headers_total",
+            "listener=\"front\""
+        ),
+        metric(&proxy, "ringproxy_tls_handshakes_total", "result=\"full\"")
+    );
 }

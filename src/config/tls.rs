@@ -37,15 +37,6 @@ pub(super) fn resolve(
         return Ok(None);
     };
     let tls: &FileTls = spanned.get_ref();
-    if let Some(protocol) = &listener.proxy_protocol
-        && protocol.get_ref() != "off"
-    {
-        return Err(source.at(
-            protocol,
-            "proxy_protocol together with [listener.tls] is not supported yet: terminate TLS on \
-             a listener without PROXY headers",
-        ));
-    }
     for route in listener.routes.iter().flatten() {
         let route = route.get_ref();
         for (value, key) in [

@@ -895,7 +895,7 @@ mod tls {
             let mut relay = Relay::new(TLS_LIMITS, 0);
             let mut out = Vec::new();
             let stream = crate::tls::TlsStream::new(&server).expect("stream");
-            relay.start_tls(Box::new(stream), 50, 0, &mut out);
+            relay.start_tls(Box::new(stream), 50, 0, &[], &mut out);
             let client =
                 rustls::ClientConnection::new(client, "localhost".try_into().expect("name"))
                     .expect("client");
@@ -1036,6 +1036,24 @@ mod tls {
         let mut rest = Vec::new();
         assert_eq!(session.client.reader().read_to_end(&mut rest).ok(), Some(0));
         assert_eq!(session.pool.outstanding(), 0, "no ring buffer held");
+    }
+
+    #[test]
+    fn bytes_read_before_the_start_begin_the_handshake() {
+        // What followed a PROXY header: the ClientHello is answered at once.
+        let (server, client) = configs();
+        let mut client =
+            rustls::ClientConnection::new(client, "localhost".try_into().expect("name"))
+                .expect("client");
+        let mut hello = Vec::new();
+        client.write_tls(&mut hello).expect("hello");
+        let mut relay: Relay<TestBuffer> = Relay::new(TLS_LIMITS, 0);
+        let mut out = Vec::new();
+        let stream = crate::tls::TlsStream::new(&server).expect("stream");
+        relay.start_tls(Box::new(stream), 50, 0, &hello, &mut out);
+        assert!(out.contains(&Action::Send(Side::Client)), "{out:?}");
+        assert!(out.contains(&Action::Receive(Side::Client)), "{out:?}");
+        assert_eq!(relay.received(), (hello.len() as u64, 0));
     }
 
     #[test]

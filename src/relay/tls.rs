@@ -25,20 +25,26 @@ pub(super) struct TlsSide {
 
 impl<B> Relay<B> {
     /// A TLS client (at tick `now`): its handshake runs first, with only the client read.
+    /// `received`: its first bytes, already read (after a PROXY header).
     pub fn start_tls(
         &mut self,
-        tls: Box<TlsStream>,
+        mut tls: Box<TlsStream>,
         handshake_ticks: u64,
         now: u64,
+        received: &[u8],
         out: &mut Actions,
     ) {
+        if !received.is_empty() {
+            tls.receive(received);
+            self.upstream.received += received.len() as u64;
+        }
         self.tls = Some(Box::new(TlsSide {
             stream: *tls,
             server_ready: false,
             handshake_deadline: now.saturating_add(handshake_ticks),
         }));
         self.last_active = self.last_active.max(now);
-        self.arm_receive(Side::Client, out);
+        self.tls_pump(out);
     }
 
     /// The server of a TLS session is connected: `replay` (a PROXY header) goes first, then

@@ -551,10 +551,23 @@ impl Shard {
         let index = self.sessions.insert(session);
         self.stats.accepted += 1;
         if config.tls.is_some() {
-            // The handshake comes first; routes and the connect follow it.
-            match self.tls_config(listener).cloned() {
-                Some(tls) => self.start_tls_session(index, &tls),
-                None => self.close_session(index, CloseMode::ResetBoth, CloseKind::LocalError),
+            // The PROXY header (if any) and the handshake come first; routes and the connect
+            // follow them.
+            match (
+                header.zip(config.proxy.as_deref()),
+                self.tls_config(listener).cloned(),
+            ) {
+                (Some(header), Some(_)) => {
+                    self.start_reading(index, None, Some(header));
+                    // A TLS client speaks first: no waiting for silence.
+                    if let Some(sniffing) = self.sessions[index].sniffing.as_deref_mut() {
+                        sniffing.silence_deadline = super::super::session::NEVER;
+                    }
+                }
+                (None, Some(tls)) => self.start_tls_session(index, &tls, &[]),
+                (_, None) => {
+                    self.close_session(index, CloseMode::ResetBoth, CloseKind::LocalError);
+                }
             }
             self.finish_if_done(index);
             return;

@@ -306,6 +306,10 @@ impl Shard {
     /// sniffing what follows.
     fn after_header(&mut self, index: usize) {
         let snapshot = Rc::clone(&self.snapshot);
+        let listener = self.sessions[index].listener;
+        if snapshot.listener(listener).is_some_and(|l| l.tls.is_some()) {
+            return self.start_tls_after_header(index);
+        }
         match self.routing_in(&snapshot, index) {
             None => self.route_to_default(index),
             Some(routing) if !routing.reads_first() => {

@@ -52,7 +52,13 @@ impl Shard {
     }
 
     /// A client of a TLS listener: its handshake starts; the server is chosen after it.
-    pub(super) fn start_tls_session(&mut self, index: usize, config: &Arc<rustls::ServerConfig>) {
+    /// `received`: bytes already read from it (what followed its PROXY header).
+    pub(super) fn start_tls_session(
+        &mut self,
+        index: usize,
+        config: &Arc<rustls::ServerConfig>,
+        received: &[u8],
+    ) {
         let handshake = self
             .snapshot
             .listener(self.sessions[index].listener)
@@ -74,12 +80,33 @@ impl Shard {
             Box::new(stream),
             super::ticks(handshake),
             tick,
+            received,
             &mut actions,
         );
         self.execute(index, &mut actions);
         self.actions = actions;
         if self.sessions.get(index).is_some_and(|s| !s.closing) {
             self.arm_timer(index);
+        }
+    }
+
+    /// After a PROXY header on a TLS listener: the handshake starts with what followed it.
+    pub(super) fn start_tls_after_header(&mut self, index: usize) {
+        let Some(session) = self.sessions.get_mut(index) else {
+            return;
+        };
+        let listener = session.listener;
+        let received = match session.sniffing.as_deref_mut() {
+            Some(sniffing) => {
+                // The sniff step is over; what it read is TLS, and the header's facts stay.
+                sniffing.phase = crate::runtime::session::SniffPhase::Replay;
+                std::mem::take(&mut sniffing.bytes)
+            }
+            None => Vec::new(),
+        };
+        match self.tls_config(listener).cloned() {
+            Some(config) => self.start_tls_session(index, &config, &received),
+            None => self.close_session(index, CloseMode::ResetBoth, CloseKind::LocalError),
         }
     }
 
