@@ -998,52 +998,42 @@ fn rotation_under_handshake_load_fails_no_handshake() {
     let server = TestServer::start(Behaviour::Echo);
     let proxy = tls_proxy(&pki, 2, server.addr, "");
     let config = client_config(&pki.path("ca.pem"), &[], None);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let addr = proxy.addr();
-    let loaders: Vec<_> = (0..2)
-        .map(|_| {
-            let config = Arc::clone(&config);
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                let (mut done, mut failed) = (0u64, Vec::new());
-                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    match tls_connect(addr, "api.example.com", &config).and_then(|mut client| {
-                        client.write_all(b"x")?;
-                        let mut echo = [0u8; 1];
-                        client.read_exact(&mut echo)
-                    }) {
-                        Ok(()) => done += 1,
-                        Err(error) => failed.push(error.to_string()),
-                    }
-                }
-                (done, failed)
-            })
-        })
-        .collect();
+    // ringload: a new connection (a full handshake) per request, every answer checked.
+    let summary = pki.path("load.json");
+    let mut load = Command::new(common::ringload())
+        .args(["rr", "--target", &addr.to_string(), "--tls", "--ca"])
+        .arg(pki.path("ca.pem"))
+        .args(["--server-name", "api.example.com", "--connections", "4"])
+        .args([
+            "--threads",
+            "1",
+            "--new-connection-per-request",
+            "--duration",
+            "4s",
+        ])
+        .arg("--json")
+        .arg(&summary)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ringload rr");
+    std::thread::sleep(Duration::from_millis(300));
     for generation in 1..=5u64 {
-        std::thread::sleep(Duration::from_millis(300));
         pki.issue("api", &["api.example.com"], generation % 2 == 1);
         proxy.signal(libc::SIGHUP);
         assert!(wait_for(Duration::from_secs(5), || {
             admin::status(proxy.admin())["reloads"]["success"] == generation
         }));
+        std::thread::sleep(Duration::from_millis(300));
     }
-    std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (mut done, mut failed) = (0, Vec::new());
-    for loader in loaders {
-        let (d, f) = loader.join().expect("loader");
-        done += d;
-        failed.extend(f);
-    }
-    assert!(
-        failed.is_empty(),
-        "{} of {} handshakes failed: {:?}",
-        failed.len(),
-        done,
-        &failed[..failed.len().min(3)]
-    );
-    assert!(done > 100, "only {done} handshakes under load");
+    let status = load.wait().expect("ringload rr");
+    assert!(status.success(), "ringload rr: {status:?}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).expect("summary")).expect("json");
+    assert_eq!(summary["errors_total"], 0, "no handshake failed: {summary}");
+    let done = summary["requests"].as_u64().unwrap_or(0);
+    assert!(done > 100, "only {done} handshakes under load: {summary}");
     let served = tls_connect(addr, "api.example.com", &config).expect("handshake");
     let leaf = served.conn.peer_certificates().expect("certificates")[0].to_vec();
     let last = CertificateDer::pem_file_iter(pki.path("api.pem"))
