@@ -1095,6 +1095,8 @@ fn ringload_rr_tls_full_resumed_and_mutual() {
     let client_cert = client_cert.to_str().expect("path");
     let client_key = client_key.to_str().expect("path");
     run(&["--client-cert", client_cert, "--client-key", client_key]);
+    // Requests larger than rustls's default send buffer (64 KiB), every byte echoed back.
+    run(&["--size", "200000"]);
     // A wrong CA on the client side: every handshake fails, and says so.
     let stranger = Pki::new("another CA");
     let output = Command::new(common::ringload())
@@ -1186,6 +1188,12 @@ fn proxy_header_then_tls_behind_haproxy() {
         other => panic!("not IPv4 addresses: {other:?}"),
     }
     assert!(bytes.ends_with(b"ping"), "the plaintext follows the header");
+    // HAProxy's header brought no TLVs; ours carries what the handshake settled.
+    let kinds: Vec<u8> = header.tlvs().map(|tlv| tlv.expect("a TLV").kind).collect();
+    assert!(
+        kinds.contains(&0x02) && kinds.contains(&0x20),
+        "TLVs {kinds:?}"
+    );
     // (start_server's readiness probe through HAProxy brought a header too, and no TLS.)
     let counted = wait_for(Duration::from_secs(3), || {
         metric(
@@ -1205,4 +1213,43 @@ fn proxy_header_then_tls_behind_haproxy() {
         ),
         metric(&proxy, "ringproxy_tls_handshakes_total", "result=\"full\"")
     );
+}
+
+/// A peer that may come without a PROXY header (`optional`) and says nothing until the header
+/// times out still owes its handshake: nothing it sends afterwards in plaintext reaches a
+/// server.
+#[test]
+fn a_silent_client_behind_an_optional_header_still_needs_tls() {
+    let pki = standard_pki();
+    let server = TestServer::start(Behaviour::Echo);
+    let config = format!(
+        "[runtime]\nshards = 1\n[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"front\"\nbind = \"127.0.0.1:0\"\npool = \"app\"\nproxy_protocol = \"optional\"\ntrusted_proxies = [\"127.0.0.1\"]\nsniff_timeout = \"500ms\"\n{}\n[[pool]]\nname = \"app\"\nservers = [ {{ addr = \"{}\" }} ]\n",
+        tls_block(&pki, "handshake_timeout = \"2s\""),
+        server.addr
+    );
+    let proxy = Proxy::start(&config);
+    let mut client = TcpStream::connect(proxy.addr()).expect("connect");
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    std::thread::sleep(Duration::from_millis(900));
+    let _ = client.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = client.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"GET"),
+        "plaintext was relayed: {answer:?}"
+    );
+    assert_eq!(
+        server.accepted(),
+        0,
+        "no server may see a client that did not handshake"
+    );
+    assert!(wait_for(Duration::from_secs(3), || {
+        metric(
+            &proxy,
+            "ringproxy_tls_handshake_failures_total",
+            "listener=\"front\"",
+        ) == 1.0
+    }));
 }

@@ -440,6 +440,8 @@ struct Conn {
     tls: Option<Box<rustls::ClientConnection>>,
     tls_out: Option<Vec<u8>>,
     tls_sending: bool,
+    /// Bytes of the ciphertext in flight the socket has taken so far.
+    tls_offset: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -521,6 +523,7 @@ impl Worker {
                 tls: None,
                 tls_out: Some(Vec::new()),
                 tls_sending: false,
+                tls_offset: 0,
             })
             .collect();
         Ok(Worker {
@@ -648,6 +651,7 @@ impl Worker {
         conn.phase = Phase::Connecting;
         conn.tls = None;
         conn.tls_sending = false;
+        conn.tls_offset = 0;
         conn.tls_out.get_or_insert_with(Vec::new);
         conn.inflight += 1;
         self.ring.connect(
@@ -927,22 +931,22 @@ impl Worker {
             return self.fail(index);
         }
         self.result.bytes_sent += result as u64;
-        let sent = result as usize;
-        if sent < data.len() {
-            // The rest of this ciphertext first.
-            let len = data.len();
+        // The send started at tls_offset; the rest of this ciphertext goes first.
+        conn.tls_offset += result as usize;
+        if conn.tls_offset < data.len() {
+            let (start, len) = (conn.tls_offset, data.len());
             conn.tls_sending = true;
             conn.inflight += 1;
-            // Owned sends start at an offset: resend from where the socket stopped.
             self.ring.send_owned(
                 raw(&conn.fd),
                 data,
-                sent,
+                start,
                 len,
                 user_data(Op::TlsSend, index),
             )?;
             return Ok(());
         }
+        conn.tls_offset = 0;
         conn.tls_out = Some(data);
         self.flush_tls(index)?;
         self.complete_if_answered(index)

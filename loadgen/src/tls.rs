@@ -21,7 +21,10 @@ pub struct ClientSetup {
 
 impl ClientSetup {
     pub fn connect(&self) -> Result<ClientConnection, rustls::Error> {
-        ClientConnection::new(Arc::clone(&self.config), self.name.clone())
+        let mut connection = ClientConnection::new(Arc::clone(&self.config), self.name.clone())?;
+        // A request (up to --size, 1 MiB) goes into rustls whole; the loop drains it.
+        connection.set_buffer_limit(None);
+        Ok(connection)
     }
 }
 

@@ -117,6 +117,11 @@ impl Spill {
         self.start == self.end
     }
 
+    /// Bytes it can still take (once what it holds is moved to the front).
+    pub fn free(&self) -> usize {
+        self.capacity - self.len()
+    }
+
     /// Copies as much of `bytes` as fits; returns how much. Nothing while lent.
     fn push(&mut self, bytes: &[u8]) -> usize {
         let count = self
@@ -248,13 +253,7 @@ impl<B> Flow<B> {
             // Spilled: a receive's buffer is copied out at once, so read only while the spill
             // is at hand and has room for a whole buffer, one receive at a time.
             Some(spill) => match &spill.data {
-                Some(data)
-                    if armed == 0
-                        && self.queue.is_empty()
-                        && data.len() - spill.len() >= buffer_size =>
-                {
-                    1
-                }
+                Some(_) if armed == 0 && self.queue.is_empty() && spill.free() >= buffer_size => 1,
                 _ => 0,
             },
             None => {
@@ -318,6 +317,11 @@ impl<B> Flow<B> {
     /// Moves queued bytes into the spill buffer (creating it with `capacity` bytes), returning
     /// the emptied ring buffers to the pool. A buffer that does not fit whole stays queued.
     pub fn spill_queue(&mut self, capacity: usize, pool: &mut impl BufferPool<B>) {
+        if self.queue.is_empty() {
+            // Nothing to copy (a cancelled send that completed in full): no empty spill, which
+            // would hold the flow's reads and sends back.
+            return;
+        }
         if self.spill.is_none() {
             self.spill = Some(Box::new(Spill::new(capacity)));
         }

@@ -833,6 +833,28 @@ fn a_replayed_proxy_header_alone_keeps_the_first_byte_deadline() {
     );
 }
 
+#[test]
+fn a_partly_sent_spill_with_room_still_reads_and_an_empty_queue_makes_no_spill() {
+    let mut pool = TestPool::default();
+    let mut flow: Flow<TestBuffer> = Flow::default();
+    // A cancelled send that completed in full: nothing to copy, no spill to hold the flow.
+    flow.spill_queue(64, &mut pool);
+    assert!(flow.spill.is_none());
+    assert!(flow.wants_receive(LIMITS.queued_buffers, LIMITS.buffer_size));
+    // A spill of 32 bytes holding 8, half of them sent: 28 free, a receive fits.
+    let (buffer, len) = pool.buffer(&[7; 8]);
+    flow.push(buffer, len, 0, &mut pool);
+    flow.spill_queue(32, &mut pool);
+    assert_eq!(flow.next_send(), Some(SendFrom::Spill));
+    flow.sending = Some(SendFrom::Spill);
+    flow.sent(SendFrom::Spill, 4, 1, &mut pool);
+    flow.sending = None;
+    assert!(
+        flow.wants_receive(LIMITS.queued_buffers, LIMITS.buffer_size),
+        "free room counts, not what was sent"
+    );
+}
+
 // ---- TLS termination ----------------------------------------------------------------------
 
 mod tls {

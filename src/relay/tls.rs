@@ -215,10 +215,13 @@ impl<B> Relay<B> {
             }
         }
         let established = tls.newly_established();
+        if !tls.is_handshaking() {
+            // Done (even if it failed right after): the handshake deadline no longer applies.
+            side.handshake_deadline = u64::MAX;
+        }
         let failed = tls.failure().is_some();
         let handshake_abandoned = tls.is_handshaking() && (tls.tcp_ended() || tls.client_done());
         if established {
-            side.handshake_deadline = u64::MAX;
             out.push(Action::TlsEstablished);
         }
         self.start_send(Side::Client, out);

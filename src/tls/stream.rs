@@ -110,7 +110,12 @@ impl TlsStream {
                     }
                 }
                 // Its plaintext buffer is full: that has to be read first.
-                Err(_) => break,
+                Err(error) if error.kind() == io::ErrorKind::Other => break,
+                // Anything else (a handshake message past rustls's limit): the session fails.
+                Err(error) => {
+                    self.failure = Some(rustls::Error::General(error.to_string()));
+                    break;
+                }
             }
         }
         taken

@@ -202,9 +202,28 @@ impl Shard {
                         .map(|facts| crate::tls::proxy_tlvs(&facts)),
                     _ => None,
                 };
-                let tlvs = carried.map_or(tls_tlvs.as_deref().unwrap_or(&[]), |carried| {
-                    carried.tlvs.as_slice()
-                });
+                // The load balancer's TLVs, with what the handshake settled in place of its own
+                // ALPN, authority and SSL ones.
+                let merged;
+                let tlvs = match (carried, tls_tlvs) {
+                    (Some(carried), Some(tls)) => {
+                        let mut all: Vec<(u8, Vec<u8>)> = carried
+                            .tlvs
+                            .iter()
+                            .filter(|(kind, _)| !tls.iter().any(|(mine, _)| mine == kind))
+                            .cloned()
+                            .collect();
+                        all.extend(tls);
+                        merged = all;
+                        merged.as_slice()
+                    }
+                    (Some(carried), None) => carried.tlvs.as_slice(),
+                    (None, Some(tls)) => {
+                        merged = tls;
+                        merged.as_slice()
+                    }
+                    (None, None) => &[],
+                };
                 let carried = carried.and_then(|carried| carried.addresses);
                 let addresses = match carried {
                     // What the client's own load balancer said, passed on with its TLVs.

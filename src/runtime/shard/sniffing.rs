@@ -353,6 +353,12 @@ impl Shard {
                 return;
             }
             let snapshot = Rc::clone(&self.snapshot);
+            let listener = self.sessions[index].listener;
+            if snapshot.listener(listener).is_some_and(|l| l.tls.is_some()) {
+                // No header came: the client still owes its handshake (its armed receive is
+                // the relay's now).
+                return self.start_tls_after_header(index);
+            }
             let Some(routing) = self.routing_in(&snapshot, index) else {
                 self.route_to_default(index);
                 return;
