@@ -69,26 +69,7 @@ fn promtool_accepts_the_exposition() {
     ] {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }
-    let mut check = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool");
-    check
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("feed promtool");
-    let output = check.wait_with_output().expect("promtool");
-    assert!(
-        output.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    common::promtool_check(&promtool, &text);
 }
 
 struct Prometheus {

@@ -271,22 +271,7 @@ fn certificates_by_sni_default_alpn_and_versions_with_openssl() {
         ) > 1.7e9
     );
     if let Some(promtool) = tool("promtool", "prometheus") {
-        let text = admin::get(proxy.admin(), "/metrics").body;
-        let mut check = Command::new(promtool)
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("promtool");
-        check
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(text.as_bytes())
-            .expect("metrics to promtool");
-        let checked = check.wait_with_output().expect("promtool");
-        assert!(checked.status.success(), "promtool: {checked:?}");
+        common::promtool_check(&promtool, &admin::get(proxy.admin(), "/metrics").body);
     }
     let status = admin::status(proxy.admin());
     let certificates = &status["listeners"][0]["tls"]["certificates"];
@@ -901,15 +886,11 @@ fn grpc_over_tls_to_an_h2c_server() {
     drop(server);
 }
 
-/// With `send_proxy = "v2"`, the server learns what the handshake settled: ALPN, SNI and the
-/// PP2_TYPE_SSL TLV with the version, the client certificate's CN and the cipher (read here
-/// with the `ppp` crate, not the proxy's own parser).
-#[test]
-fn proxy_v2_tells_the_server_about_the_tls_session() {
-    let pki = standard_pki();
-    let (client_cert, client_key) = pki.issue("client", &["billing-client"], false);
+/// A server for one connection: records what arrives until `ping`, answers `pong`, and hands
+/// the bytes back.
+fn record_until_ping() -> (SocketAddr, std::thread::JoinHandle<Vec<u8>>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("server");
-    let server_addr = listener.local_addr().expect("addr");
+    let addr = listener.local_addr().expect("addr");
     let recorder = std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().expect("accept");
         stream
@@ -926,6 +907,17 @@ fn proxy_v2_tells_the_server_about_the_tls_session() {
         let _ = stream.write_all(b"pong");
         bytes
     });
+    (addr, recorder)
+}
+
+/// With `send_proxy = "v2"`, the server learns what the handshake settled: ALPN, SNI and the
+/// PP2_TYPE_SSL TLV with the version, the client certificate's CN and the cipher (read here
+/// with the `ppp` crate, not the proxy's own parser).
+#[test]
+fn proxy_v2_tells_the_server_about_the_tls_session() {
+    let pki = standard_pki();
+    let (client_cert, client_key) = pki.issue("client", &["billing-client"], false);
+    let (server_addr, recorder) = record_until_ping();
     let extra = format!(
         "client_ca = \"{}\"\nalpn = [\"h2\", \"http/1.1\"]",
         pki.path("ca.pem").display()
@@ -1120,24 +1112,7 @@ fn proxy_header_then_tls_behind_haproxy() {
         return;
     };
     let pki = standard_pki();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("server");
-    let server_addr = listener.local_addr().expect("addr");
-    let recorder = std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().expect("accept");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let mut bytes = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while !bytes.ends_with(b"ping") {
-            match stream.read(&mut chunk) {
-                Ok(0) | Err(_) => break,
-                Ok(count) => bytes.extend_from_slice(&chunk[..count]),
-            }
-        }
-        let _ = stream.write_all(b"pong");
-        bytes
-    });
+    let (server_addr, recorder) = record_until_ping();
     let config = format!(
         "[runtime]\nshards = 1\n[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"front\"\nbind = \"127.0.0.1:0\"\npool = \"app\"\nproxy_protocol = \"required\"\ntrusted_proxies = [\"127.0.0.1\"]\n{}\n[[pool]]\nname = \"app\"\nsend_proxy = \"v2\"\nservers = [ {{ addr = \"{server_addr}\" }} ]\n",
         tls_block(&pki, "")

@@ -1013,6 +1013,30 @@ pub fn tool(name: &str, package: &str) -> Option<std::path::PathBuf> {
     found
 }
 
+/// `promtool check metrics` on an exposition; panics with promtool's words when it refuses it.
+pub fn promtool_check(promtool: &std::path::Path, text: &str) {
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    check
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let output = check.wait_with_output().expect("promtool");
+    assert!(
+        output.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 // ---- real servers the tests start -------------------------------------------------------------
 
 /// `ringload`, built beside this test's `ringproxy` (built on the spot if this test runs alone).
