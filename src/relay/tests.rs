@@ -916,7 +916,7 @@ mod tls {
             let (server, client) = configs();
             let mut relay = Relay::new(TLS_LIMITS, 0);
             let mut out = Vec::new();
-            let stream = crate::tls::TlsStream::new(&server).expect("stream");
+            let stream = crate::tls::TlsStream::new(Arc::clone(&server)).expect("stream");
             relay.start_tls(Box::new(stream), 50, 0, &[], &mut out);
             let client =
                 rustls::ClientConnection::new(client, "localhost".try_into().expect("name"))
@@ -1071,7 +1071,7 @@ mod tls {
         client.write_tls(&mut hello).expect("hello");
         let mut relay: Relay<TestBuffer> = Relay::new(TLS_LIMITS, 0);
         let mut out = Vec::new();
-        let stream = crate::tls::TlsStream::new(&server).expect("stream");
+        let stream = crate::tls::TlsStream::new(Arc::clone(&server)).expect("stream");
         relay.start_tls(Box::new(stream), 50, 0, &hello, &mut out);
         assert!(out.contains(&Action::Send(Side::Client)), "{out:?}");
         assert!(out.contains(&Action::Receive(Side::Client)), "{out:?}");

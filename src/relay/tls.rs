@@ -78,6 +78,11 @@ impl<B> Relay<B> {
             .map(ToString::to_string)
     }
 
+    /// The TLS client certificate's subject CN, if it sent one.
+    pub fn tls_client_cn(&self) -> Option<String> {
+        self.stream().and_then(TlsStream::client_cn)
+    }
+
     pub fn tls_error(&self) -> Option<&rustls::Error> {
         self.stream().and_then(TlsStream::failure)
     }

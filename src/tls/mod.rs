@@ -257,7 +257,7 @@ fn subject_cn(certificate: &CertificateDer<'_>) -> Option<String> {
 /// PROXY protocol v2 TLVs describing a terminated session, as HAProxy's `send-proxy-v2-ssl-cn`
 /// writes them: ALPN (0x01), the SNI as authority (0x02), and PP2_TYPE_SSL (0x20: client flags,
 /// verify result 0, then the version, the client certificate's CN and the cipher as sub-TLVs).
-pub fn proxy_tlvs(facts: &TlsFacts) -> Vec<(u8, Vec<u8>)> {
+pub fn proxy_tlvs(facts: &TlsFacts, client_cn: Option<&str>) -> Vec<(u8, Vec<u8>)> {
     const PP2_CLIENT_SSL: u8 = 0x01;
     const PP2_CLIENT_CERT_CONN: u8 = 0x02;
     const PP2_CLIENT_CERT_SESS: u8 = 0x04;
@@ -289,7 +289,7 @@ pub fn proxy_tlvs(facts: &TlsFacts) -> Vec<(u8, Vec<u8>)> {
     if !version.is_empty() {
         sub(0x21, version.as_bytes());
     }
-    if let Some(cn) = &facts.client_cn {
+    if let Some(cn) = client_cn {
         sub(0x22, cn.as_bytes());
     }
     if let Some(cipher) = facts.cipher {

@@ -27,8 +27,6 @@ pub struct TlsFacts {
     pub cipher: Option<&'static str>,
     pub resumed: bool,
     pub client_certificate: bool,
-    /// The client certificate's subject CN (mTLS).
-    pub client_cn: Option<String>,
 }
 
 pub struct TlsStream {
@@ -54,8 +52,8 @@ impl std::fmt::Debug for TlsStream {
 }
 
 impl TlsStream {
-    pub fn new(config: &Arc<ServerConfig>) -> Result<TlsStream, rustls::Error> {
-        let mut connection = ServerConnection::new(Arc::clone(config))?;
+    pub fn new(config: Arc<ServerConfig>) -> Result<TlsStream, rustls::Error> {
+        let mut connection = ServerConnection::new(config)?;
         // The relay bounds what waits: it reads the server only when rustls has no ciphertext
         // left to hand out.
         connection.set_buffer_limit(None);
@@ -253,10 +251,14 @@ impl TlsStream {
             client_certificate: connection
                 .peer_certificates()
                 .is_some_and(|certificates| !certificates.is_empty()),
-            client_cn: connection
-                .peer_certificates()
-                .and_then(|certificates| certificates.first())
-                .and_then(|leaf| super::subject_cn(leaf)),
         }
+    }
+
+    /// The client certificate's subject CN (mTLS), parsed only when asked (PROXY TLVs).
+    pub fn client_cn(&self) -> Option<String> {
+        self.connection
+            .peer_certificates()
+            .and_then(|certificates| certificates.first())
+            .and_then(|leaf| super::subject_cn(leaf))
     }
 }

@@ -564,7 +564,7 @@ impl Shard {
                         sniffing.silence_deadline = super::super::session::NEVER;
                     }
                 }
-                (None, Some(tls)) => self.start_tls_session(index, &tls, &[]),
+                (None, Some(tls)) => self.start_tls_session(index, tls, &[]),
                 (_, None) => {
                     self.close_session(index, CloseMode::ResetBoth, CloseKind::LocalError);
                 }

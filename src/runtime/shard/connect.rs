@@ -196,10 +196,12 @@ impl Shard {
                     .and_then(|sniffing| sniffing.carried.as_deref());
                 // A terminated TLS session tells its server what the handshake settled.
                 let tls_tlvs = match version {
-                    crate::sniff::proxy::ProxyVersion::V2 => session
-                        .relay
-                        .tls_facts()
-                        .map(|facts| crate::tls::proxy_tlvs(&facts)),
+                    crate::sniff::proxy::ProxyVersion::V2 => {
+                        session.relay.tls_facts().map(|facts| {
+                            let cn = session.relay.tls_client_cn();
+                            crate::tls::proxy_tlvs(&facts, cn.as_deref())
+                        })
+                    }
                     _ => None,
                 };
                 // The load balancer's TLVs, with what the handshake settled in place of its own

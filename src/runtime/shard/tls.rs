@@ -56,7 +56,7 @@ impl Shard {
     pub(super) fn start_tls_session(
         &mut self,
         index: usize,
-        config: &Arc<rustls::ServerConfig>,
+        config: Arc<rustls::ServerConfig>,
         received: &[u8],
     ) {
         let handshake = self
@@ -105,7 +105,7 @@ impl Shard {
             None => Vec::new(),
         };
         match self.tls_config(listener).cloned() {
-            Some(config) => self.start_tls_session(index, &config, &received),
+            Some(config) => self.start_tls_session(index, config, &received),
             None => self.close_session(index, CloseMode::ResetBoth, CloseKind::LocalError),
         }
     }
