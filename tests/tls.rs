@@ -6,66 +6,16 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::admin;
+use common::pki::Pki;
 use common::{Behaviour, Proxy, TestServer, tool, wait_for};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, PKCS_RSA_SHA256,
-    RsaKeySize,
-};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-
-/// A test CA and the files it issued, in a temporary directory.
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key"))
-            .expect("CA certificate");
-        let dir = tempfile::tempdir().expect("temporary directory");
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("ca.pem");
-        Pki { dir, ca }
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-
-    /// Issues `stem.pem` / `stem.key` for `names` (CN: the first name); RSA-2048 or ECDSA
-    /// P-256.
-    fn issue(&self, stem: &str, names: &[&str], rsa: bool) -> (PathBuf, PathBuf) {
-        let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
-        let mut params = CertificateParams::new(names.clone()).expect("leaf params");
-        params.distinguished_name.push(
-            DnType::CommonName,
-            names.first().cloned().unwrap_or_default(),
-        );
-        let key = if rsa {
-            KeyPair::generate_rsa_for(&PKCS_RSA_SHA256, RsaKeySize::_2048).expect("RSA key")
-        } else {
-            KeyPair::generate().expect("ECDSA key")
-        };
-        let certificate = params.signed_by(&key, &self.ca).expect("leaf certificate");
-        let (cert, key_path) = (
-            self.path(&format!("{stem}.pem")),
-            self.path(&format!("{stem}.key")),
-        );
-        std::fs::write(&cert, certificate.pem()).expect("write certificate");
-        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
-        (cert, key_path)
-    }
-}
 
 /// A rustls client config trusting `ca`, offering `alpn`, with an optional client certificate.
 fn client_config(

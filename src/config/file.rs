@@ -216,7 +216,21 @@ pub struct FilePool {
     pub slow_start: Option<Spanned<String>>,
     pub send_proxy: Option<Spanned<String>>,
     pub health: Option<Spanned<FileHealth>>,
+    pub tls: Option<Spanned<FileOriginTls>>,
     pub servers: Spanned<Vec<Spanned<FileServer>>>,
+}
+
+/// `[pool.tls]`: TLS toward the pool's servers.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileOriginTls {
+    pub ca: Option<Spanned<String>>,
+    pub server_name: Option<Spanned<String>>,
+    pub verify: Option<Spanned<bool>>,
+    pub client_cert: Option<Spanned<String>>,
+    pub client_key: Option<Spanned<String>>,
+    pub alpn: Option<Spanned<Vec<Spanned<String>>>>,
+    pub check_tls: Option<Spanned<bool>>,
 }
 
 /// `[pool.health]`: active checks.

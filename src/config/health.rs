@@ -68,6 +68,8 @@ pub struct HealthCheck {
     /// The pool's `send_proxy`: probes send the same header first (HAProxy's
     /// `check-send-proxy`), so servers that require it can be checked.
     pub send_proxy: Option<crate::sniff::proxy::ProxyVersion>,
+    /// The pool's `[pool.tls]` when `check_tls` (probes handshake and verify as traffic does).
+    pub tls: Option<std::sync::Arc<crate::tls::OriginSettings>>,
 }
 
 impl HealthCheck {
@@ -303,6 +305,7 @@ pub(super) fn resolve_health(
         port,
         start,
         send_proxy: None,
+        tls: None,
     })
 }
 

@@ -182,6 +182,8 @@ pub struct PoolConfig {
     /// A PROXY protocol header before the client's bytes (and before health checks' own).
     pub send_proxy: Option<crate::sniff::proxy::ProxyVersion>,
     pub health: Option<HealthCheck>,
+    /// TLS toward the servers (`[pool.tls]`).
+    pub tls: Option<std::sync::Arc<crate::tls::OriginSettings>>,
     pub servers: Vec<ServerConfig>,
 }
 
@@ -765,8 +767,13 @@ fn resolve_pool(
             }
         },
     };
+    let tls = match &pool.tls {
+        None => None,
+        Some(spanned) => Some(std::sync::Arc::new(tls::resolve_origin(source, spanned)?)),
+    };
     if let Some(health) = health.as_mut() {
         health.send_proxy = send_proxy;
+        health.tls = tls.clone().filter(|tls| tls.check_tls);
     }
     Ok(PoolConfig {
         name,
@@ -780,6 +787,7 @@ fn resolve_pool(
         slow_start,
         send_proxy,
         health,
+        tls,
         servers,
     })
 }

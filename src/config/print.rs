@@ -72,6 +72,9 @@ impl Config {
                 super::routing::write_proxy_keys(proxy, listener.routing.is_none(), out)?;
             }
             super::admission::write_tables(&listener.admission, out)?;
+            if let Some(tls) = &listener.tls {
+                super::tls::write_listener_tls(tls, out)?;
+            }
         }
         for pool in &self.pools {
             writeln!(out, "\n[[pool]]")?;
@@ -122,6 +125,9 @@ impl Config {
             writeln!(out, "]")?;
             if let Some(health) = &pool.health {
                 health.write_toml(out)?;
+            }
+            if let Some(tls) = &pool.tls {
+                super::tls::write_pool_tls(tls, out)?;
             }
         }
         super::split::write_splits(&self.splits, |pool| self.pool(pool).name.clone(), out)

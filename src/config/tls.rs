@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::file::{FileListener, FileTls};
-use super::{ConfigError, Source, nonzero_duration};
-use crate::tls::{ClientAuth, DefaultCertificate, TlsSettings};
+use super::file::{FileListener, FileOriginTls, FileTls};
+use super::{ConfigError, Source, format_duration, nonzero_duration};
+use crate::tls::{CaSource, ClientAuth, DefaultCertificate, OriginSettings, TlsSettings};
 
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -91,14 +91,7 @@ pub(super) fn resolve(
             DefaultCertificate::Index(index)
         }
     };
-    let mut alpn = Vec::new();
-    for protocol in tls.alpn.iter().flat_map(|list| list.get_ref()) {
-        let bytes = protocol.get_ref().as_bytes();
-        if bytes.is_empty() || bytes.len() > 255 {
-            return Err(source.at(protocol, "an ALPN protocol name is 1 to 255 bytes"));
-        }
-        alpn.push(bytes.to_vec());
-    }
+    let alpn = alpn_list(source, tls.alpn.as_ref())?;
     let min_version = match tls.min_version.as_ref().map(|v| (v, v.get_ref().as_str())) {
         None | Some((_, "1.2")) => 0x0303,
         Some((_, "1.3")) => 0x0304,
@@ -162,4 +155,161 @@ pub(super) fn resolve(
         session_tickets: tls.session_tickets.as_ref().is_none_or(|b| *b.get_ref()),
         watch: tls.watch.as_ref().is_some_and(|b| *b.get_ref()),
     }))
+}
+
+fn alpn_list(
+    source: &Source,
+    list: Option<&Spanned<Vec<Spanned<String>>>>,
+) -> Result<Vec<Vec<u8>>, ConfigError> {
+    let mut alpn = Vec::new();
+    for protocol in list.iter().flat_map(|list| list.get_ref()) {
+        let bytes = protocol.get_ref().as_bytes();
+        if bytes.is_empty() || bytes.len() > 255 {
+            return Err(source.at(protocol, "an ALPN protocol name is 1 to 255 bytes"));
+        }
+        alpn.push(bytes.to_vec());
+    }
+    Ok(alpn)
+}
+
+/// `[pool.tls]`: the CA certificates and the client certificate are read and checked here.
+pub(super) fn resolve_origin(
+    source: &Source,
+    spanned: &Spanned<FileOriginTls>,
+) -> Result<OriginSettings, ConfigError> {
+    let tls = spanned.get_ref();
+    let verify = tls.verify.as_ref().is_none_or(|b| *b.get_ref());
+    let ca = match &tls.ca {
+        Some(text) if text.get_ref().trim() == "system" => Some(CaSource::System(
+            crate::tls::system_roots().map_err(|why| source.at(text, why))?,
+        )),
+        Some(text) => {
+            let path = path_at(source, text)?;
+            let cas = crate::tls::load_ca(&path).map_err(|why| source.at(text, why))?;
+            Some(CaSource::File(path, cas))
+        }
+        None if verify => Some(CaSource::System(crate::tls::system_roots().map_err(
+            |why| {
+                source.error(
+                    spanned.span(),
+                    format!("{why}; set ca = \"FILE\" (or verify = false)"),
+                )
+            },
+        )?)),
+        None => None,
+    };
+    let server_name = match &tls.server_name {
+        None => None,
+        Some(text) => {
+            let name = text.get_ref().trim().to_ascii_lowercase();
+            if rustls::pki_types::ServerName::try_from(name.clone()).is_err() {
+                return Err(source.at(
+                    text,
+                    format!("server_name {name:?} is not a DNS name or an IP address"),
+                ));
+            }
+            Some(name)
+        }
+    };
+    let client_certificate = match (&tls.client_cert, &tls.client_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            let cert_path = path_at(source, cert)?;
+            let key_path = path_at(source, key)?;
+            Some(
+                crate::tls::load_key_pair(&cert_path, &key_path)
+                    .map_err(|why| source.at(cert, why))?,
+            )
+        }
+        (Some(text), None) | (None, Some(text)) => {
+            return Err(source.at(text, "client_cert and client_key go together: set both"));
+        }
+    };
+    let settings = OriginSettings {
+        ca,
+        server_name,
+        verify,
+        client_certificate,
+        alpn: alpn_list(source, tls.alpn.as_ref())?,
+        check_tls: tls.check_tls.as_ref().is_none_or(|b| *b.get_ref()),
+    };
+    // What every shard will build: refused here, with the file's name, rather than later.
+    settings
+        .client_config()
+        .map_err(|why| source.error(spanned.span(), why))?;
+    Ok(settings)
+}
+
+fn quoted(path: &std::path::Path) -> String {
+    format!("{:?}", path.display().to_string())
+}
+
+fn alpn_toml(alpn: &[Vec<u8>]) -> String {
+    let names: Vec<String> = alpn
+        .iter()
+        .map(|p| format!("{:?}", String::from_utf8_lossy(p)))
+        .collect();
+    format!("[{}]", names.join(", "))
+}
+
+/// `[listener.tls]` as printed by `ringproxy check` (paths resolved).
+pub(super) fn write_listener_tls(tls: &TlsSettings, out: &mut String) -> std::fmt::Result {
+    use std::fmt::Write as _;
+    writeln!(out, "[listener.tls]\ncertificates = [")?;
+    for certificate in &tls.certificates {
+        writeln!(
+            out,
+            "  {{ cert = {}, key = {} }},",
+            quoted(&certificate.cert_path),
+            quoted(&certificate.key_path)
+        )?;
+    }
+    writeln!(out, "]")?;
+    match tls.default_certificate {
+        DefaultCertificate::Reject => writeln!(out, "default_certificate = \"reject\"")?,
+        DefaultCertificate::Index(index) => {
+            if let Some(name) = tls.certificates.get(index).and_then(|c| c.names.first()) {
+                writeln!(out, "default_certificate = {name:?}")?;
+            }
+        }
+    }
+    writeln!(out, "alpn = {}", alpn_toml(&tls.alpn))?;
+    let min = if tls.min_version >= 0x0304 {
+        "1.3"
+    } else {
+        "1.2"
+    };
+    writeln!(out, "min_version = \"{min}\"")?;
+    if let Some((path, _)) = &tls.client_ca {
+        writeln!(out, "client_ca = {}", quoted(path))?;
+    }
+    writeln!(out, "client_auth = \"{}\"", tls.client_auth.name())?;
+    writeln!(
+        out,
+        "handshake_timeout = \"{}\"",
+        format_duration(tls.handshake_timeout)
+    )?;
+    writeln!(out, "session_tickets = {}", tls.session_tickets)?;
+    writeln!(out, "watch = {}", tls.watch)
+}
+
+/// `[pool.tls]` as printed by `ringproxy check`.
+pub(super) fn write_pool_tls(tls: &OriginSettings, out: &mut String) -> std::fmt::Result {
+    use std::fmt::Write as _;
+    writeln!(out, "[pool.tls]")?;
+    match &tls.ca {
+        Some(CaSource::System(_)) => writeln!(out, "ca = \"system\"")?,
+        Some(CaSource::File(path, _)) => writeln!(out, "ca = {}", quoted(path))?,
+        None => {}
+    }
+    if let Some(name) = &tls.server_name {
+        writeln!(out, "server_name = {name:?}")?;
+    }
+    writeln!(out, "verify = {}", tls.verify)?;
+    if let Some(certificate) = &tls.client_certificate {
+        writeln!(out, "client_cert = {}", quoted(&certificate.cert_path))?;
+        writeln!(out, "client_key = {}", quoted(&certificate.key_path))?;
+    }
+    writeln!(out, "alpn = {}", alpn_toml(&tls.alpn))?;
+    writeln!(out, "check_tls = {}", tls.check_tls)
 }

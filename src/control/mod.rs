@@ -541,10 +541,12 @@ async fn probe_loop(
     check: crate::config::HealthCheck,
 ) {
     let mut random = Jitter::new(u64::from(id.0));
+    // TLS pools: one rustls config per probed server, built on the control thread.
+    let tls = probe::probe_tls(&check);
     // The first check soon, spread over a tenth of the interval.
     tokio::time::sleep(check.interval.mul_f64(random.fraction() * 0.1)).await;
     loop {
-        let result = probe::probe(addr, &check).await;
+        let result = probe::probe(addr, &check, tls.as_ref()).await;
         {
             let mut control = shared.borrow_mut();
             if control.record_health(id, result) {

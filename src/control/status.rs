@@ -297,6 +297,21 @@ pub fn server_json(control: &Control, merged: &Merged, server: &ServerSnapshot) 
     })
 }
 
+/// A pool's `[pool.tls]`: what it verifies servers against and presents to them.
+fn origin_json(tls: &crate::tls::OriginSettings) -> Value {
+    json!({
+        "verify": tls.verify,
+        "ca": tls.ca.as_ref().map(crate::tls::CaSource::describe),
+        "server_name": tls.server_name,
+        "alpn": tls.alpn.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>(),
+        "client_certificate": tls.client_certificate.as_ref().map(|certificate| json!({
+            "cert": certificate.cert_path.display().to_string(),
+            "not_after": certificate.not_after,
+        })),
+        "check_tls": tls.check_tls,
+    })
+}
+
 pub fn pool_json(control: &Control, merged: &Merged, pool: &PoolSnapshot) -> Value {
     let config = control.config.pools.iter().find(|p| p.name == pool.name);
     let down = all_down(pool);
@@ -305,6 +320,7 @@ pub fn pool_json(control: &Control, merged: &Merged, pool: &PoolSnapshot) -> Val
         "balance": pool.balance.name(),
         "health_checks": config.and_then(|p| p.health.as_ref()).map(|check| check.kind.name()),
         "slow_start_ms": config.and_then(|p| p.slow_start).map(|d| d.as_millis() as u64),
+        "tls": pool.tls.as_deref().map(origin_json),
         "all_servers_down": down,
         "note": if down {
             Value::from("no server is up: new sessions try the servers that are down anyway (as NGINX does)")

@@ -126,6 +126,7 @@ mod tests {
             port: None,
             start,
             send_proxy: None,
+            tls: None,
         }
     }
 

@@ -7,9 +7,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
+use tokio_rustls::TlsConnector;
 
 use super::CheckResult;
 use crate::config::{HealthCheck, HealthKind, escape_bytes};
@@ -27,11 +28,23 @@ pub fn probe_target(addr: SocketAddr, check: &HealthCheck) -> SocketAddr {
     }
 }
 
+/// What a check of a TLS pool handshakes with (built once per probed server), or why it
+/// cannot.
+pub type ProbeTls = Result<TlsConnector, String>;
+
+/// The TLS side of a check of `check`'s pool, if it speaks TLS.
+pub fn probe_tls(check: &HealthCheck) -> Option<ProbeTls> {
+    check
+        .tls
+        .as_ref()
+        .map(|tls| tls.client_config().map(TlsConnector::from))
+}
+
 /// Runs one check of the server at `addr` (its traffic address; `Host` defaults to it).
-pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> CheckResult {
+pub async fn probe(addr: SocketAddr, check: &HealthCheck, tls: Option<&ProbeTls>) -> CheckResult {
     let started = Instant::now();
     let deadline = started + check.timeout;
-    let outcome = run(addr, check, deadline).await;
+    let outcome = run(addr, check, tls, deadline).await;
     let duration = started.elapsed();
     match outcome {
         Ok(reason) => CheckResult {
@@ -72,7 +85,12 @@ fn timed_out(check: &HealthCheck, what: &str) -> String {
     )
 }
 
-async fn run(addr: SocketAddr, check: &HealthCheck, deadline: Instant) -> Result<String, String> {
+async fn run(
+    addr: SocketAddr,
+    check: &HealthCheck,
+    tls: Option<&ProbeTls>,
+    deadline: Instant,
+) -> Result<String, String> {
     let target = probe_target(addr, check);
     let mut stream = match timeout_at(deadline, TcpStream::connect(target)).await {
         Err(_) => return Err(timed_out(check, "connecting")),
@@ -89,11 +107,35 @@ async fn run(addr: SocketAddr, check: &HealthCheck, deadline: Instant) -> Result
         let header = crate::sniff::proxy::header(version, local, peer);
         write(&mut stream, &header, check, deadline).await?;
     }
+    let Some(tls) = tls else {
+        return exchange(&mut stream, addr, check, deadline, "connected").await;
+    };
+    let connector = tls.as_ref().map_err(Clone::clone)?;
+    let name = check.tls.as_ref().map_or(
+        rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+        |tls| tls.server_name_for(addr),
+    );
+    let mut stream = match timeout_at(deadline, connector.connect(name, stream)).await {
+        Err(_) => return Err(timed_out(check, "in the TLS handshake")),
+        Ok(Err(error)) => return Err(format!("TLS handshake: {error}")),
+        Ok(Ok(stream)) => stream,
+    };
+    exchange(&mut stream, addr, check, deadline, "TLS handshake done").await
+}
+
+/// The check's own exchange over a connected (and, for TLS pools, handshaken) stream.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    addr: SocketAddr,
+    check: &HealthCheck,
+    deadline: Instant,
+    connected: &str,
+) -> Result<String, String> {
     match &check.kind {
-        HealthKind::Tcp => Ok("connected".to_string()),
+        HealthKind::Tcp => Ok(connected.to_string()),
         HealthKind::SendExpect { send, expect } => {
             if !send.is_empty() {
-                write(&mut stream, send, check, deadline).await?;
+                write(stream, send, check, deadline).await?;
             }
             let mut answer = Vec::new();
             loop {
@@ -103,7 +145,7 @@ async fn run(addr: SocketAddr, check: &HealthCheck, deadline: Instant) -> Result
                 if answer.len() >= MAX_ANSWER {
                     return Err(format!("unexpected answer {}", quote(&answer)));
                 }
-                match read_more(&mut stream, &mut answer, deadline).await {
+                match read_more(stream, &mut answer, deadline).await {
                     ReadOutcome::Data => {}
                     ReadOutcome::Closed if answer.is_empty() => {
                         return Err("closed without an answer".to_string());
@@ -135,7 +177,7 @@ async fn run(addr: SocketAddr, check: &HealthCheck, deadline: Instant) -> Result
                 "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: ringproxy-health-check\r\n\
                  Accept: */*\r\nConnection: close\r\n\r\n"
             );
-            write(&mut stream, request.as_bytes(), check, deadline).await?;
+            write(stream, request.as_bytes(), check, deadline).await?;
             let mut answer = Vec::new();
             loop {
                 let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -160,7 +202,7 @@ async fn run(addr: SocketAddr, check: &HealthCheck, deadline: Instant) -> Result
                 if answer.len() >= MAX_ANSWER {
                     return Err(format!("response head too long: {}", quote(&answer)));
                 }
-                match read_more(&mut stream, &mut answer, deadline).await {
+                match read_more(stream, &mut answer, deadline).await {
                     ReadOutcome::Data => {}
                     ReadOutcome::Closed if answer.is_empty() => {
                         return Err("closed without a response".to_string());
@@ -178,8 +220,8 @@ async fn run(addr: SocketAddr, check: &HealthCheck, deadline: Instant) -> Result
     }
 }
 
-async fn write(
-    stream: &mut TcpStream,
+async fn write<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     bytes: &[u8],
     check: &HealthCheck,
     deadline: Instant,
@@ -198,7 +240,11 @@ enum ReadOutcome {
     Failed(io::Error),
 }
 
-async fn read_more(stream: &mut TcpStream, answer: &mut Vec<u8>, deadline: Instant) -> ReadOutcome {
+async fn read_more<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    answer: &mut Vec<u8>,
+    deadline: Instant,
+) -> ReadOutcome {
     let mut chunk = [0u8; 4096];
     let room = (MAX_ANSWER - answer.len().min(MAX_ANSWER)).min(chunk.len());
     match timeout_at(deadline, stream.read(&mut chunk[..room.max(1)])).await {

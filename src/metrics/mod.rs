@@ -198,13 +198,16 @@ impl CloseKind {
 pub enum ConnectErrorKind {
     Refused,
     Timeout,
+    /// The TLS handshake with the server failed (its certificate, an alert, a close).
+    Tls,
     Other,
 }
 
 impl ConnectErrorKind {
-    pub const ALL: [ConnectErrorKind; 3] = [
+    pub const ALL: [ConnectErrorKind; 4] = [
         ConnectErrorKind::Refused,
         ConnectErrorKind::Timeout,
+        ConnectErrorKind::Tls,
         ConnectErrorKind::Other,
     ];
 
@@ -212,6 +215,7 @@ impl ConnectErrorKind {
         match self {
             ConnectErrorKind::Refused => "refused",
             ConnectErrorKind::Timeout => "timeout",
+            ConnectErrorKind::Tls => "tls",
             ConnectErrorKind::Other => "other",
         }
     }

@@ -30,6 +30,7 @@ mod flow;
 mod tls;
 
 pub use flow::{BufferPool, Flow, Measured, Pending, SendFrom, Spill};
+pub use tls::ServerTlsFailure;
 
 /// Which side of a session an event concerns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +101,14 @@ pub enum Action {
     ResetWhenDrained(Side),
     /// The client's TLS handshake is done: choose the server and connect (`server_connected`).
     TlsEstablished,
+    /// The proxy's TLS handshake with the server is done (the server counts as reached).
+    ServerTlsEstablished,
+    /// The handshake with the server failed and no operation on its socket is in flight: close
+    /// it, then `drop_server_tls` and try another server (or give up).
+    ServerTlsFailed,
+    /// The handshake with the server failed while an operation on its socket is in flight:
+    /// shut the socket down so that operation ends (then `ServerTlsFailed` follows).
+    AbortServer,
 }
 
 /// Why a receive ended without data.
@@ -290,8 +299,12 @@ impl<B> Relay<B> {
             ..
         } = self.limits;
         let multishot = multishot && self.tls.is_none();
+        let one_at_a_time = source == Side::Server && self.server_handshaking();
         let flow = self.flow_from(source);
-        let wanted = flow.receives_wanted(queued_buffers, buffer_size);
+        let mut wanted = flow.receives_wanted(queued_buffers, buffer_size);
+        if one_at_a_time {
+            wanted = wanted.min(1);
+        }
         if wanted > 0 && multishot && flow.receiving == 0 && flow.spill.is_none() {
             let room = queued_buffers.saturating_sub(flow.queue.len());
             if let Some(cap) = multishot_cap(room, buffer_size) {
@@ -308,7 +321,9 @@ impl<B> Relay<B> {
     }
 
     fn start_send(&mut self, destination: Side, out: &mut Actions) {
-        if self.phase == Phase::Closing || (destination == Side::Server && !self.server_ready()) {
+        if self.phase == Phase::Closing
+            || (destination == Side::Server && !self.server_connected_now())
+        {
             return;
         }
         let flow = self.flow_to(destination);
@@ -386,7 +401,7 @@ impl<B> Relay<B> {
             }
             return;
         }
-        if self.tls.is_some() {
+        if self.has_tls() {
             return self.tls_receive(source, buffers, now, pool, out);
         }
         let flow = self.flow_from(source);
@@ -408,12 +423,8 @@ impl<B> Relay<B> {
         if self.phase == Phase::Closing {
             return;
         }
-        if source == Side::Client
-            && let Some(tls) = self.tls.as_deref_mut().map(|side| &mut side.stream)
-        {
-            // The client's end reaches the server once what it sent before is decrypted.
-            tls.receive_eof();
-            return self.tls_pump(out);
+        if self.tls_eof(source, out) {
+            return;
         }
         let flow = self.flow_from(source);
         flow.eof = true;
@@ -432,6 +443,12 @@ impl<B> Relay<B> {
         flow.multishot = false;
         if self.phase == Phase::Closing {
             return;
+        }
+        if source == Side::Server
+            && self.server_handshaking()
+            && (error == ReceiveError::Failed || self.server_tls_failure().is_some())
+        {
+            return self.server_operation_ended(error == ReceiveError::Failed, out);
         }
         match error {
             ReceiveError::NoBuffers => self.flow_from(source).starved = true,
@@ -490,6 +507,16 @@ impl<B> Relay<B> {
             return;
         };
         flow.sending_buffers = 0;
+        if destination == Side::Server
+            && self.server_handshaking()
+            && (result == Err(SendError::Failed) || self.server_tls_failure().is_some())
+        {
+            if let Ok(count) = result {
+                self.upstream.sent(from, count, now, pool);
+            }
+            return self.server_operation_ended(result == Err(SendError::Failed), out);
+        }
+        let flow = self.flow_to(destination);
         let count = match result {
             Ok(count) => count,
             Err(SendError::Cancelled) => 0,
@@ -517,7 +544,7 @@ impl<B> Relay<B> {
         if closing {
             return;
         }
-        if self.tls.is_some() {
+        if self.has_tls() {
             self.last_active = self.last_active.max(now);
             self.tls_pump(out);
         }
@@ -529,7 +556,7 @@ impl<B> Relay<B> {
     /// Once the flow toward `destination` has delivered everything after its source's FIN,
     /// passes the FIN on; ends the session when both directions are done.
     fn pass_fin_if_flushed(&mut self, destination: Side, out: &mut Actions) {
-        if destination == Side::Client && self.close_notify_first(out) {
+        if self.close_notify_first(destination, out) {
             return;
         }
         let flow = self.flow_to(destination);
@@ -659,6 +686,7 @@ impl<B> Relay<B> {
         idle.min(write)
             .min(self.first_byte_deadline)
             .min(self.handshake_deadline())
+            .min(self.server_handshake_deadline())
     }
 
     /// Whether bytes wait for `destination` (the loop then reads its socket's unacknowledged
@@ -718,6 +746,9 @@ impl<B> Relay<B> {
                 );
                 return;
             }
+        }
+        if self.phase == Phase::Relaying && self.server_handshake_expired(now, out) {
+            return;
         }
         if self.phase == Phase::Relaying && now >= self.handshake_deadline() {
             self.close(CloseMode::Graceful, CloseReason::HandshakeTimeout, out);

@@ -1165,3 +1165,391 @@ mod tls {
         assert_eq!(session.pool.outstanding(), 0, "buffers went back at once");
     }
 }
+
+// ---- TLS origination ----------------------------------------------------------------------
+
+mod origin {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    const TLS_LIMITS: Limits = Limits {
+        buffer_size: 4096,
+        ..LIMITS
+    };
+
+    /// A server config for a certificate naming `names` (self-signed), and a proxy-side client
+    /// config trusting that certificate.
+    fn backend(names: &[&str]) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+        let certificate = rcgen::CertificateParams::new(names)
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let der = certificate.der().clone();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![der.clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// The loop around one session with a plain client and a TLS server (a rustls server in
+    /// the test). Sends to the server stay in flight until `flush_server`, so overlapping
+    /// operations on the server's socket during its handshake are seen.
+    struct Origin {
+        relay: Relay<TestBuffer>,
+        pool: TestPool,
+        backend: rustls::ServerConnection,
+        client_receive: bool,
+        server_receive: bool,
+        server_send: Option<Vec<u8>>,
+        to_client: Vec<u8>,
+        shut: Vec<Side>,
+        seen: Vec<Action>,
+        /// A server operation was asked for while another was in flight, during the handshake.
+        overlapped: bool,
+        now: u64,
+    }
+
+    impl Origin {
+        fn start(
+            proxy: Arc<rustls::ClientConfig>,
+            server: Arc<rustls::ServerConfig>,
+            header: &[u8],
+            sniffed: &[u8],
+        ) -> Origin {
+            let mut origin = Origin {
+                relay: Relay::new(TLS_LIMITS, 0),
+                pool: TestPool::default(),
+                backend: rustls::ServerConnection::new(server).expect("backend"),
+                client_receive: false,
+                server_receive: false,
+                server_send: None,
+                to_client: Vec::new(),
+                shut: Vec::new(),
+                seen: Vec::new(),
+                overlapped: false,
+                now: 0,
+            };
+            origin.connect(proxy, header, sniffed);
+            origin
+        }
+
+        fn connect(&mut self, proxy: Arc<rustls::ClientConfig>, header: &[u8], sniffed: &[u8]) {
+            let stream =
+                crate::tls::TlsStream::connect(proxy, "app.internal".try_into().expect("name"))
+                    .expect("stream");
+            let mut out = Vec::new();
+            self.relay.connect_tls_server(
+                stream,
+                self.now,
+                30,
+                header.into(),
+                sniffed.to_vec(),
+                !sniffed.is_empty(),
+                &mut out,
+            );
+            self.run(out);
+        }
+
+        fn run(&mut self, mut actions: Actions) {
+            while !actions.is_empty() {
+                let mut next = Vec::new();
+                for action in actions.drain(..) {
+                    self.seen.push(action);
+                    let handshaking = self.relay.server_handshaking();
+                    match action {
+                        Action::Receive(Side::Client) => self.client_receive = true,
+                        Action::Receive(Side::Server) => {
+                            self.overlapped |= handshaking && self.server_send.is_some();
+                            self.server_receive = true;
+                        }
+                        Action::Send(Side::Server) => {
+                            self.overlapped |= handshaking && self.server_receive;
+                            let flow = self.relay.flow_to(Side::Server);
+                            let (data, start, end) = flow.lend_spill().expect("a spill to send");
+                            let bytes = data[start..end].to_vec();
+                            self.relay.flow_to(Side::Server).restore_spill(data);
+                            assert!(self.server_send.is_none(), "two sends at once");
+                            self.server_send = Some(bytes);
+                        }
+                        Action::Send(Side::Client) => {
+                            let flow = self.relay.flow_to(Side::Client);
+                            let (data, start, end) = flow.lend_spill().expect("a spill to send");
+                            let bytes = data[start..end].to_vec();
+                            self.relay.flow_to(Side::Client).restore_spill(data);
+                            self.to_client.extend_from_slice(&bytes);
+                            self.relay.on_sent(
+                                Side::Client,
+                                Ok(bytes.len() as u32),
+                                self.now,
+                                &mut self.pool,
+                                &mut next,
+                            );
+                        }
+                        Action::ShutdownWrite(side) => self.shut.push(side),
+                        Action::ServerTlsEstablished
+                        | Action::ServerTlsFailed
+                        | Action::AbortServer
+                        | Action::Close(..) => {}
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                actions = next;
+            }
+        }
+
+        /// The send in flight toward the server arrives there and completes.
+        fn flush_server(&mut self) {
+            let Some(bytes) = self.server_send.take() else {
+                return;
+            };
+            let mut reader = &bytes[..];
+            while !reader.is_empty() {
+                self.backend.read_tls(&mut reader).expect("backend read");
+                if self.backend.process_new_packets().is_err() {
+                    break;
+                }
+            }
+            let mut out = Vec::new();
+            self.relay.on_sent(
+                Side::Server,
+                Ok(bytes.len() as u32),
+                self.now,
+                &mut self.pool,
+                &mut out,
+            );
+            self.run(out);
+        }
+
+        /// What the backend has to say reaches the relay, a buffer at a time.
+        fn backend_sends(&mut self) {
+            let mut bytes = Vec::new();
+            while self.backend.wants_write() {
+                self.backend.write_tls(&mut bytes).expect("backend write");
+            }
+            self.feed(Side::Server, &bytes);
+        }
+
+        fn feed(&mut self, source: Side, bytes: &[u8]) {
+            for chunk in bytes.chunks(TLS_LIMITS.buffer_size) {
+                let armed = match source {
+                    Side::Client => &mut self.client_receive,
+                    Side::Server => &mut self.server_receive,
+                };
+                assert!(*armed, "{source:?} was sent to without a receive armed");
+                *armed = false;
+                let (buffer, len) = self.pool.buffer(chunk);
+                let mut out = Vec::new();
+                self.relay.on_received(
+                    source,
+                    buffer,
+                    len,
+                    false,
+                    self.now,
+                    &mut self.pool,
+                    &mut out,
+                );
+                self.run(out);
+            }
+        }
+
+        fn handshake_rounds(&mut self) {
+            for _ in 0..6 {
+                if self.seen.contains(&Action::ServerTlsEstablished)
+                    || self.seen.contains(&Action::ServerTlsFailed)
+                {
+                    break;
+                }
+                self.flush_server();
+                self.backend_sends();
+            }
+            self.flush_server();
+        }
+
+        fn backend_reads(&mut self) -> Vec<u8> {
+            let mut plain = Vec::new();
+            let _ = self.backend.reader().read_to_end(&mut plain);
+            plain
+        }
+    }
+
+    #[test]
+    fn header_in_the_clear_then_the_handshake_then_the_sniffed_bytes_inside() {
+        let (server, proxy) = backend(&["app.internal"]);
+        let mut session = Origin::start(
+            proxy,
+            server,
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n",
+            b"GET / HTTP/1.1\r\n",
+        );
+        let first = session.server_send.take().expect("the header");
+        assert_eq!(first, b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n");
+        assert!(!session.server_receive, "one operation at a time");
+        assert!(
+            !session.client_receive,
+            "the client waits for the handshake"
+        );
+        // The header's send completes (the test backend does not expect it).
+        let mut out = Vec::new();
+        session
+            .relay
+            .on_sent(Side::Server, Ok(32), 0, &mut session.pool, &mut out);
+        session.run(out);
+        let hello = session
+            .server_send
+            .as_deref()
+            .expect("then the ClientHello");
+        assert_eq!(hello[0], 0x16, "a TLS handshake record");
+        session.handshake_rounds();
+        assert!(session.seen.contains(&Action::ServerTlsEstablished));
+        assert!(
+            !session.overlapped,
+            "one operation at a time during the handshake"
+        );
+        assert_eq!(session.backend_reads(), b"GET / HTTP/1.1\r\n");
+        assert!(
+            session.client_receive,
+            "the client is read once the server is ready"
+        );
+        assert!(session.server_receive);
+        assert_eq!(
+            session.relay.server_tls_facts().map(|f| f.version > 0),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn both_ways_then_close_notify_before_the_fin_toward_the_server() {
+        let (server, proxy) = backend(&["app.internal"]);
+        let mut session = Origin::start(proxy, server, b"", b"");
+        session.handshake_rounds();
+        let request: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
+        let mut delivered = Vec::new();
+        for chunk in request.chunks(TLS_LIMITS.buffer_size) {
+            // A spilled direction reads its source again once its send is done.
+            while !session.client_receive {
+                assert!(session.server_send.is_some(), "stalled without a send");
+                session.flush_server();
+                delivered.extend(session.backend_reads());
+            }
+            session.feed(Side::Client, chunk);
+        }
+        while session.server_send.is_some() {
+            session.flush_server();
+            delivered.extend(session.backend_reads());
+        }
+        assert_eq!(delivered, request, "every byte, in order");
+        let reply = vec![b'r'; 30_000];
+        session.backend.writer().write_all(&reply).expect("reply");
+        session.backend_sends();
+        assert_eq!(session.to_client, reply);
+        // The client's FIN: close_notify first, then the FIN.
+        let mut out = Vec::new();
+        session.relay.on_eof(Side::Client, &mut out);
+        session.run(out);
+        assert!(
+            session.shut.is_empty(),
+            "close_notify goes out before the FIN"
+        );
+        session.flush_server();
+        assert_eq!(session.shut, [Side::Server]);
+        let mut rest = Vec::new();
+        assert_eq!(
+            session.backend.reader().read_to_end(&mut rest).ok(),
+            Some(0)
+        );
+        assert_eq!(session.pool.outstanding(), 0, "no ring buffer held");
+    }
+
+    #[test]
+    fn a_refused_certificate_keeps_the_clients_bytes_for_the_next_server() {
+        let (wrong, _) = backend(&["other.internal"]);
+        let (good, proxy) = backend(&["app.internal"]);
+        // The proxy trusts only the good server's certificate.
+        let mut session = Origin::start(Arc::clone(&proxy), wrong, b"", b"hello");
+        session.handshake_rounds();
+        assert!(
+            session.seen.contains(&Action::ServerTlsFailed),
+            "{:?}",
+            session.seen
+        );
+        assert!(
+            !session.seen.contains(&Action::AbortServer),
+            "nothing was in flight"
+        );
+        assert!(matches!(
+            session.relay.server_tls_failure(),
+            Some(ServerTlsFailure::Refused(_))
+        ));
+        assert!(
+            session.backend_reads().is_empty(),
+            "no byte of the client's went out"
+        );
+        // The loop closes the socket and connects the next server.
+        session.relay.drop_server_tls();
+        session.server_receive = false;
+        session.seen.clear();
+        session.backend = rustls::ServerConnection::new(good).expect("backend");
+        session.connect(proxy, b"", b"");
+        session.handshake_rounds();
+        assert!(session.seen.contains(&Action::ServerTlsEstablished));
+        assert_eq!(
+            session.backend_reads(),
+            b"hello",
+            "the client's bytes, once"
+        );
+    }
+
+    #[test]
+    fn a_silent_server_is_aborted_at_the_deadline_then_reported() {
+        let (server, proxy) = backend(&["app.internal"]);
+        let mut session = Origin::start(proxy, server, b"", b"");
+        session.flush_server();
+        assert!(session.server_receive, "waiting for the ServerHello");
+        assert_eq!(session.relay.next_deadline(), 30);
+        let mut out = Vec::new();
+        session.relay.on_tick(30, |_| None, &mut out);
+        assert_eq!(out, [Action::AbortServer], "the receive must end first");
+        let mut out = Vec::new();
+        session.relay.on_eof(Side::Server, &mut out);
+        assert_eq!(out, [Action::ServerTlsFailed]);
+        assert_eq!(
+            session.relay.server_tls_failure(),
+            Some(&ServerTlsFailure::Timeout)
+        );
+    }
+
+    #[test]
+    fn a_server_closing_in_the_handshake_is_a_failed_connect() {
+        let (server, proxy) = backend(&["app.internal"]);
+        let mut session = Origin::start(proxy, server, b"", b"");
+        session.flush_server();
+        let mut out = Vec::new();
+        session.relay.on_eof(Side::Server, &mut out);
+        assert_eq!(out, [Action::ServerTlsFailed]);
+        assert_eq!(
+            session.relay.server_tls_failure(),
+            Some(&ServerTlsFailure::Closed)
+        );
+        assert!(
+            session.relay.is_relaying(),
+            "the session lives on for another server"
+        );
+    }
+}

@@ -128,6 +128,8 @@ pub struct PoolSnapshot {
     pub tcp: TcpOptions,
     pub source_addresses: Vec<IpAddr>,
     pub send_proxy: Option<crate::sniff::proxy::ProxyVersion>,
+    /// TLS toward the servers.
+    pub tls: Option<Arc<crate::tls::OriginSettings>>,
     pub servers: Vec<ServerSnapshot>,
 }
 
@@ -145,6 +147,7 @@ impl PoolSnapshot {
             tcp: pool.tcp,
             source_addresses: pool.source_addresses.clone(),
             send_proxy: pool.send_proxy,
+            tls: pool.tls.clone(),
             servers,
         }
     }

@@ -1,4 +1,5 @@
-//! TLS termination with rustls (aws-lc-rs as the crypto provider).
+//! TLS with rustls (aws-lc-rs as the crypto provider): termination toward clients, and
+//! origination toward servers (`origin`).
 //!
 //! The control thread loads and checks certificates and keys (`load_certificate`, at config
 //! load and on every reload) into `TlsSettings`, which travel to the shards in the snapshot.
@@ -8,6 +9,7 @@
 //! every shard shares (`TicketKeys`), so a client resumes on whichever shard it lands.
 //! `TlsStream` is the sans-IO side of one session, driven by the relay.
 
+mod origin;
 mod stream;
 mod ticket;
 
@@ -26,6 +28,7 @@ use rustls::server::{
 };
 use rustls::sign::CertifiedKey;
 
+pub use origin::{AnyServerCertificate, CaSource, OriginSettings, system_roots};
 pub use stream::{Plain, TlsFacts, TlsStream};
 pub use ticket::{ShardTicketer, TICKET_LIFETIME_SECONDS, TicketKeys};
 
@@ -60,7 +63,7 @@ enum KeyKind {
 }
 
 impl Certificate {
-    fn key(&self) -> PrivateKeyDer<'static> {
+    pub(crate) fn key(&self) -> PrivateKeyDer<'static> {
         let der = self.key_der.clone();
         match self.key_kind {
             KeyKind::Pkcs8 => PrivateKeyDer::Pkcs8(der.into()),
@@ -158,8 +161,22 @@ pub fn file_fingerprint(path: &Path) -> Option<(std::time::SystemTime, u64, u64)
     Some((metadata.modified().ok()?, metadata.len(), metadata.ino()))
 }
 
-/// Reads a certificate chain and its key and checks that they belong together.
+/// Reads a server certificate chain and its key and checks that they belong together and
+/// that the leaf names a DNS name to serve.
 pub fn load_certificate(cert_path: &Path, key_path: &Path) -> Result<Certificate, String> {
+    let certificate = load_key_pair(cert_path, key_path)?;
+    if certificate.names.is_empty() {
+        return Err(format!(
+            "{}: the certificate names no DNS name (subjectAltName or CN)",
+            cert_path.display()
+        ));
+    }
+    Ok(certificate)
+}
+
+/// Reads a certificate chain and its key and checks that they belong together (a client
+/// certificate needs no DNS name).
+pub fn load_key_pair(cert_path: &Path, key_path: &Path) -> Result<Certificate, String> {
     let cert_text = std::fs::read(cert_path)
         .map_err(|error| format!("cannot read {}: {error}", cert_path.display()))?;
     let chain = CertificateDer::pem_slice_iter(&cert_text)
@@ -211,12 +228,6 @@ pub fn load_certificate(cert_path: &Path, key_path: &Path) -> Result<Certificate
         })?;
     let (names, not_after) =
         leaf_facts(&chain[0]).map_err(|error| format!("{}: {error}", cert_path.display()))?;
-    if names.is_empty() {
-        return Err(format!(
-            "{}: the certificate names no DNS name (subjectAltName or CN)",
-            cert_path.display()
-        ));
-    }
     Ok(Certificate {
         cert_path: cert_path.to_path_buf(),
         key_path: key_path.to_path_buf(),

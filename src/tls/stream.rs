@@ -1,10 +1,14 @@
-//! One terminated TLS session, sans-IO: ciphertext from the client goes in, plaintext for the
-//! server comes out, and the other way round. The relay owns it and moves the bytes.
+//! One TLS session with one peer, sans-IO: ciphertext from the peer goes in, plaintext comes
+//! out, and the other way round. Toward a client the proxy is the TLS server (termination),
+//! toward a server it is the TLS client (origination). The relay owns it and moves the bytes.
 
 use std::io::{self, BufRead, Write};
 use std::sync::Arc;
 
-use rustls::{HandshakeKind, ServerConfig, ServerConnection};
+use rustls::pki_types::ServerName;
+use rustls::{
+    ClientConfig, ClientConnection, Connection, HandshakeKind, ServerConfig, ServerConnection,
+};
 
 /// What `read_plaintext` found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,7 +17,7 @@ pub enum Plain {
     Data(usize),
     /// Nothing decrypted is waiting.
     Empty,
-    /// The client ended its side (close_notify, or its TCP FIN): no more plaintext comes.
+    /// The peer ended its side (close_notify, or its TCP FIN): no more plaintext comes.
     Closed,
 }
 
@@ -30,13 +34,14 @@ pub struct TlsFacts {
 }
 
 pub struct TlsStream {
-    connection: ServerConnection,
+    connection: Connection,
     /// Ciphertext received but not yet taken by rustls (it takes more once the plaintext it
     /// holds is read).
     unread: Vec<u8>,
     established_reported: bool,
     close_notify_sent: bool,
-    client_done: bool,
+    /// The peer sent nothing more to decrypt.
+    peer_done: bool,
     tcp_eof: bool,
     failure: Option<rustls::Error>,
 }
@@ -52,25 +57,37 @@ impl std::fmt::Debug for TlsStream {
 }
 
 impl TlsStream {
+    /// Termination: the proxy is the TLS server of a client.
     pub fn new(config: Arc<ServerConfig>) -> Result<TlsStream, rustls::Error> {
-        let mut connection = ServerConnection::new(config)?;
-        // The relay bounds what waits: it reads the server only when rustls has no ciphertext
-        // left to hand out.
+        Ok(TlsStream::with(ServerConnection::new(config)?.into()))
+    }
+
+    /// Origination: the proxy is the TLS client of a server known as `name`.
+    pub fn connect(
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+    ) -> Result<TlsStream, rustls::Error> {
+        Ok(TlsStream::with(ClientConnection::new(config, name)?.into()))
+    }
+
+    fn with(mut connection: Connection) -> TlsStream {
+        // The relay bounds what waits: it reads the other side only when rustls has no
+        // ciphertext left to hand out.
         connection.set_buffer_limit(None);
-        Ok(TlsStream {
+        TlsStream {
             connection,
             unread: Vec::new(),
             established_reported: false,
             close_notify_sent: false,
-            client_done: false,
+            peer_done: false,
             tcp_eof: false,
             failure: None,
-        })
+        }
     }
 
-    /// Ciphertext from the client. What rustls does not take now waits in the stream.
+    /// Ciphertext from the peer. What rustls does not take now waits in the stream.
     pub fn receive(&mut self, bytes: &[u8]) {
-        if self.failure.is_some() || self.client_done {
+        if self.failure.is_some() || self.peer_done {
             return;
         }
         if !self.unread.is_empty() {
@@ -84,7 +101,7 @@ impl TlsStream {
         }
     }
 
-    /// The client's TCP stream ended.
+    /// The peer's TCP stream ended.
     pub fn receive_eof(&mut self) {
         self.tcp_eof = true;
         if !self.unread.is_empty() {
@@ -121,14 +138,14 @@ impl TlsStream {
 
     /// Appends decrypted bytes to `into` (`append` takes what fits and says how much).
     pub fn read_plaintext(&mut self, mut append: impl FnMut(&[u8]) -> usize) -> Plain {
-        if self.client_done {
+        if self.peer_done {
             return Plain::Closed;
         }
         loop {
             let mut reader = self.connection.reader();
             match reader.fill_buf() {
                 Ok([]) => {
-                    self.client_done = true;
+                    self.peer_done = true;
                     return Plain::Closed;
                 }
                 Ok(chunk) => {
@@ -158,14 +175,14 @@ impl TlsStream {
                 }
                 // The TCP stream ended without close_notify.
                 Err(_) => {
-                    self.client_done = true;
+                    self.peer_done = true;
                     return Plain::Closed;
                 }
             }
         }
     }
 
-    /// Plaintext from the server, to be encrypted; takes all of it.
+    /// Plaintext for the peer, to be encrypted; takes all of it.
     pub fn write_plaintext(&mut self, bytes: &[u8]) {
         if self.failure.is_some() {
             return;
@@ -173,12 +190,12 @@ impl TlsStream {
         let _ = self.connection.writer().write_all(bytes);
     }
 
-    /// Ciphertext waits to go to the client.
+    /// Ciphertext waits to go to the peer.
     pub fn wants_write(&self) -> bool {
         self.connection.wants_write()
     }
 
-    /// Writes ciphertext for the client into `into` until it takes no more; returns how much.
+    /// Writes ciphertext for the peer into `into` until it takes no more; returns how much.
     pub fn write_ciphertext(&mut self, into: &mut dyn Write) -> usize {
         let mut written = 0;
         while self.connection.wants_write() {
@@ -190,7 +207,7 @@ impl TlsStream {
         written
     }
 
-    /// Queues close_notify (once): the server ended its side.
+    /// Queues close_notify (once): the other side ended.
     pub fn close_notify(&mut self) {
         if !self.close_notify_sent && self.failure.is_none() {
             self.close_notify_sent = true;
@@ -202,17 +219,17 @@ impl TlsStream {
         self.close_notify_sent
     }
 
-    /// The client sent nothing more to decrypt, and nothing is left in the stream for it.
-    pub fn client_done(&self) -> bool {
-        self.client_done
+    /// The peer sent nothing more to decrypt, and nothing is left in the stream for it.
+    pub fn peer_done(&self) -> bool {
+        self.peer_done
     }
 
-    /// The client's TCP stream ended.
+    /// The peer's TCP stream ended.
     pub fn tcp_ended(&self) -> bool {
         self.tcp_eof
     }
 
-    /// Ciphertext from the client is waiting in the stream.
+    /// Ciphertext from the peer is waiting in the stream.
     pub fn has_unread(&self) -> bool {
         !self.unread.is_empty()
     }
@@ -237,9 +254,12 @@ impl TlsStream {
     pub fn facts(&self) -> TlsFacts {
         let connection = &self.connection;
         TlsFacts {
-            server_name: connection
-                .server_name()
-                .map(|name| name.to_ascii_lowercase()),
+            server_name: match connection {
+                Connection::Server(server) => {
+                    server.server_name().map(|name| name.to_ascii_lowercase())
+                }
+                Connection::Client(_) => None,
+            },
             alpn: connection
                 .alpn_protocol()
                 .map(|alpn| String::from_utf8_lossy(alpn).into_owned()),

@@ -15,6 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub mod admin;
+pub mod pki;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ringproxy");
 

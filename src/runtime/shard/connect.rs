@@ -10,7 +10,7 @@ use tracing::{debug, warn};
 use super::super::log_limit::{self, Verdict};
 use super::{ACCEPT_BACKOFF, IGNORED, Op, Shard, user_data};
 use crate::metrics::{CloseKind, ConnectErrorKind};
-use crate::relay::CloseMode;
+use crate::relay::{CloseMode, ServerTlsFailure};
 use crate::runtime::session::ServerRef;
 use crate::uring::socket;
 
@@ -148,9 +148,33 @@ impl Shard {
         }
     }
 
+    /// Where the server a session occupies sits in its pool's balancer now: (pool position,
+    /// balancer position).
+    fn server_position(
+        &self,
+        pool: crate::snapshot::PoolId,
+        server: ServerRef,
+    ) -> Option<(usize, usize)> {
+        let position = self.snapshot.pool_position(pool)?;
+        let at = self.balancers[position].position(server.id, server.index)?;
+        Some((position, at))
+    }
+
+    /// The server took the session: its balancer and counters learn it.
+    fn server_reached(&mut self, index: usize) {
+        let session = &self.sessions[index];
+        let Some(server) = session.server_ref else {
+            return;
+        };
+        if let Some((position, at)) = self.server_position(session.pool, server) {
+            self.balancers[position].record_success(at);
+        }
+        if let Some(counters) = self.counters.servers.get_mut(server.counters) {
+            counters.sessions += 1;
+        }
+    }
+
     pub(super) fn on_connect(&mut self, index: usize, result: i32) {
-        let now_ms = self.now_ms;
-        let tick = self.now_tick;
         let session = &mut self.sessions[index];
         session.connecting = false;
         if session.closing {
@@ -159,138 +183,231 @@ impl Shard {
         let Some(server) = session.server_ref else {
             return;
         };
-        let position = self.snapshot.pool_position(session.pool);
-        let at = position.and_then(|position| {
-            let balancer = &self.balancers[position];
-            balancer
-                .position(server.id, server.index)
-                .map(|at| (position, at))
-        });
-        if result == 0 {
-            let took = self.now_us.saturating_sub(session.connect_started_us);
-            session.connect_us = Some(u32::try_from(took).unwrap_or(u32::MAX));
-            if let Some((position, at)) = at {
-                self.balancers[position].record_success(at);
-            }
-            if let Some(counters) = self.counters.servers.get_mut(server.counters) {
-                counters.sessions += 1;
-            }
-            if let Some(counters) = self.counters.pools.get_mut(session.pool_counters) {
-                counters
-                    .connect_time
-                    .record(std::time::Duration::from_micros(took));
-            }
-            let mut actions = std::mem::take(&mut self.actions);
-            // The server hears first the PROXY header its pool asks for, then what sniffing
-            // read, then the relay.
-            let mut replay = Vec::new();
-            if let Some(version) = self
-                .snapshot
-                .pool(session.pool)
-                .and_then(|pool| pool.send_proxy)
-            {
-                let client = session.client.as_fd();
-                let carried = session
-                    .sniffing
-                    .as_deref()
-                    .and_then(|sniffing| sniffing.carried.as_deref());
-                // A terminated TLS session tells its server what the handshake settled.
-                let tls_tlvs = match version {
-                    crate::sniff::proxy::ProxyVersion::V2 => {
-                        session.relay.tls_facts().map(|facts| {
-                            let cn = session.relay.tls_client_cn();
-                            crate::tls::proxy_tlvs(&facts, cn.as_deref())
-                        })
-                    }
-                    _ => None,
-                };
-                // The load balancer's TLVs, with what the handshake settled in place of its own
-                // ALPN, authority and SSL ones.
-                let merged;
-                let tlvs = match (carried, tls_tlvs) {
-                    (Some(carried), Some(tls)) => {
-                        let mut all: Vec<(u8, Vec<u8>)> = carried
-                            .tlvs
-                            .iter()
-                            .filter(|(kind, _)| !tls.iter().any(|(mine, _)| mine == kind))
-                            .cloned()
-                            .collect();
-                        all.extend(tls);
-                        merged = all;
-                        merged.as_slice()
-                    }
-                    (Some(carried), None) => carried.tlvs.as_slice(),
-                    (None, Some(tls)) => {
-                        merged = tls;
-                        merged.as_slice()
-                    }
-                    (None, None) => &[],
-                };
-                let carried = carried.and_then(|carried| carried.addresses);
-                let addresses = match carried {
-                    // What the client's own load balancer said, passed on with its TLVs.
-                    Some(addresses) => Ok(addresses),
-                    None => socket::peer_addr(client)
-                        .and_then(|peer| Ok((peer, socket::local_addr(client)?))),
-                };
-                match addresses {
-                    Ok((peer, local)) => {
-                        replay = crate::sniff::proxy::header_passing_on(version, peer, local, tlvs);
-                    }
-                    _ => {
-                        // The client is gone (a reset ends getpeername): never relay its bytes
-                        // without the header the server trusts for its address.
-                        self.actions = actions;
-                        self.close_session(index, CloseMode::ResetBoth, CloseKind::ClientReset);
-                        return;
-                    }
+        if result != 0 {
+            let errno = if result == -libc::ECANCELED {
+                libc::ETIMEDOUT
+            } else {
+                -result
+            };
+            let error = io::Error::from_raw_os_error(errno);
+            return self.server_attempt_failed(
+                index,
+                server,
+                ConnectErrorKind::from_errno(errno),
+                &error.to_string(),
+            );
+        }
+        let took = self.now_us.saturating_sub(session.connect_started_us);
+        session.connect_us = Some(u32::try_from(took).unwrap_or(u32::MAX));
+        if let Some(counters) = self.counters.pools.get_mut(session.pool_counters) {
+            counters
+                .connect_time
+                .record(std::time::Duration::from_micros(took));
+        }
+        let pool_id = session.pool;
+        let addr = self
+            .snapshot
+            .pool(pool_id)
+            .and_then(|pool| pool.server(server.id))
+            .map(|server| server.addr);
+        let origin = addr.and_then(|addr| self.origin_stream(pool_id, addr));
+        if origin.is_none() {
+            self.server_reached(index);
+        }
+        let session = &mut self.sessions[index];
+        let mut actions = std::mem::take(&mut self.actions);
+        // The server hears first the PROXY header its pool asks for, then what sniffing
+        // read, then the relay.
+        let mut replay = Vec::new();
+        if let Some(version) = self
+            .snapshot
+            .pool(session.pool)
+            .and_then(|pool| pool.send_proxy)
+        {
+            let client = session.client.as_fd();
+            let carried = session
+                .sniffing
+                .as_deref()
+                .and_then(|sniffing| sniffing.carried.as_deref());
+            // A terminated TLS session tells its server what the handshake settled.
+            let tls_tlvs = match version {
+                crate::sniff::proxy::ProxyVersion::V2 => session.relay.tls_facts().map(|facts| {
+                    let cn = session.relay.tls_client_cn();
+                    crate::tls::proxy_tlvs(&facts, cn.as_deref())
+                }),
+                _ => None,
+            };
+            // The load balancer's TLVs, with what the handshake settled in place of its own
+            // ALPN, authority and SSL ones.
+            let merged;
+            let tlvs = match (carried, tls_tlvs) {
+                (Some(carried), Some(tls)) => {
+                    let mut all: Vec<(u8, Vec<u8>)> = carried
+                        .tlvs
+                        .iter()
+                        .filter(|(kind, _)| !tls.iter().any(|(mine, _)| mine == kind))
+                        .cloned()
+                        .collect();
+                    all.extend(tls);
+                    merged = all;
+                    merged.as_slice()
+                }
+                (Some(carried), None) => carried.tlvs.as_slice(),
+                (None, Some(tls)) => {
+                    merged = tls;
+                    merged.as_slice()
+                }
+                (None, None) => &[],
+            };
+            let carried = carried.and_then(|carried| carried.addresses);
+            let addresses = match carried {
+                // What the client's own load balancer said, passed on with its TLVs.
+                Some(addresses) => Ok(addresses),
+                None => socket::peer_addr(client)
+                    .and_then(|peer| Ok((peer, socket::local_addr(client)?))),
+            };
+            match addresses {
+                Ok((peer, local)) => {
+                    replay = crate::sniff::proxy::header_passing_on(version, peer, local, tlvs);
+                }
+                _ => {
+                    // The client is gone (a reset ends getpeername): never relay its bytes
+                    // without the header the server trusts for its address.
+                    self.actions = actions;
+                    self.close_session(index, CloseMode::ResetBoth, CloseKind::ClientReset);
+                    return;
                 }
             }
-            if session.relay.is_tls() {
-                session.relay.server_connected(
+        }
+        match origin {
+            Some(Ok(stream)) => {
+                // TLS toward the server: the header in the clear, then the handshake; what
+                // sniffing read waits for the handshake (and for another server if it fails).
+                let (plaintext, client_spoke) = match session.sniffing.take() {
+                    Some(sniffed) if !session.relay.is_tls() => {
+                        let spoke = !sniffed.bytes.is_empty();
+                        (sniffed.bytes, spoke)
+                    }
+                    _ => (Vec::new(), false),
+                };
+                let handshake = self
+                    .snapshot
+                    .pool(session.pool)
+                    .map_or(std::time::Duration::from_secs(5), |pool| {
+                        pool.connect_timeout
+                    });
+                session.relay.connect_tls_server(
+                    stream,
                     self.now_tick,
+                    super::ticks(handshake),
                     replay.into_boxed_slice(),
+                    plaintext,
+                    client_spoke,
                     &mut actions,
                 );
                 self.execute(index, &mut actions);
                 self.actions = actions;
+                if self.sessions.get(index).is_some_and(|s| !s.closing) {
+                    self.arm_timer(index);
+                }
                 return;
             }
-            let sniffed = session.sniffing.take().map(|sniffed| sniffed.bytes);
-            let client_spoke = sniffed.as_ref().is_some_and(|bytes| !bytes.is_empty());
-            match sniffed {
-                // Nothing goes before the sniffed bytes: they are the replay, uncopied.
-                Some(bytes) if replay.is_empty() => replay = bytes,
-                Some(bytes) => replay.extend_from_slice(&bytes),
-                None => {}
+            Some(Err(error)) => {
+                self.actions = actions;
+                return self.server_attempt_failed(
+                    index,
+                    server,
+                    ConnectErrorKind::Tls,
+                    &error.to_string(),
+                );
             }
-            session.relay.start_with_replay(
-                self.now_tick,
-                replay.into_boxed_slice(),
-                client_spoke,
-                &mut actions,
-            );
-            let first_byte_deadline = session.relay.limits().first_byte_ticks.is_some();
+            None => {}
+        }
+        if session.relay.is_tls() {
+            session
+                .relay
+                .server_connected(self.now_tick, replay.into_boxed_slice(), &mut actions);
             self.execute(index, &mut actions);
             self.actions = actions;
-            if first_byte_deadline && self.sessions.get(index).is_some_and(|s| !s.closing) {
-                // The client's first-byte deadline starts now: the timer must not wait longer.
-                self.arm_timer(index);
-            }
             return;
         }
-        let errno = if result == -libc::ECANCELED {
-            libc::ETIMEDOUT
-        } else {
-            -result
+        let sniffed = session.sniffing.take().map(|sniffed| sniffed.bytes);
+        let client_spoke = sniffed.as_ref().is_some_and(|bytes| !bytes.is_empty());
+        match sniffed {
+            // Nothing goes before the sniffed bytes: they are the replay, uncopied.
+            Some(bytes) if replay.is_empty() => replay = bytes,
+            Some(bytes) => replay.extend_from_slice(&bytes),
+            None => {}
+        }
+        session.relay.start_with_replay(
+            self.now_tick,
+            replay.into_boxed_slice(),
+            client_spoke,
+            &mut actions,
+        );
+        let first_byte_deadline = session.relay.limits().first_byte_ticks.is_some();
+        self.execute(index, &mut actions);
+        self.actions = actions;
+        if first_byte_deadline && self.sessions.get(index).is_some_and(|s| !s.closing) {
+            // The client's first-byte deadline starts now: the timer must not wait longer.
+            self.arm_timer(index);
+        }
+    }
+
+    /// The proxy's TLS handshake with the server is done: the server counts as reached.
+    pub(super) fn server_tls_established(&mut self, index: usize) {
+        if self.sessions.get(index).is_some_and(|s| !s.closing) {
+            self.server_reached(index);
+        }
+    }
+
+    /// The proxy's TLS handshake with the server failed (no operation on its socket is in
+    /// flight): a failed connect, retried on another server with the client's bytes intact.
+    pub(super) fn server_tls_failed(&mut self, index: usize) {
+        let Some(session) = self.sessions.get_mut(index) else {
+            return;
         };
-        let error = io::Error::from_raw_os_error(errno);
+        let failure = session.relay.server_tls_failure().cloned();
+        session.relay.drop_server_tls();
+        let Some(server) = session.server_ref else {
+            return;
+        };
+        let (kind, why) = match failure {
+            Some(ServerTlsFailure::Timeout) => (
+                ConnectErrorKind::Timeout,
+                "TLS handshake not done within connect_timeout".to_string(),
+            ),
+            Some(ServerTlsFailure::Closed) => (
+                ConnectErrorKind::Tls,
+                "the server closed during the TLS handshake".to_string(),
+            ),
+            Some(ServerTlsFailure::Refused(error)) => {
+                (ConnectErrorKind::Tls, format!("TLS handshake: {error}"))
+            }
+            None => (ConnectErrorKind::Tls, "TLS handshake failed".to_string()),
+        };
+        self.server_attempt_failed(index, server, kind, &why);
+    }
+
+    /// A connect (or the TLS handshake after it) to `server` failed: counted against the
+    /// server, its socket closed, and another server tried while retries are left.
+    fn server_attempt_failed(
+        &mut self,
+        index: usize,
+        server: ServerRef,
+        kind: ConnectErrorKind,
+        error: &str,
+    ) {
+        let now_ms = self.now_ms;
+        let tick = self.now_tick;
         self.stats.connect_failures += 1;
         if let Some(counters) = self.counters.servers.get_mut(server.counters) {
-            counters.connect_error(ConnectErrorKind::from_errno(errno));
+            counters.connect_error(kind);
         }
+        let session = &self.sessions[index];
+        let position = self.snapshot.pool_position(session.pool);
         let mut was_down = false;
-        if let Some((position, at)) = at {
+        if let Some((position, at)) = self.server_position(session.pool, server) {
             let balancer = &mut self.balancers[position];
             balancer.record_failure(at, now_ms);
             was_down = balancer.is_down(at, now_ms);
@@ -315,7 +432,7 @@ impl Shard {
                 warn!(shard = self.index, pool = %pool.name, server = ?addr, %error, suppressed, "server marked down after connect failures");
             }
         } else {
-            debug!(shard = self.index, pool = %pool.name, server = ?addr, %error, "connect failed");
+            debug!(shard = self.index, pool = %pool.name, server = ?addr, %error, kind = kind.name(), "connect failed");
         }
         if attempts <= pool.retries {
             self.stats.retries += 1;

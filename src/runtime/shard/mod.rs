@@ -150,6 +150,9 @@ pub struct Shard {
     split_pickers: HashMap<SplitId, (Arc<SplitSnapshot>, SplitPicker)>,
     /// The shard's own rustls configs of its TLS listeners, with what each was built from.
     tls: HashMap<ListenerId, (Arc<crate::snapshot::ListenerTls>, Arc<rustls::ServerConfig>)>,
+    /// The shard's own rustls configs toward the servers of its TLS pools, with what each was
+    /// built from.
+    origin_tls: HashMap<PoolId, (Arc<crate::tls::OriginSettings>, Arc<rustls::ClientConfig>)>,
     counters: Counters,
     timers: TimerWheel,
     expired: Vec<TimerEntry>,
@@ -238,6 +241,7 @@ impl Shard {
             source_cursor,
             split_pickers: HashMap::new(),
             tls: HashMap::new(),
+            origin_tls: HashMap::new(),
             counters: Counters::default(),
             timers: TimerWheel::new(1024),
             expired: Vec::new(),

@@ -257,6 +257,14 @@ impl Shard {
                     self.close_session(index, mode, kind);
                 }
                 Action::TlsEstablished => self.tls_established(index),
+                Action::ServerTlsEstablished => self.server_tls_established(index),
+                Action::ServerTlsFailed => self.server_tls_failed(index),
+                Action::AbortServer => {
+                    if let Some(fd) = session.borrow_fd(Side::Server) {
+                        // Ends the operation in flight on the failed server's socket.
+                        let _ = socket::shutdown(fd, std::net::Shutdown::Both);
+                    }
+                }
                 Action::ResetWhenDrained(_) => {
                     // Often already drained (a reset with nothing held): check now, then per tick.
                     self.lingering.push((index, generation));

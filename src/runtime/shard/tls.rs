@@ -44,6 +44,49 @@ impl Shard {
             }
         }
         self.tls = built;
+        let mut origins = std::collections::HashMap::new();
+        for pool in &snapshot.pools {
+            let Some(wanted) = &pool.tls else {
+                continue;
+            };
+            if let Some((had, config)) = self.origin_tls.remove(&pool.id)
+                && Arc::ptr_eq(&had, wanted)
+            {
+                origins.insert(pool.id, (had, config));
+                continue;
+            }
+            match wanted.client_config() {
+                Ok(config) => {
+                    origins.insert(pool.id, (Arc::clone(wanted), config));
+                }
+                Err(error) => warn!(
+                    shard = self.index,
+                    pool = %pool.name,
+                    %error,
+                    "cannot build the TLS config toward the pool's servers; its connects fail"
+                ),
+            }
+        }
+        self.origin_tls = origins;
+    }
+
+    /// A TLS session toward the server at `addr` of `pool` (None: the pool speaks plain TCP).
+    pub(super) fn origin_stream(
+        &self,
+        pool: crate::snapshot::PoolId,
+        addr: std::net::SocketAddr,
+    ) -> Option<Result<TlsStream, rustls::Error>> {
+        let wanted = self.snapshot.pool(pool)?.tls.as_ref()?;
+        let Some((settings, config)) = self.origin_tls.get(&pool) else {
+            return Some(Err(rustls::Error::General(
+                "no TLS config toward this pool".to_string(),
+            )));
+        };
+        debug_assert!(Arc::ptr_eq(settings, wanted));
+        Some(TlsStream::connect(
+            Arc::clone(config),
+            settings.server_name_for(addr),
+        ))
     }
 
     /// The rustls config a new client of `listener` gets (None: not a TLS listener).
