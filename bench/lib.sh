@@ -51,3 +51,13 @@ start_proxy() { # config
 
 # Stops a process this script started, by PID, and reaps it.
 stop_pid() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+# CPU ticks of a process and its children (nginx's worker).
+tree_ticks() {
+  local total child
+  total=$(cpu_ticks "$1")
+  for child in $(cat "/proc/$1/task/"*/children 2>/dev/null); do
+    total=$((total + $(cpu_ticks "$child")))
+  done
+  echo "$total"
+}

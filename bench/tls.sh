@@ -127,15 +127,6 @@ start_target() {
   esac
 }
 
-# CPU ticks of a process and its children (nginx's worker).
-tree_ticks() {
-  local total child
-  total=$(cpu_ticks "$1")
-  for child in $(cat "/proc/$1/task/"*/children 2>/dev/null); do
-    total=$((total + $(cpu_ticks "$child")))
-  done
-  echo "$total"
-}
 
 # One measurement: prints "value rate" for workload $2 through target $1.
 measure() {
@@ -202,24 +193,4 @@ done
 echo
 echo "date $(date -u +%FT%TZ), kernel $(uname -r), $ROUNDS rounds of ${DUR}s; ringproxy $("$bin" --version), $(haproxy -v | head -1), $(nginx -v 2>&1)"
 echo "figures: proxy CPU us per request (hs-*, ka64) or per MiB (bulk), or bytes per idle connection (idle*); rate = requests/s, Gbit/s or seconds to open (idle*); medians (min-max), ratios = median of per-round ratios"
-python3 - "$results" <<'EOF'
-import statistics, sys
-rows = [line.split() for line in open(sys.argv[1]) if line.strip()]
-data = {}
-for round_, workload, target, value, rate in rows:
-    if value == "nan":
-        continue
-    data.setdefault(workload, {}).setdefault(target, {})[round_] = (float(value), float(rate))
-print("| workload | ringproxy cpu | haproxy cpu | nginx cpu | rp/hap cpu | rp/ngx cpu | ringproxy rate | haproxy rate | nginx rate |")
-print("|---|---|---|---|---|---|---|---|---|")
-def cell(values):
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})" if values else "-"
-for workload, per in data.items():
-    cpu = {t: [v[0] for v in per.get(t, {}).values()] for t in ("rp", "hap", "ngx")}
-    rate = {t: [v[1] for v in per.get(t, {}).values()] for t in ("rp", "hap", "ngx")}
-    def ratio(other):
-        paired = [per["rp"][r][0] / per[other][r][0] for r in per.get("rp", {}) if r in per.get(other, {})]
-        return f"{statistics.median(paired):.3f}" if paired else "-"
-    print(f"| {workload} | {cell(cpu['rp'])} | {cell(cpu['hap'])} | {cell(cpu['ngx'])} | {ratio('hap')} | {ratio('ngx')} | "
-          f"{cell(rate['rp'])} | {cell(rate['hap'])} | {cell(rate['ngx'])} |")
-EOF
+python3 "$root/bench/three_way.py" "$results"
