@@ -522,12 +522,18 @@ fn nginx_backends_with_mutual_tls_failover_health_checks_and_proxy_protocol() {
         "[runtime]\nshards = 1\n[admin]\nbind = \"127.0.0.1:0\"\n\n\
          [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\npool = \"web\"\n\n\
          [[listener]]\nname = \"proxied\"\nbind = \"127.0.0.1:0\"\npool = \"proxied\"\n\n\
+         [[listener]]\nname = \"behind\"\nbind = \"127.0.0.1:0\"\npool = \"failover\"\n\
+         proxy_protocol = \"required\"\ntrusted_proxies = [\"127.0.0.1\"]\n\n\
          [[pool]]\nname = \"web\"\nbalance = \"round_robin\"\nretries = 1\nmax_fails = 0\n\
          servers = [ {{ addr = \"{}\", name = \"wrong\" }}, {{ addr = \"{}\", name = \"good\" }} ]\n\
          [pool.health]\nkind = \"http\"\npath = \"/\"\ninterval = \"300ms\"\ntimeout = \"300ms\"\nstart = \"up\"\n{tls}\n\
-         [[pool]]\nname = \"proxied\"\nsend_proxy = \"v1\"\nservers = [ {{ addr = \"{}\" }} ]\n{tls}",
+         [[pool]]\nname = \"proxied\"\nsend_proxy = \"v1\"\nservers = [ {{ addr = \"{}\" }} ]\n{tls}\n\
+         [[pool]]\nname = \"failover\"\nsend_proxy = \"v1\"\nbalance = \"round_robin\"\nmax_fails = 0\n\
+         servers = [ {{ addr = \"{}\" }}, {{ addr = \"{}\" }} ]\n{tls}",
         addr(wrong),
         addr(good),
+        addr(proxied),
+        addr(wrong),
         addr(proxied),
     ));
     let listener = |name: &str| proxy.listeners[name].port();
@@ -566,6 +572,27 @@ fn nginx_backends_with_mutual_tls_failover_health_checks_and_proxy_protocol() {
     );
     // The PROXY header goes in the clear, before the handshake nginx expects after it.
     assert_eq!(fetch(listener("proxied")), "from 127.0.0.1\n");
+    // Behind a load balancer: after a failed handshake with the first server, the next one
+    // still hears the client's address the balancer's header carried.
+    for _ in 0..4 {
+        let mut client = connect(proxy.listeners["behind"]);
+        client
+            .write_all(
+                b"PROXY TCP4 10.9.8.7 127.0.0.1 5555 80\r\n\
+                  GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .expect("request");
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).expect("answer");
+        assert!(answer.ends_with("from 10.9.8.7\n"), "{answer}");
+    }
+    // Counted by kind in /status too (published within a second).
+    assert!(wait_for(Duration::from_secs(3), || {
+        let status = admin::status(proxy.admin());
+        admin::server_in(&status, "failover", &addr(wrong).to_string())
+            .and_then(|server| server["connect_errors"]["tls"].as_u64())
+            >= Some(2)
+    }));
 }
 
 #[test]

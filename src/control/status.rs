@@ -85,6 +85,17 @@ fn routing_json(
                 "source": conditions.source.map(|network| network.to_string()),
                 "pool": destination_name(control, route.target, false),
                 "split": destination_name(control, route.target, true),
+                "tls": match &route.tls {
+                    crate::route::RouteTls::Listener => Value::Null,
+                    crate::route::RouteTls::Passthrough => Value::from("passthrough"),
+                    crate::route::RouteTls::Terminate(settings) => json!({
+                        "certificates": settings.certificates.iter().map(|c| json!({
+                            "names": c.names,
+                            "cert": c.cert_path.display().to_string(),
+                            "not_after": c.not_after,
+                        })).collect::<Vec<_>>(),
+                    }),
+                },
             })
         })
         .collect();
@@ -282,11 +293,11 @@ pub fn server_json(control: &Control, merged: &Merged, server: &ServerSnapshot) 
         "active": counters.active,
         "total": counters.sessions,
         "failures": counters.connect_errors_total(),
-        "connect_errors": {
-            "refused": counters.connect_errors[0],
-            "timeout": counters.connect_errors[1],
-            "other": counters.connect_errors[2],
-        },
+        "connect_errors": crate::metrics::ConnectErrorKind::ALL
+            .iter()
+            .zip(counters.connect_errors)
+            .map(|(kind, count)| (kind.name().to_string(), Value::from(count)))
+            .collect::<serde_json::Map<String, Value>>(),
         "passive": passive,
         "state_changes": changes,
         "checks": health.map(|health| json!({

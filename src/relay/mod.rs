@@ -507,7 +507,8 @@ impl<B> Relay<B> {
             return;
         };
         flow.sending_buffers = 0;
-        if destination == Side::Server
+        if !closing
+            && destination == Side::Server
             && self.server_handshaking()
             && (result == Err(SendError::Failed) || self.server_tls_failure().is_some())
         {

@@ -1255,8 +1255,9 @@ mod origin {
                 crate::tls::TlsStream::connect(proxy, "app.internal".try_into().expect("name"))
                     .expect("stream");
             let mut out = Vec::new();
+            self.relay.prepare_server_tls(stream);
+            assert!(self.relay.server_tls_prepared());
             self.relay.connect_tls_server(
-                stream,
                 self.now,
                 30,
                 header.into(),
@@ -1551,5 +1552,48 @@ mod origin {
             session.relay.is_relaying(),
             "the session lives on for another server"
         );
+    }
+}
+
+mod origin_plain_again {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_pool_that_turned_plain_gets_the_held_bytes_in_the_clear() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let certificate = rcgen::CertificateParams::new(vec!["app.internal".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(certificate.der().clone()).expect("root");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let stream = crate::tls::TlsStream::connect(
+            Arc::new(config),
+            "app.internal".try_into().expect("name"),
+        )
+        .expect("stream");
+        let mut relay: Relay<TestBuffer> = Relay::new(LIMITS, 0);
+        let mut out = Vec::new();
+        relay.prepare_server_tls(stream);
+        relay.connect_tls_server(0, 30, Box::new([]), b"sniffed".to_vec(), true, &mut out);
+        // The server closed during its handshake; the loop drops it.
+        let mut out = Vec::new();
+        relay.on_sent(Side::Server, Ok(1), 0, &mut TestPool::default(), &mut out);
+        relay.on_eof(Side::Server, &mut out);
+        relay.drop_server_tls();
+        // A reload made the pool plain: the sniffed bytes come back for a plain replay.
+        assert_eq!(relay.take_plain_replay(), b"sniffed");
+        assert!(!relay.server_tls_prepared());
+        let mut out = Vec::new();
+        relay.start_with_replay(0, b"sniffed".to_vec().into_boxed_slice(), true, &mut out);
+        assert!(out.contains(&Action::Send(Side::Server)), "{out:?}");
     }
 }

@@ -117,13 +117,42 @@ impl<B> Relay<B> {
         self.arm_receive(Side::Client, out);
     }
 
-    /// The server's socket is connected and the pool speaks TLS to it: `header` (a PROXY
-    /// header) goes first in the clear, then the handshake; `plaintext` (what sniffing read)
-    /// waits for the handshake to be done. `client_spoke`: it holds the client's own bytes.
-    #[allow(clippy::too_many_arguments)]
+    /// A connect to a server of a TLS pool starts: `stream` is the proxy's TLS session with
+    /// it, decided now so that the connect's end cannot find a changed pool.
+    pub fn prepare_server_tls(&mut self, stream: TlsStream) {
+        let side = self.tls.get_or_insert_with(|| Box::new(TlsSide::new()));
+        side.server = Some(stream);
+        side.server_connected = false;
+        side.server_ready = false;
+        side.server_failure = None;
+        side.server_failure_reported = false;
+    }
+
+    /// A TLS session with the server waits for its socket's connect.
+    pub fn server_tls_prepared(&self) -> bool {
+        self.tls
+            .as_deref()
+            .is_some_and(|side| side.server.is_some() && !side.server_connected)
+    }
+
+    /// The pool of a plain client speaks plain TCP now (a reload between two attempts):
+    /// what was held for a TLS server is given back as plain bytes, and the TLS state goes.
+    pub fn take_plain_replay(&mut self) -> Vec<u8> {
+        if self.is_tls() {
+            return Vec::new();
+        }
+        self.tls
+            .take()
+            .map(|side| side.server_replay)
+            .unwrap_or_default()
+    }
+
+    /// The server's socket is connected and the pool speaks TLS to it (`prepare_server_tls`):
+    /// `header` (a PROXY header) goes first in the clear, then the handshake; `plaintext`
+    /// (what sniffing read) waits for the handshake to be done. `client_spoke`: it holds the
+    /// client's own bytes.
     pub fn connect_tls_server(
         &mut self,
-        stream: TlsStream,
         now: u64,
         handshake_ticks: u64,
         header: Box<[u8]>,
@@ -132,7 +161,6 @@ impl<B> Relay<B> {
         out: &mut Actions,
     ) {
         let side = self.tls.get_or_insert_with(|| Box::new(TlsSide::new()));
-        side.server = Some(stream);
         side.server_connected = true;
         side.server_ready = false;
         side.server_failure = None;
@@ -340,9 +368,9 @@ impl<B> Relay<B> {
             return;
         };
         let failing = source == Side::Server && side.server_failure.is_some();
-        let (flow, other) = match source {
-            Side::Client => (&mut self.upstream, &self.downstream),
-            Side::Server => (&mut self.downstream, &self.upstream),
+        let flow = match source {
+            Side::Client => &mut self.upstream,
+            Side::Server => &mut self.downstream,
         };
         let (mut own, mut across) = match source {
             Side::Client => (side.client.as_mut(), side.server.as_mut()),
@@ -355,7 +383,8 @@ impl<B> Relay<B> {
             if !failing {
                 match (own.as_deref_mut(), across.as_deref_mut()) {
                     (Some(own), _) => own.receive(bytes),
-                    (None, Some(across)) if !other.abandoned => across.write_plaintext(bytes),
+                    // Unless the destination is gone.
+                    (None, Some(across)) if !flow.abandoned => across.write_plaintext(bytes),
                     _ => {}
                 }
             }
@@ -418,6 +447,10 @@ impl<B> Relay<B> {
 
     /// Gives `Action::ServerTlsFailed` once no operation on the server's socket is in flight.
     fn report_server_failure_if_idle(&mut self, out: &mut Actions) -> bool {
+        if self.phase == super::Phase::Closing {
+            // The session ends: no other server is tried.
+            return true;
+        }
         let idle = self.upstream.sending.is_none() && self.downstream.receiving == 0;
         let Some(side) = self.tls.as_deref_mut() else {
             return false;

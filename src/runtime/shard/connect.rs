@@ -64,6 +64,20 @@ impl Shard {
         let target = &pool.servers[server];
         let addr = target.addr;
         let server_id = target.id;
+        // A TLS pool's session with this server is made now: the connect's end must not see a
+        // reload's pool (a server gone from it must not be spoken to in the clear).
+        match self.origin_stream(pool.id, addr) {
+            None => {}
+            Some(Ok(stream)) => self.sessions[index].relay.prepare_server_tls(stream),
+            Some(Err(error)) => {
+                // The shard's own fault, not the server's: the session ends, no server is
+                // blamed.
+                self.stats.local_errors += 1;
+                warn!(shard = self.index, pool = %pool.name, %error, "cannot start a TLS session toward the server");
+                self.close_session(index, CloseMode::Graceful, CloseKind::LocalError);
+                return;
+            }
+        }
         let source = self.next_source(position, &addr);
         let server_fd = match socket::tcp_socket(&addr, source, &pool.tcp) {
             Ok(fd) => fd,
@@ -204,14 +218,8 @@ impl Shard {
                 .connect_time
                 .record(std::time::Duration::from_micros(took));
         }
-        let pool_id = session.pool;
-        let addr = self
-            .snapshot
-            .pool(pool_id)
-            .and_then(|pool| pool.server(server.id))
-            .map(|server| server.addr);
-        let origin = addr.and_then(|addr| self.origin_stream(pool_id, addr));
-        if origin.is_none() {
+        let origin = session.relay.server_tls_prepared();
+        if !origin {
             self.server_reached(index);
         }
         let session = &mut self.sessions[index];
@@ -279,49 +287,35 @@ impl Shard {
                 }
             }
         }
-        match origin {
-            Some(Ok(stream)) => {
-                // TLS toward the server: the header in the clear, then the handshake; what
-                // sniffing read waits for the handshake (and for another server if it fails).
-                let (plaintext, client_spoke) = match session.sniffing.take() {
-                    Some(sniffed) if !session.relay.is_tls() => {
-                        let spoke = !sniffed.bytes.is_empty();
-                        (sniffed.bytes, spoke)
-                    }
-                    _ => (Vec::new(), false),
-                };
-                let handshake = self
-                    .snapshot
-                    .pool(session.pool)
-                    .map_or(std::time::Duration::from_secs(5), |pool| {
-                        pool.connect_timeout
-                    });
-                session.relay.connect_tls_server(
-                    stream,
-                    self.now_tick,
-                    super::ticks(handshake),
-                    replay.into_boxed_slice(),
-                    plaintext,
-                    client_spoke,
-                    &mut actions,
-                );
-                self.execute(index, &mut actions);
-                self.actions = actions;
-                if self.sessions.get(index).is_some_and(|s| !s.closing) {
-                    self.arm_timer(index);
-                }
-                return;
+        if origin {
+            // TLS toward the server: the header in the clear, then the handshake; what
+            // sniffing read waits for the handshake (and for another server if it fails).
+            // The sniffing state stays: a retry's header needs what a PROXY header carried.
+            let plaintext = match session.sniffing.as_deref_mut() {
+                Some(sniffed) if !session.relay.is_tls() => std::mem::take(&mut sniffed.bytes),
+                _ => Vec::new(),
+            };
+            let client_spoke = !plaintext.is_empty();
+            let handshake = self
+                .snapshot
+                .pool(session.pool)
+                .map_or(std::time::Duration::from_secs(5), |pool| {
+                    pool.connect_timeout
+                });
+            session.relay.connect_tls_server(
+                self.now_tick,
+                super::ticks(handshake),
+                replay.into_boxed_slice(),
+                plaintext,
+                client_spoke,
+                &mut actions,
+            );
+            self.execute(index, &mut actions);
+            self.actions = actions;
+            if self.sessions.get(index).is_some_and(|s| !s.closing) {
+                self.arm_timer(index);
             }
-            Some(Err(error)) => {
-                self.actions = actions;
-                return self.server_attempt_failed(
-                    index,
-                    server,
-                    ConnectErrorKind::Tls,
-                    &error.to_string(),
-                );
-            }
-            None => {}
+            return;
         }
         if session.relay.is_tls() {
             session
@@ -331,8 +325,13 @@ impl Shard {
             self.actions = actions;
             return;
         }
+        // What an earlier attempt held for a TLS server (the pool speaks plain TCP since a
+        // reload), then what sniffing read.
+        let held = session.relay.take_plain_replay();
+        replay.extend_from_slice(&held);
         let sniffed = session.sniffing.take().map(|sniffed| sniffed.bytes);
-        let client_spoke = sniffed.as_ref().is_some_and(|bytes| !bytes.is_empty());
+        let client_spoke =
+            !held.is_empty() || sniffed.as_ref().is_some_and(|bytes| !bytes.is_empty());
         match sniffed {
             // Nothing goes before the sniffed bytes: they are the replay, uncopied.
             Some(bytes) if replay.is_empty() => replay = bytes,
@@ -356,9 +355,17 @@ impl Shard {
 
     /// The proxy's TLS handshake with the server is done: the server counts as reached.
     pub(super) fn server_tls_established(&mut self, index: usize) {
-        if self.sessions.get(index).is_some_and(|s| !s.closing) {
-            self.server_reached(index);
+        let Some(session) = self.sessions.get_mut(index) else {
+            return;
+        };
+        if session.closing {
+            return;
         }
+        if !session.relay.is_tls() {
+            // No retry any more: what a PROXY header carried is no longer needed.
+            session.sniffing = None;
+        }
+        self.server_reached(index);
     }
 
     /// The proxy's TLS handshake with the server failed (no operation on its socket is in
@@ -367,6 +374,9 @@ impl Shard {
         let Some(session) = self.sessions.get_mut(index) else {
             return;
         };
+        if session.closing {
+            return;
+        }
         let failure = session.relay.server_tls_failure().cloned();
         session.relay.drop_server_tls();
         let Some(server) = session.server_ref else {
