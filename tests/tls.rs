@@ -1178,3 +1178,211 @@ fn a_silent_client_behind_an_optional_header_still_needs_tls() {
         ) == 1.0
     }));
 }
+
+/// The ClientHello a rustls client sends for `name` (to check that passthrough relays it
+/// untouched).
+fn client_hello(pki: &Pki, name: &str) -> Vec<u8> {
+    let config = client_config(&pki.path("ca.pem"), &[], None);
+    let mut client = rustls::ClientConnection::new(
+        config,
+        ServerName::try_from(name.to_string()).expect("name"),
+    )
+    .expect("client");
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).expect("hello");
+    hello
+}
+
+/// Sends `hello` and reads as many bytes back (an echo server behind passthrough).
+fn echoed(addr: SocketAddr, hello: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    stream.write_all(hello).expect("hello");
+    let mut back = vec![0u8; hello.len()];
+    stream.read_exact(&mut back).expect("echo");
+    back
+}
+
+fn leaf_name(client: &TlsClient) -> String {
+    let leaf = client
+        .conn
+        .peer_certificates()
+        .and_then(|chain| chain.first().cloned())
+        .expect("a certificate");
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).expect("x509");
+    parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn routes_terminate_their_own_names_and_pass_the_others_through() {
+    let pki = standard_pki();
+    let (own_cert, own_key) = pki.issue("own", &["own.example.com"], false);
+    let plain = TestServer::start(Behaviour::Tagged(b'P'));
+    let raw = TestServer::start(Behaviour::Echo);
+    let tagged = TestServer::start(Behaviour::Tagged(b'H'));
+    let own = format!(
+        "tls = {{ certificates = [ {{ cert = \"{}\", key = \"{}\" }} ], alpn = [\"h2\"] }}",
+        own_cert.display(),
+        own_key.display()
+    );
+    let pools = format!(
+        "[[pool]]\nname = \"plain\"\nservers = [ {{ addr = \"{}\" }} ]\n\
+         [[pool]]\nname = \"raw\"\nservers = [ {{ addr = \"{}\" }} ]\n\
+         [[pool]]\nname = \"h2\"\nservers = [ {{ addr = \"{}\" }} ]\n",
+        plain.addr, raw.addr, tagged.addr
+    );
+    // A plain listener: its `own.example.com` route terminates, the others relay TLS as is.
+    let proxy = Proxy::start(&format!(
+        "[runtime]\nshards = 1\n[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"front\"\n\
+         bind = \"127.0.0.1:0\"\npool = \"raw\"\nroutes = [\n\
+           {{ sni = \"own.example.com\", pool = \"plain\", {own} }},\n\
+           {{ sni = \"pass.example.com\", pool = \"raw\", tls = \"passthrough\" }},\n]\n\n{pools}"
+    ));
+    let config = client_config(&pki.path("ca.pem"), &["h2"], None);
+    let mut client = tls_connect(proxy.addr(), "own.example.com", &config).expect("handshake");
+    assert_eq!(leaf_name(&client), "own.example.com");
+    assert_eq!(client.conn.alpn_protocol(), Some(&b"h2"[..]));
+    let mut tag = [0u8; 2];
+    client.read_exact(&mut tag).expect("tag");
+    assert_eq!(&tag, b"P\n", "the route's pool, in plaintext");
+    client.write_all(b"inside").expect("write");
+    let mut back = [0u8; 6];
+    client.read_exact(&mut back).expect("echo");
+    assert_eq!(&back, b"inside");
+    let hello = client_hello(&pki, "pass.example.com");
+    assert_eq!(
+        echoed(proxy.addr(), &hello),
+        hello,
+        "passed through untouched"
+    );
+    assert!(wait_for(Duration::from_secs(3), || {
+        metric(&proxy, "ringproxy_tls_handshakes_total", "result=\"full\"") == 1.0
+            && metric(
+                &proxy,
+                "ringproxy_tls_certificate_expiry_timestamp_seconds",
+                "certificate=\"own.example.com\"",
+            ) > 1.7e9
+    }));
+    drop(client);
+    drop(proxy);
+
+    // A TLS listener: `pass.example.com` passes through, `own.example.com` gets its own
+    // certificate, the rest the listener's, then routes by the handshake (ALPN h2).
+    let proxy = Proxy::start(&format!(
+        "[runtime]\nshards = 1\n[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"front\"\n\
+         bind = \"127.0.0.1:0\"\npool = \"plain\"\nroutes = [\n\
+           {{ sni = \"pass.example.com\", pool = \"raw\", tls = \"passthrough\" }},\n\
+           {{ sni = \"own.example.com\", pool = \"plain\", {own} }},\n\
+           {{ alpn = \"h2\", pool = \"h2\" }},\n]\n{}\n{pools}",
+        tls_block(&pki, "alpn = [\"h2\", \"http/1.1\"]")
+    ));
+    let hello = client_hello(&pki, "pass.example.com");
+    assert_eq!(
+        echoed(proxy.addr(), &hello),
+        hello,
+        "passed through untouched"
+    );
+    let client = tls_connect(proxy.addr(), "own.example.com", &config).expect("own");
+    assert_eq!(leaf_name(&client), "own.example.com");
+    let mut client = tls_connect(proxy.addr(), "api.example.com", &config).expect("listener");
+    assert_eq!(leaf_name(&client), "api.example.com");
+    client.read_exact(&mut tag).expect("tag");
+    assert_eq!(
+        &tag, b"H\n",
+        "routed by the negotiated ALPN after the handshake"
+    );
+    let plain_config = client_config(&pki.path("ca.pem"), &["http/1.1"], None);
+    let mut client = tls_connect(proxy.addr(), "db.example.com", &plain_config).expect("wild");
+    assert_eq!(leaf_name(&client), "*.example.com");
+    client.read_exact(&mut tag).expect("tag");
+    assert_eq!(&tag, b"P\n", "the listener's pool");
+    // Garbage on the TLS port still gets nothing but a close.
+    let mut junk = TcpStream::connect(proxy.addr()).expect("connect");
+    junk.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("junk");
+    let mut answer = Vec::new();
+    let _ = junk.read_to_end(&mut answer);
+    assert!(!answer.starts_with(b"HTTP"), "never relayed");
+    assert_eq!(
+        raw.accepted(),
+        2,
+        "only the passthrough clients reached the raw pool"
+    );
+    let status = admin::status(proxy.admin());
+    assert_eq!(
+        status["listeners"][0]["routing"]["routes"][0]["tls"], "passthrough",
+        "{status}"
+    );
+
+    // `ringproxy check` prints the routes' tls back, and that parses to the same config.
+    let printed = Command::new(env!("CARGO_BIN_EXE_ringproxy"))
+        .args(["check", "--config"])
+        .arg(proxy.config_path())
+        .output()
+        .expect("check");
+    let text = String::from_utf8_lossy(&printed.stdout).into_owned();
+    assert!(printed.status.success(), "{text}");
+    assert!(text.contains("tls = \"passthrough\""), "{text}");
+    assert!(text.contains("tls = { certificates = ["), "{text}");
+    let again = pki.path("printed.toml");
+    std::fs::write(&again, &text).expect("printed");
+    let reparsed = Command::new(env!("CARGO_BIN_EXE_ringproxy"))
+        .args(["check", "--config"])
+        .arg(&again)
+        .output()
+        .expect("check again");
+    assert_eq!(String::from_utf8_lossy(&reparsed.stdout), text);
+}
+
+#[test]
+fn route_tls_settings_are_checked() {
+    let pki = standard_pki();
+    let cases = [
+        ("tls = \"terminate\"", "tls must be \"passthrough\""),
+        ("tls = { certificates = [] }", "certificates is empty"),
+        (
+            "tls = { certificates = [ { cert = \"/nonexistent.pem\", key = \"/nonexistent.key\" } ] }",
+            "/nonexistent.pem",
+        ),
+    ];
+    for (tls, reason) in cases {
+        let config = format!(
+            "[[listener]]\nname = \"front\"\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\
+             routes = [ {{ sni = \"a.example.com\", pool = \"app\", {tls} }} ]\n\n\
+             [[pool]]\nname = \"app\"\nservers = [ {{ addr = \"127.0.0.1:9\" }} ]\n"
+        );
+        let path = pki.path("route.toml");
+        std::fs::write(&path, &config).expect("config");
+        let output = Command::new(env!("CARGO_BIN_EXE_ringproxy"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("check");
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{tls}: {text}");
+        assert!(text.contains(reason), "{tls}: {text}");
+    }
+    // A route that cannot see a ClientHello cannot choose TLS.
+    let config = "[[listener]]\nname = \"front\"\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\
+         routes = [ { protocol = \"http\", pool = \"app\", tls = \"passthrough\" } ]\n\n\
+         [[pool]]\nname = \"app\"\nservers = [ { addr = \"127.0.0.1:9\" } ]\n";
+    let path = pki.path("route.toml");
+    std::fs::write(&path, config).expect("config");
+    let output = Command::new(env!("CARGO_BIN_EXE_ringproxy"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("check");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("chosen by the ClientHello"), "{text}");
+}

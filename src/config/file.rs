@@ -160,6 +160,41 @@ pub struct FileRoute {
     pub source: Option<Spanned<String>>,
     pub pool: Option<Spanned<String>>,
     pub split: Option<Spanned<String>>,
+    pub tls: Option<Spanned<FileRouteTls>>,
+}
+
+/// A route's `tls`: `"passthrough"`, or a table shaped as `[listener.tls]`.
+#[derive(Debug)]
+pub enum FileRouteTls {
+    Mode(String),
+    Terminate(Box<FileTls>),
+}
+
+impl<'de> Deserialize<'de> for FileRouteTls {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Shape;
+        impl<'de> serde::de::Visitor<'de> for Shape {
+            type Value = FileRouteTls;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"passthrough\" or a table of TLS settings")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<FileRouteTls, E> {
+                Ok(FileRouteTls::Mode(text.to_string()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<FileRouteTls, A::Error> {
+                // Through the map itself (not a buffered copy): the fields keep their spans.
+                FileTls::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(|tls| FileRouteTls::Terminate(Box::new(tls)))
+            }
+        }
+        deserializer.deserialize_any(Shape)
+    }
 }
 
 /// `[listener.limits]`: the listener-wide connection rate.

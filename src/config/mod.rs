@@ -35,6 +35,7 @@ pub use connection::{Keepalive, MAX_SOURCE_ADDRESSES, TcpOptions, format_source_
 pub use duration::{format_duration, parse_duration};
 use file::{FileConfig, FilePin, FileProfile, FileShards, FileTuning};
 pub use health::{HealthCheck, HealthKind, StartState, escape as escape_bytes, unescape};
+pub use tls::DEFAULT_HANDSHAKE_TIMEOUT;
 use toml::Spanned;
 
 use crate::balance::Algorithm;

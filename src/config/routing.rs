@@ -8,10 +8,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 use toml::Spanned;
 
-use super::file::{FileListener, FileRoute};
+use super::file::{FileListener, FileRoute, FileRouteTls};
 use super::split::{SplitConfig, Target};
 use super::{ConfigError, PoolConfig, Source, format_duration, in_range};
-use crate::route::{Conditions, NamePattern, Route, RouteProtocol};
+use crate::route::{Conditions, NamePattern, Route, RouteProtocol, RouteTls};
 
 pub const DEFAULT_SNIFF_MAX_BYTES: u32 = 4096;
 pub const DEFAULT_SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
@@ -406,7 +406,38 @@ fn resolve_route(
              combined with sni, alpn, host or path_prefix",
         ));
     }
-    Ok(Route { conditions, target })
+    let tls = match &route.tls {
+        None => RouteTls::Listener,
+        Some(spanned) => match spanned.get_ref() {
+            FileRouteTls::Mode(mode) if mode == "passthrough" => RouteTls::Passthrough,
+            FileRouteTls::Mode(other) => {
+                return Err(source.at(
+                    spanned,
+                    format!(
+                        "tls must be \"passthrough\" or a table of TLS settings \
+                         ({{ certificates = [...], ... }}), not {other:?}"
+                    ),
+                ));
+            }
+            FileRouteTls::Terminate(file) => RouteTls::Terminate(std::sync::Arc::new(
+                super::tls::resolve_settings(source, spanned.span(), file)?,
+            )),
+        },
+    };
+    let matches_tls = conditions.sni.is_some()
+        || conditions.alpn.is_some()
+        || conditions.protocol == Some(RouteProtocol::Sniffed(crate::sniff::Protocol::Tls));
+    if tls.before_handshake() && !matches_tls {
+        return Err(source.at(
+            entry,
+            "a route with tls is chosen by the ClientHello: give it sni, alpn or protocol = \"tls\"",
+        ));
+    }
+    Ok(Route {
+        conditions,
+        target,
+        tls,
+    })
 }
 
 /// The listener's routing keys as TOML lines (`target_key` writes a route's `pool = ...` or
@@ -439,6 +470,13 @@ pub fn write_keys(
             fields.push(format!("source = \"{network}\""));
         }
         fields.push(target_key(route.target));
+        match &route.tls {
+            RouteTls::Listener => {}
+            RouteTls::Passthrough => fields.push("tls = \"passthrough\"".to_string()),
+            RouteTls::Terminate(settings) => {
+                fields.push(format!("tls = {}", super::tls::route_tls_inline(settings)));
+            }
+        }
         writeln!(out, "  {{ {} }},", fields.join(", "))?;
     }
     writeln!(out, "]")?;

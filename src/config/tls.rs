@@ -56,6 +56,15 @@ pub(super) fn resolve(
             }
         }
     }
+    resolve_settings(source, spanned.span(), tls).map(Some)
+}
+
+/// The settings of a `[listener.tls]` table or of a route's `tls = { ... }`.
+pub(super) fn resolve_settings(
+    source: &Source,
+    span: std::ops::Range<usize>,
+    tls: &FileTls,
+) -> Result<TlsSettings, ConfigError> {
     if tls.certificates.get_ref().is_empty() {
         return Err(source.at(
             &tls.certificates,
@@ -130,9 +139,7 @@ pub(super) fn resolve(
         }
         None if client_auth != ClientAuth::None => {
             return Err(source.error(
-                tls.client_auth
-                    .as_ref()
-                    .map_or(spanned.span(), Spanned::span),
+                tls.client_auth.as_ref().map_or(span, Spanned::span),
                 "client_auth asks for client certificates but no client_ca is set",
             ));
         }
@@ -144,7 +151,7 @@ pub(super) fn resolve(
         "handshake_timeout",
         DEFAULT_HANDSHAKE_TIMEOUT,
     )?;
-    Ok(Some(TlsSettings {
+    Ok(TlsSettings {
         certificates,
         default_certificate,
         alpn,
@@ -154,7 +161,7 @@ pub(super) fn resolve(
         handshake_timeout,
         session_tickets: tls.session_tickets.as_ref().is_none_or(|b| *b.get_ref()),
         watch: tls.watch.as_ref().is_some_and(|b| *b.get_ref()),
-    }))
+    })
 }
 
 fn alpn_list(
@@ -252,45 +259,62 @@ fn alpn_toml(alpn: &[Vec<u8>]) -> String {
     format!("[{}]", names.join(", "))
 }
 
-/// `[listener.tls]` as printed by `ringproxy check` (paths resolved).
-pub(super) fn write_listener_tls(tls: &TlsSettings, out: &mut String) -> std::fmt::Result {
-    use std::fmt::Write as _;
-    writeln!(out, "[listener.tls]\ncertificates = [")?;
-    for certificate in &tls.certificates {
-        writeln!(
-            out,
-            "  {{ cert = {}, key = {} }},",
-            quoted(&certificate.cert_path),
-            quoted(&certificate.key_path)
-        )?;
-    }
-    writeln!(out, "]")?;
+/// The keys of TLS settings, one `key = value` each (a `[listener.tls]` table's lines, or a
+/// route's inline table).
+fn tls_keys(tls: &TlsSettings) -> Vec<String> {
+    let certificates: Vec<String> = tls
+        .certificates
+        .iter()
+        .map(|c| {
+            format!(
+                "{{ cert = {}, key = {} }}",
+                quoted(&c.cert_path),
+                quoted(&c.key_path)
+            )
+        })
+        .collect();
+    let mut keys = vec![format!("certificates = [{}]", certificates.join(", "))];
     match tls.default_certificate {
-        DefaultCertificate::Reject => writeln!(out, "default_certificate = \"reject\"")?,
+        DefaultCertificate::Reject => keys.push("default_certificate = \"reject\"".to_string()),
         DefaultCertificate::Index(index) => {
             if let Some(name) = tls.certificates.get(index).and_then(|c| c.names.first()) {
-                writeln!(out, "default_certificate = {name:?}")?;
+                keys.push(format!("default_certificate = {name:?}"));
             }
         }
     }
-    writeln!(out, "alpn = {}", alpn_toml(&tls.alpn))?;
+    keys.push(format!("alpn = {}", alpn_toml(&tls.alpn)));
     let min = if tls.min_version >= 0x0304 {
         "1.3"
     } else {
         "1.2"
     };
-    writeln!(out, "min_version = \"{min}\"")?;
+    keys.push(format!("min_version = \"{min}\""));
     if let Some((path, _)) = &tls.client_ca {
-        writeln!(out, "client_ca = {}", quoted(path))?;
+        keys.push(format!("client_ca = {}", quoted(path)));
     }
-    writeln!(out, "client_auth = \"{}\"", tls.client_auth.name())?;
-    writeln!(
-        out,
+    keys.push(format!("client_auth = \"{}\"", tls.client_auth.name()));
+    keys.push(format!(
         "handshake_timeout = \"{}\"",
         format_duration(tls.handshake_timeout)
-    )?;
-    writeln!(out, "session_tickets = {}", tls.session_tickets)?;
-    writeln!(out, "watch = {}", tls.watch)
+    ));
+    keys.push(format!("session_tickets = {}", tls.session_tickets));
+    keys.push(format!("watch = {}", tls.watch));
+    keys
+}
+
+/// `[listener.tls]` as printed by `ringproxy check` (paths resolved).
+pub(super) fn write_listener_tls(tls: &TlsSettings, out: &mut String) -> std::fmt::Result {
+    use std::fmt::Write as _;
+    writeln!(out, "[listener.tls]")?;
+    for key in tls_keys(tls) {
+        writeln!(out, "{key}")?;
+    }
+    Ok(())
+}
+
+/// A route's `tls = { ... }` as printed by `ringproxy check`.
+pub(super) fn route_tls_inline(tls: &TlsSettings) -> String {
+    format!("{{ {} }}", tls_keys(tls).join(", "))
 }
 
 /// `[pool.tls]` as printed by `ringproxy check`.

@@ -669,7 +669,27 @@ type LabelCounts = dyn Fn(&ListenerSnapshot, &ListenerCounters) -> Vec<(String, 
 /// TLS handshakes, failures, versions and durations per TLS listener, and each certificate's
 /// expiry.
 fn tls_families(snapshot: &Snapshot, merged: &Merged, out: &mut Exposition) {
-    let tls_listeners = || snapshot.listeners.iter().filter(|l| l.tls.is_some());
+    fn route_certificates(
+        listener: &crate::snapshot::ListenerSnapshot,
+    ) -> Vec<&crate::tls::Certificate> {
+        listener
+            .routing
+            .iter()
+            .flat_map(|routing| &routing.routes)
+            .filter_map(|route| match &route.tls {
+                crate::route::RouteTls::Terminate(settings) => Some(settings.certificates.iter()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+    // Listeners that terminate TLS themselves or on a route.
+    let tls_listeners = || {
+        snapshot
+            .listeners
+            .iter()
+            .filter(|l| l.tls.is_some() || !route_certificates(l).is_empty())
+    };
     let empty = ListenerCounters::default();
     // Counters per TLS listener and one label.
     let labelled =
@@ -773,8 +793,11 @@ fn tls_families(snapshot: &Snapshot, merged: &Merged, out: &mut Exposition) {
         "When each loaded certificate expires (its notAfter, Unix seconds), per listener, labelled by the certificate's first DNS name.",
     );
     for listener in tls_listeners() {
-        let Some(tls) = &listener.tls else { continue };
-        for certificate in &tls.settings.certificates {
+        let own = listener
+            .tls
+            .iter()
+            .flat_map(|tls| tls.settings.certificates.iter());
+        for certificate in own.chain(route_certificates(listener)) {
             out.sample(
                 TLS_CERTIFICATE_EXPIRY,
                 &[

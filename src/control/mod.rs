@@ -369,12 +369,22 @@ type Fingerprints = Vec<(
     Option<(std::time::SystemTime, u64, u64)>,
 )>;
 
-/// The files of every TLS listener with `watch = true`, as they look now.
+/// The files of every TLS listener and route with `watch = true`, as they look now.
 fn tls_fingerprints(config: &Config) -> Fingerprints {
+    let routes = config
+        .listeners
+        .iter()
+        .filter_map(|listener| listener.routing.as_ref())
+        .flat_map(|routing| &routing.routes)
+        .filter_map(|route| match &route.tls {
+            crate::route::RouteTls::Terminate(settings) => Some(settings.as_ref()),
+            _ => None,
+        });
     let mut files: Fingerprints = config
         .listeners
         .iter()
         .filter_map(|listener| listener.tls.as_deref())
+        .chain(routes)
         .filter(|tls| tls.watch)
         .flat_map(|tls| tls.files())
         .map(|path| (path.to_path_buf(), crate::tls::file_fingerprint(path)))

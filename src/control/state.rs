@@ -269,9 +269,14 @@ impl Control {
                         .map(|route| crate::route::Route {
                             conditions: route.conditions.clone(),
                             target: self.destination(&config, route.target),
+                            tls: route.tls.clone(),
                         })
                         .collect();
+                    let terminates = routes
+                        .iter()
+                        .any(|route| matches!(route.tls, crate::route::RouteTls::Terminate(_)));
                     Arc::new(crate::snapshot::Routing {
+                        tickets: terminates.then(|| self.ticket_keys.clone()).flatten(),
                         wanted: crate::route::sniffers_needed(&routes),
                         server_first: routes.iter().any(|route| {
                             matches!(

@@ -206,11 +206,32 @@ fn canonical(address: IpAddr) -> IpAddr {
     }
 }
 
+/// What a route does with TLS (`tls = ...`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum RouteTls {
+    /// No `tls` key: as its listener does (a TLS listener terminates with its own
+    /// certificates and the route matches the handshake; any other relays the bytes).
+    #[default]
+    Listener,
+    /// `tls = "passthrough"`: the handshake is relayed untouched, even on a TLS listener.
+    Passthrough,
+    /// `tls = { certificates = ... }`: the proxy terminates with these settings.
+    Terminate(std::sync::Arc<crate::tls::TlsSettings>),
+}
+
+impl RouteTls {
+    /// Decided on the ClientHello, before any handshake (on a TLS listener too).
+    pub fn before_handshake(&self) -> bool {
+        !matches!(self, RouteTls::Listener)
+    }
+}
+
 /// One route: its conditions and where it sends (a pool or a split, as the caller names them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route<T> {
     pub conditions: Conditions,
     pub target: T,
+    pub tls: RouteTls,
 }
 
 /// The first route whose conditions hold.
@@ -220,9 +241,20 @@ pub fn decide<'a, T>(routes: &'a [Route<T>], detected: &Detected, client: IpAddr
 
 /// The position of the first route whose conditions hold.
 pub fn decide_at<T>(routes: &[Route<T>], detected: &Detected, client: IpAddr) -> Option<usize> {
+    decide_among(routes, detected, client, |_| true)
+}
+
+/// The position of the first route `eligible` lets in whose conditions hold (a TLS listener
+/// decides its `tls = ...` routes on the ClientHello, the others after its handshake).
+pub fn decide_among<T>(
+    routes: &[Route<T>],
+    detected: &Detected,
+    client: IpAddr,
+    eligible: impl Fn(&Route<T>) -> bool,
+) -> Option<usize> {
     routes
         .iter()
-        .position(|route| route.conditions.hold(detected, client))
+        .position(|route| eligible(route) && route.conditions.hold(detected, client))
 }
 
 /// Whether any route needs the client's bytes, and which sniffers it needs.

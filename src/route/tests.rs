@@ -2,7 +2,11 @@ use super::*;
 use crate::sniff::{Verdict, sniff};
 
 fn route(conditions: Conditions, target: &'static str) -> Route<&'static str> {
-    Route { conditions, target }
+    Route {
+        conditions,
+        target,
+        tls: RouteTls::Listener,
+    }
 }
 
 fn tls(server_name: Option<&str>, alpn: &[&str]) -> Detected {

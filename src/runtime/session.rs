@@ -198,6 +198,9 @@ pub struct Sniffing {
     pub header: Option<HeaderWait>,
     /// What a trusted PROXY header carried (boxed: most sessions have none).
     pub carried: Option<Box<Carried>>,
+    /// The route (its position) that terminates this client's TLS with its own certificates:
+    /// its pool is settled, and the connect follows the handshake.
+    pub terminated_by_route: Option<u16>,
 }
 
 /// Silence decides nothing for this session.

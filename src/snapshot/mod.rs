@@ -196,6 +196,8 @@ pub struct Routing {
     pub wanted: Vec<crate::sniff::Protocol>,
     /// A route chooses a server-speaks-first protocol by the client's silence.
     pub server_first: bool,
+    /// Session ticket keys for routes that terminate TLS (None: none does, or no tickets).
+    pub tickets: Option<crate::tls::TicketKeys>,
     pub unmatched: crate::config::Unmatched,
     pub sniff_max_bytes: u32,
     pub sniff_timeout: Duration,
@@ -206,6 +208,12 @@ impl Routing {
     /// Whether a client must be read (or waited for) before a route can be chosen.
     pub fn reads_first(&self) -> bool {
         !self.wanted.is_empty() || self.server_first
+    }
+
+    /// Some route is decided on the ClientHello (`tls = ...`): a TLS listener reads it before
+    /// its handshake.
+    pub fn decides_before_handshake(&self) -> bool {
+        self.routes.iter().any(|route| route.tls.before_handshake())
     }
 }
 

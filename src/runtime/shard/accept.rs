@@ -550,6 +550,20 @@ impl Shard {
         };
         let index = self.sessions.insert(session);
         self.stats.accepted += 1;
+        let decides_before_handshake = config
+            .routing
+            .as_deref()
+            .filter(|routing| routing.decides_before_handshake());
+        if let (Some(_), Some(routing)) = (&config.tls, decides_before_handshake) {
+            // Routes with `tls = ...` read the ClientHello first: passthrough, their own
+            // certificates, or the listener's handshake.
+            self.start_reading(index, Some(routing), header.zip(config.proxy.as_deref()));
+            if let Some(sniffing) = self.sessions[index].sniffing.as_deref_mut() {
+                sniffing.silence_deadline = super::super::session::NEVER;
+            }
+            self.finish_if_done(index);
+            return;
+        }
         if config.tls.is_some() {
             // The PROXY header (if any) and the handshake come first; routes and the connect
             // follow them.
@@ -564,7 +578,10 @@ impl Shard {
                         sniffing.silence_deadline = super::super::session::NEVER;
                     }
                 }
-                (None, Some(tls)) => self.start_tls_session(index, tls, &[]),
+                (None, Some(tls)) => {
+                    let handshake = self.listener_handshake_timeout(listener);
+                    self.start_tls_session(index, tls, &[], handshake);
+                }
                 (_, None) => {
                     self.close_session(index, CloseMode::ResetBoth, CloseKind::LocalError);
                 }

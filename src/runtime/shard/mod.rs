@@ -75,6 +75,13 @@ const IDLE_WAIT: Duration = Duration::from_millis(500);
 
 const IGNORED: u64 = Op::Ignored as u64;
 
+/// A route's TLS settings, the ticket keys, and the rustls config the shard built from them.
+type RouteTlsConfig = (
+    Arc<crate::tls::TlsSettings>,
+    Option<crate::tls::TicketKeys>,
+    Arc<rustls::ServerConfig>,
+);
+
 impl Measured for BufToken {
     fn byte_len(&self) -> u32 {
         self.len()
@@ -153,6 +160,9 @@ pub struct Shard {
     /// The shard's own rustls configs toward the servers of its TLS pools, with what each was
     /// built from.
     origin_tls: HashMap<PoolId, (Arc<crate::tls::OriginSettings>, Arc<rustls::ClientConfig>)>,
+    /// The shard's own rustls configs of routes that terminate TLS (by listener and route
+    /// position), with what each was built from.
+    route_tls: HashMap<(ListenerId, usize), RouteTlsConfig>,
     counters: Counters,
     timers: TimerWheel,
     expired: Vec<TimerEntry>,
@@ -242,6 +252,7 @@ impl Shard {
             split_pickers: HashMap::new(),
             tls: HashMap::new(),
             origin_tls: HashMap::new(),
+            route_tls: HashMap::new(),
             counters: Counters::default(),
             timers: TimerWheel::new(1024),
             expired: Vec::new(),

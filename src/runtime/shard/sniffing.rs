@@ -55,6 +55,7 @@ impl Shard {
             deadline,
             header: header.map(|(wait, _)| wait),
             carried: None,
+            terminated_by_route: None,
         }));
         self.arm_sniff_receive(index);
         self.arm_timer(index);
@@ -307,7 +308,13 @@ impl Shard {
     fn after_header(&mut self, index: usize) {
         let snapshot = Rc::clone(&self.snapshot);
         let listener = self.sessions[index].listener;
-        if snapshot.listener(listener).is_some_and(|l| l.tls.is_some()) {
+        if snapshot.listener(listener).is_some_and(|l| {
+            l.tls.is_some()
+                && !l
+                    .routing
+                    .as_deref()
+                    .is_some_and(Routing::decides_before_handshake)
+        }) {
             return self.start_tls_after_header(index);
         }
         match self.routing_in(&snapshot, index) {
@@ -467,7 +474,22 @@ impl Shard {
         } else {
             IpAddr::from([0, 0, 0, 0])
         };
-        let position = route::decide_at(&routing.routes, detected, client);
+        let listener = self.sessions[index].listener;
+        let listener_terminates = self
+            .snapshot
+            .listener(listener)
+            .is_some_and(|l| l.tls.is_some());
+        // A TLS listener decides its `tls = ...` routes on the ClientHello and the others on
+        // its handshake.
+        let before_handshake = listener_terminates && !self.sessions[index].relay.is_tls();
+        let position = route::decide_among(&routing.routes, detected, client, |route| {
+            !listener_terminates || route.tls.before_handshake() == before_handshake
+        });
+        if before_handshake && position.is_none() {
+            // No route takes it before the handshake: the listener terminates it, and its
+            // other routes choose after the handshake (counted then).
+            return self.start_tls_after_header(index);
+        }
         let chosen = position.map(|position| routing.routes[position].target);
         if chosen.is_some() || routing.unmatched == Unmatched::Default {
             let routes = routing.routes.len();
@@ -481,7 +503,6 @@ impl Shard {
                 return;
             }
         }
-        let listener = self.sessions[index].listener;
         let Some(destination) = chosen.or_else(|| {
             self.snapshot
                 .listener(listener)
@@ -495,6 +516,11 @@ impl Shard {
             return;
         }
         debug!(shard = self.index, detected = ?detected, "route chosen");
+        if let Some(position) = position
+            && let crate::route::RouteTls::Terminate(settings) = &routing.routes[position].tls
+        {
+            return self.start_route_tls(index, position, settings.handshake_timeout);
+        }
         self.connect_when_quiet(index);
     }
 

@@ -44,6 +44,41 @@ impl Shard {
             }
         }
         self.tls = built;
+        let mut routes = std::collections::HashMap::new();
+        for listener in &snapshot.listeners {
+            let Some(routing) = listener.routing.as_deref() else {
+                continue;
+            };
+            for (position, route) in routing.routes.iter().enumerate() {
+                let crate::route::RouteTls::Terminate(settings) = &route.tls else {
+                    continue;
+                };
+                let key = (listener.id, position);
+                if let Some(had) = self.route_tls.remove(&key)
+                    && Arc::ptr_eq(&had.0, settings)
+                    && had.1 == routing.tickets
+                {
+                    routes.insert(key, had);
+                    continue;
+                }
+                match ShardTls::build(settings, routing.tickets.as_ref()) {
+                    Ok(tls) => {
+                        routes.insert(
+                            key,
+                            (Arc::clone(settings), routing.tickets.clone(), tls.config),
+                        );
+                    }
+                    Err(error) => warn!(
+                        shard = self.index,
+                        listener = %listener.name,
+                        route = position + 1,
+                        %error,
+                        "cannot build the route's TLS config; its clients are refused"
+                    ),
+                }
+            }
+        }
+        self.route_tls = routes;
         let mut origins = std::collections::HashMap::new();
         for pool in &snapshot.pools {
             let Some(wanted) = &pool.tls else {
@@ -94,21 +129,26 @@ impl Shard {
         self.tls.get(&listener).map(|(_, config)| config)
     }
 
-    /// A client of a TLS listener: its handshake starts; the server is chosen after it.
-    /// `received`: bytes already read from it (what followed its PROXY header).
+    /// The handshake bound of a TLS listener's clients.
+    pub(super) fn listener_handshake_timeout(&self, listener: ListenerId) -> std::time::Duration {
+        self.snapshot
+            .listener(listener)
+            .and_then(|listener| listener.tls.as_ref())
+            .map_or(crate::config::DEFAULT_HANDSHAKE_TIMEOUT, |tls| {
+                tls.settings.handshake_timeout
+            })
+    }
+
+    /// A TLS client: its handshake starts (bounded by `handshake`); the server is chosen
+    /// after it. `received`: bytes already read from it (what followed its PROXY header, or
+    /// the ClientHello a route was chosen by).
     pub(super) fn start_tls_session(
         &mut self,
         index: usize,
         config: Arc<rustls::ServerConfig>,
         received: &[u8],
+        handshake: std::time::Duration,
     ) {
-        let handshake = self
-            .snapshot
-            .listener(self.sessions[index].listener)
-            .and_then(|listener| listener.tls.as_ref())
-            .map_or(std::time::Duration::from_secs(10), |tls| {
-                tls.settings.handshake_timeout
-            });
         let stream = match TlsStream::new(config) {
             Ok(stream) => stream,
             Err(error) => {
@@ -147,10 +187,42 @@ impl Shard {
             }
             None => Vec::new(),
         };
+        let handshake = self.listener_handshake_timeout(listener);
         match self.tls_config(listener).cloned() {
-            Some(config) => self.start_tls_session(index, config, &received),
+            Some(config) => self.start_tls_session(index, config, &received, handshake),
             None => self.close_session(index, CloseMode::ResetBoth, CloseKind::LocalError),
         }
+    }
+
+    /// A route with its own certificates was chosen by the ClientHello (its pool settled):
+    /// the proxy terminates with them, from the bytes sniffed, and connects after the
+    /// handshake.
+    pub(super) fn start_route_tls(
+        &mut self,
+        index: usize,
+        position: usize,
+        handshake: std::time::Duration,
+    ) {
+        let Some(session) = self.sessions.get_mut(index) else {
+            return;
+        };
+        let config = self
+            .route_tls
+            .get(&(session.listener, position))
+            .map(|(_, _, config)| Arc::clone(config));
+        let Some(config) = config else {
+            self.close_session(index, CloseMode::ResetBoth, CloseKind::LocalError);
+            return;
+        };
+        let received = match session.sniffing.as_deref_mut() {
+            Some(sniffing) => {
+                sniffing.phase = crate::runtime::session::SniffPhase::Replay;
+                sniffing.terminated_by_route = u16::try_from(position).ok();
+                std::mem::take(&mut sniffing.bytes)
+            }
+            None => Vec::new(),
+        };
+        self.start_tls_session(index, config, &received, handshake);
     }
 
     /// The handshake is done: count it, then route by its SNI and ALPN and connect.
@@ -164,10 +236,16 @@ impl Shard {
         let took = self.now_us.saturating_sub(session.started_us);
         let slot = session.listener_counters;
         let listener = session.listener;
+        let by_route = session
+            .sniffing
+            .as_deref()
+            .and_then(|sniffing| sniffing.terminated_by_route);
+        // ALPN is counted against the listener's own list (a route's has its own positions).
         let offered = self
             .snapshot
             .listener(listener)
             .and_then(|l| l.tls.as_ref())
+            .filter(|_| by_route.is_none())
             .map(|tls| &tls.settings.alpn);
         let alpn = offered.map(|offered| {
             let position = facts
@@ -195,6 +273,13 @@ impl Shard {
             }
         }
         debug!(shard = self.index, ?facts, "TLS handshake done");
+        if by_route.is_some() {
+            // The route that terminated it chose the pool already.
+            self.refresh_client_key(index);
+            self.arm_timer(index);
+            self.connect_next(index);
+            return;
+        }
         let snapshot = Rc::clone(&self.snapshot);
         let Some(config) = snapshot.listener(listener) else {
             self.close_session(index, CloseMode::Graceful, CloseKind::ConnectFailed);
