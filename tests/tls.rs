@@ -1386,3 +1386,80 @@ fn route_tls_settings_are_checked() {
     let text = String::from_utf8_lossy(&output.stderr);
     assert!(text.contains("chosen by the ClientHello"), "{text}");
 }
+
+#[test]
+fn routes_on_the_decrypted_bytes_of_a_tls_listener() {
+    let pki = standard_pki();
+    let servers: Vec<TestServer> = [b'A', b'M', b'R', b'W', b'S']
+        .into_iter()
+        .map(|tag| TestServer::start(Behaviour::Tagged(tag)))
+        .collect();
+    let pool = |name: &str, server: &TestServer| {
+        format!(
+            "[[pool]]\nname = \"{name}\"\nservers = [ {{ addr = \"{}\" }} ]\n",
+            server.addr
+        )
+    };
+    let proxy = Proxy::start(&format!(
+        "[runtime]\nshards = 1\n[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"front\"\n\
+         bind = \"127.0.0.1:0\"\npool = \"web\"\nsniff_timeout = \"500ms\"\nroutes = [\n\
+           {{ sni = \"db.example.com\", pool = \"sni\" }},\n\
+           {{ path_prefix = \"/api/\", pool = \"api\" }},\n\
+           {{ host = \"admin.example.com\", pool = \"admin\" }},\n\
+           {{ protocol = \"redis\", pool = \"redis\" }},\n]\n{}\n{}{}{}{}{}",
+        tls_block(&pki, ""),
+        pool("api", &servers[0]),
+        pool("admin", &servers[1]),
+        pool("redis", &servers[2]),
+        pool("web", &servers[3]),
+        pool("sni", &servers[4]),
+    ));
+    let config = client_config(&pki.path("ca.pem"), &[], None);
+    // Each request: the pool's tag, then the request itself echoed (it went to the server
+    // first, byte for byte, after the routes read it).
+    let ask = |name: &str, request: &[u8]| -> (u8, Vec<u8>) {
+        let mut client = tls_connect(proxy.addr(), name, &config).expect("handshake");
+        client.write_all(request).expect("request");
+        client.flush().expect("flush");
+        let mut tag = [0u8; 2];
+        client.read_exact(&mut tag).expect("tag");
+        let mut back = vec![0u8; request.len()];
+        client.read_exact(&mut back).expect("echo");
+        (tag[0], back)
+    };
+    let api = b"GET /api/v1/users HTTP/1.1\r\nHost: www.example.com\r\n\r\n";
+    assert_eq!(ask("www.example.com", api), (b'A', api.to_vec()));
+    let admin = b"GET / HTTP/1.1\r\nHost: admin.example.com\r\n\r\n";
+    assert_eq!(ask("www.example.com", admin), (b'M', admin.to_vec()));
+    let ping = b"*1\r\n$4\r\nPING\r\n";
+    assert_eq!(ask("www.example.com", ping), (b'R', ping.to_vec()));
+    let other = b"\x00\x01\x02\x03 binary";
+    assert_eq!(ask("www.example.com", other), (b'W', other.to_vec()));
+    // A route on the handshake alone, listed before the ones that read, decides at once: a
+    // client that waits for its server is not kept waiting.
+    let started = Instant::now();
+    let mut waiting = tls_connect(proxy.addr(), "db.example.com", &config).expect("handshake");
+    let mut tag = [0u8; 2];
+    waiting.read_exact(&mut tag).expect("tag");
+    assert_eq!(tag[0], b'S');
+    assert!(started.elapsed() < Duration::from_millis(400));
+    // A client that says nothing inside TLS: the listener's pool after sniff_timeout.
+    let started = Instant::now();
+    let mut quiet = tls_connect(proxy.addr(), "www.example.com", &config).expect("handshake");
+    quiet.read_exact(&mut tag).expect("tag");
+    assert_eq!(tag[0], b'W');
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert!(wait_for(Duration::from_secs(3), || {
+        metric(
+            &proxy,
+            "ringproxy_listener_detected_total",
+            "protocol=\"http\"",
+        ) == 2.0
+            && metric(
+                &proxy,
+                "ringproxy_listener_detected_total",
+                "protocol=\"redis\"",
+            ) == 1.0
+            && metric(&proxy, "ringproxy_listener_sniff_timeouts_total", "") == 1.0
+    }));
+}

@@ -39,18 +39,22 @@ pub(super) fn resolve(
     let tls: &FileTls = spanned.get_ref();
     for route in listener.routes.iter().flatten() {
         let route = route.get_ref();
-        for (value, key) in [
-            (&route.protocol, "protocol"),
-            (&route.host, "host"),
-            (&route.path_prefix, "path_prefix"),
-        ] {
-            if let Some(value) = value {
+        if route.tls.is_some() {
+            // Decided on the ClientHello: checked with the route.
+            continue;
+        }
+        if let Some(protocol) = &route.protocol {
+            let name = protocol.get_ref().as_str();
+            let server_first = matches!(
+                crate::route::RouteProtocol::from_name(name),
+                Some(crate::route::RouteProtocol::ServerFirst(_))
+            );
+            if name == "tls" || server_first {
                 return Err(source.at(
-                    value,
+                    protocol,
                     format!(
-                        "on a listener with [listener.tls], routes match sni, alpn and source \
-                         (from the handshake); {key} routes on the decrypted bytes are not \
-                         supported yet"
+                        "on a listener with [listener.tls], protocol names what the decrypted \
+                         bytes carry (http, h2, postgres, redis, ...); {name:?} cannot be one"
                     ),
                 ));
             }

@@ -275,9 +275,23 @@ impl Control {
                     let terminates = routes
                         .iter()
                         .any(|route| matches!(route.tls, crate::route::RouteTls::Terminate(_)));
+                    let after_handshake: Vec<_> = routes
+                        .iter()
+                        .filter(|route| !route.tls.before_handshake())
+                        .cloned()
+                        .collect();
+                    let decrypted = if listener.tls.is_some() {
+                        crate::route::sniffers_needed(&after_handshake)
+                            .into_iter()
+                            .filter(|protocol| *protocol != crate::sniff::Protocol::Tls)
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
                     Arc::new(crate::snapshot::Routing {
                         tickets: terminates.then(|| self.ticket_keys.clone()).flatten(),
                         wanted: crate::route::sniffers_needed(&routes),
+                        decrypted,
                         server_first: routes.iter().any(|route| {
                             matches!(
                                 route.conditions.protocol,

@@ -109,6 +109,9 @@ pub enum Action {
     /// The handshake with the server failed while an operation on its socket is in flight:
     /// shut the socket down so that operation ends (then `ServerTlsFailed` follows).
     AbortServer,
+    /// Decrypted bytes of the client (or its end) arrived while they are peeked at for a
+    /// route (`peeked`).
+    TlsPlaintext,
 }
 
 /// Why a receive ended without data.

@@ -59,6 +59,13 @@ pub(super) struct TlsSide {
     server_failure: Option<ServerTlsFailure>,
     /// `Action::ServerTlsFailed` was given for it.
     server_failure_reported: bool,
+    /// While routes look at the decrypted bytes (before a server is chosen): how many bytes
+    /// of the client's plaintext to read at most (0: not peeking).
+    peek_limit: usize,
+    /// The client's plaintext read so far for the routes; it goes to the server first.
+    peeked: Vec<u8>,
+    /// The client ended (close_notify or FIN) while peeked at.
+    peek_ended: bool,
 }
 
 impl TlsSide {
@@ -74,6 +81,9 @@ impl TlsSide {
             client_spoke: false,
             server_failure: None,
             server_failure_reported: false,
+            peek_limit: 0,
+            peeked: Vec::new(),
+            peek_ended: false,
         }
     }
 }
@@ -180,6 +190,33 @@ impl<B> Relay<B> {
         self.tls_pump(out);
         self.start_send(Side::Server, out);
         self.arm_receive(Side::Server, out);
+    }
+
+    /// After the client's handshake, before a server is chosen: its decrypted bytes are read
+    /// (up to `limit`) for routes that look at them; `Action::TlsPlaintext` tells of each
+    /// arrival.
+    pub fn start_peek(&mut self, limit: usize, out: &mut Actions) {
+        let Some(side) = self.tls.as_deref_mut() else {
+            return;
+        };
+        side.peek_limit = limit.max(1);
+        self.tls_pump(out);
+    }
+
+    /// What the client's decrypted bytes are so far, and whether it ended.
+    pub fn peeked(&self) -> (&[u8], bool) {
+        self.tls
+            .as_deref()
+            .map_or((&[][..], false), |side| (&side.peeked[..], side.peek_ended))
+    }
+
+    /// A route is chosen: the bytes peeked at are handed over (for the server, first).
+    pub fn end_peek(&mut self) -> Vec<u8> {
+        let Some(side) = self.tls.as_deref_mut() else {
+            return Vec::new();
+        };
+        side.peek_limit = 0;
+        std::mem::take(&mut side.peeked)
     }
 
     /// Why the handshake with the current server failed, if it did.
@@ -310,7 +347,9 @@ impl<B> Relay<B> {
                         && !tls.peer_done()
                         && !tls.tcp_ended()
                         && !tls.has_unread()
-                        && (side.server_ready || tls.is_handshaking())
+                        && (side.server_ready
+                            || tls.is_handshaking()
+                            || side.peeked.len() < side.peek_limit)
                 }
                 None => {
                     side.server_ready
@@ -490,7 +529,15 @@ impl<B> Relay<B> {
         }
         let server_ready = side.server_ready;
         let server_connected = side.server_connected;
-        let TlsSide { client, server, .. } = side;
+        let TlsSide {
+            client,
+            server,
+            peek_limit,
+            peeked,
+            peek_ended,
+            ..
+        } = side;
+        let peeked_before = (peeked.len(), *peek_ended);
         let (upstream, downstream) = (&mut self.upstream, &mut self.downstream);
         let mut client_ended = false;
         let mut server_ended = false;
@@ -522,7 +569,27 @@ impl<B> Relay<B> {
                 }
             }
             if !server_ready {
-                break;
+                // Peeking for the routes: the client's plaintext, up to the limit.
+                if let Some(tls) = client.as_mut()
+                    && !*peek_ended
+                    && peeked.len() < *peek_limit
+                    && !tls.is_handshaking()
+                {
+                    let room = *peek_limit - peeked.len();
+                    match tls.read_plaintext(|chunk| {
+                        let count = chunk.len().min(room);
+                        peeked.extend_from_slice(&chunk[..count]);
+                        count
+                    }) {
+                        Plain::Data(_) => moved = true,
+                        Plain::Closed => *peek_ended = true,
+                        Plain::Empty => {}
+                    }
+                }
+                if !moved {
+                    break;
+                }
+                continue;
             }
             // The server's plaintext toward the client.
             if let Some(tls) = server.as_mut()
@@ -578,6 +645,7 @@ impl<B> Relay<B> {
                 break;
             }
         }
+        let peeked_now = (peeked.len(), *peek_ended);
         if let Some(tls) = client.as_mut() {
             let established = tls.newly_established();
             if !tls.is_handshaking() {
@@ -588,6 +656,9 @@ impl<B> Relay<B> {
             let handshake_abandoned = tls.is_handshaking() && (tls.tcp_ended() || tls.peer_done());
             if established {
                 out.push(Action::TlsEstablished);
+            }
+            if peeked_now != peeked_before && !failed {
+                out.push(Action::TlsPlaintext);
             }
             if failed || handshake_abandoned {
                 // What rustls said (its alert) goes out first, then the session ends.

@@ -153,6 +153,11 @@ impl Conditions {
             || self.path_prefix.is_some()
     }
 
+    /// Whether it looks at what a client says (beyond a TLS handshake's facts and the source).
+    pub fn reads_decrypted(&self) -> bool {
+        self.protocol.is_some() || self.host.is_some() || self.path_prefix.is_some()
+    }
+
     pub fn hold(&self, detected: &Detected, client: IpAddr) -> bool {
         if let Some(network) = &self.source
             && !network.contains(&canonical(client))

@@ -240,6 +240,9 @@ pub enum SniffPhase {
     Cancelling,
     /// Connecting to the chosen pool; the bytes wait for the relay.
     Replay,
+    /// A TLS listener's client is past its handshake: its decrypted bytes are read (through
+    /// the relay, which holds them) until the routes can decide.
+    Decrypted,
 }
 
 impl Sniffing {
@@ -264,8 +267,9 @@ impl Sniffing {
             .map(|(client, _)| client)
     }
 
+    /// The client's raw bytes are being read by the sniff step.
     pub fn reading(&self) -> bool {
-        self.phase != SniffPhase::Replay
+        matches!(self.phase, SniffPhase::Reading | SniffPhase::Cancelling)
     }
 }
 

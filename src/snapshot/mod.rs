@@ -194,6 +194,9 @@ pub struct Routing {
     pub routes: Vec<crate::route::Route<Destination>>,
     /// The sniffers the routes need (empty: no route looks at the client's bytes).
     pub wanted: Vec<crate::sniff::Protocol>,
+    /// On a TLS listener: the sniffers its routes decided after the handshake need on the
+    /// decrypted bytes (empty: those routes decide on the handshake alone).
+    pub decrypted: Vec<crate::sniff::Protocol>,
     /// A route chooses a server-speaks-first protocol by the client's silence.
     pub server_first: bool,
     /// Session ticket keys for routes that terminate TLS (None: none does, or no tickets).

@@ -10,7 +10,7 @@ use tracing::info;
 use super::{CUT_GRACE, IGNORED, Op, Shard, ticks, user_data};
 use crate::metrics::CloseKind;
 use crate::relay::{CloseMode, SendFrom, Side};
-use crate::runtime::session::Session;
+use crate::runtime::session::{Session, SniffPhase};
 use crate::snapshot::ServerId;
 use crate::uring::socket;
 
@@ -199,6 +199,10 @@ impl Shard {
         let period = session.relay.check_period();
         let deadline = match session.sniffing.as_deref() {
             Some(sniffing) if sniffing.reading() => sniffing.next_deadline().min(now + period),
+            Some(sniffing) if sniffing.phase == SniffPhase::Decrypted => sniffing
+                .deadline
+                .min(session.relay.next_deadline())
+                .min(now + period),
             _ => session.relay.next_deadline().min(now + period),
         };
         if let Some(old) = session.timer.take() {
@@ -231,6 +235,13 @@ impl Shard {
                 .is_some_and(|sniffing| sniffing.reading())
             {
                 self.sniff_tick(index);
+                self.finish_if_done(index);
+                continue;
+            }
+            if session.sniffing.as_deref().is_some_and(|sniffing| {
+                sniffing.phase == SniffPhase::Decrypted && tick >= sniffing.deadline
+            }) {
+                self.decrypted_timeout(index);
                 self.finish_if_done(index);
                 continue;
             }

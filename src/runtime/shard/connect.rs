@@ -289,12 +289,14 @@ impl Shard {
         }
         if origin {
             // TLS toward the server: the header in the clear, then the handshake; what
-            // sniffing read waits for the handshake (and for another server if it fails).
-            // The sniffing state stays: a retry's header needs what a PROXY header carried.
-            let plaintext = match session.sniffing.as_deref_mut() {
-                Some(sniffed) if !session.relay.is_tls() => std::mem::take(&mut sniffed.bytes),
-                _ => Vec::new(),
-            };
+            // sniffing read (or the decrypted bytes routes looked at) waits for the handshake
+            // (and for another server if it fails). The sniffing state stays: a retry's header
+            // needs what a PROXY header carried.
+            let plaintext = session
+                .sniffing
+                .as_deref_mut()
+                .map(|sniffed| std::mem::take(&mut sniffed.bytes))
+                .unwrap_or_default();
             let client_spoke = !plaintext.is_empty();
             let handshake = self
                 .snapshot
@@ -318,6 +320,10 @@ impl Shard {
             return;
         }
         if session.relay.is_tls() {
+            // The decrypted bytes the routes looked at follow the header.
+            if let Some(sniffed) = session.sniffing.as_deref_mut() {
+                replay.append(&mut sniffed.bytes);
+            }
             session
                 .relay
                 .server_connected(self.now_tick, replay.into_boxed_slice(), &mut actions);

@@ -258,6 +258,7 @@ impl Shard {
                 }
                 Action::TlsEstablished => self.tls_established(index),
                 Action::ServerTlsEstablished => self.server_tls_established(index),
+                Action::TlsPlaintext => self.on_tls_plaintext(index),
                 Action::ServerTlsFailed => self.server_tls_failed(index),
                 Action::AbortServer => {
                     if let Some(fd) = session.borrow_fd(Side::Server) {

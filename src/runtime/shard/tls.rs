@@ -10,6 +10,7 @@ use super::Shard;
 use crate::metrics::{CloseKind, RejectKind, TlsFailure};
 use crate::relay::CloseMode;
 use crate::route::Detected;
+use crate::runtime::session::SniffPhase;
 use crate::snapshot::{ListenerId, Snapshot};
 use crate::tls::{ShardTls, TlsStream};
 
@@ -286,20 +287,158 @@ impl Shard {
             return;
         };
         match config.routing.as_deref() {
+            // Routes on what the client says inside TLS: read it first, unless a route before
+            // any of those already holds on the handshake alone.
+            Some(routing) if !routing.decrypted.is_empty() => {
+                let detected = Detected::Protocol(crate::sniff::Protocol::Tls, tls_facts(&facts));
+                let client = self
+                    .client_ip(index)
+                    .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+                let decided = routing
+                    .routes
+                    .iter()
+                    .filter(|route| !route.tls.before_handshake())
+                    .take_while(|route| !route.conditions.reads_decrypted())
+                    .any(|route| route.conditions.hold(&detected, client));
+                if decided {
+                    self.choose(index, routing, &detected);
+                } else {
+                    self.start_decrypted_sniff(index, routing);
+                }
+            }
             Some(routing) => {
-                let detected = Detected::Protocol(
-                    crate::sniff::Protocol::Tls,
-                    crate::sniff::Facts {
-                        server_name: facts.server_name.clone(),
-                        alpn: facts.alpn.iter().cloned().collect(),
-                        tls_version: Some(facts.version),
-                        ..Default::default()
-                    },
-                );
+                let detected = Detected::Protocol(crate::sniff::Protocol::Tls, tls_facts(&facts));
                 self.choose(index, routing, &detected);
             }
             None => {
                 if self.settle(index, config.target) {
+                    self.refresh_client_key(index);
+                    self.arm_timer(index);
+                    self.connect_next(index);
+                } else {
+                    self.close_session(index, CloseMode::Graceful, CloseKind::ConnectFailed);
+                }
+            }
+        }
+    }
+
+    /// After the handshake of a TLS listener whose routes look at the decrypted bytes: they
+    /// are read (through the relay) until the routes can decide, or `sniff_timeout`.
+    fn start_decrypted_sniff(&mut self, index: usize, routing: &crate::snapshot::Routing) {
+        let deadline = self.now_tick + super::ticks(routing.sniff_timeout);
+        let Some(session) = self.sessions.get_mut(index) else {
+            return;
+        };
+        let sniffing = session.sniffing.get_or_insert_with(|| {
+            Box::new(crate::runtime::session::Sniffing {
+                bytes: Vec::new(),
+                phase: SniffPhase::Decrypted,
+                silence_deadline: crate::runtime::session::NEVER,
+                deadline,
+                header: None,
+                carried: None,
+                terminated_by_route: None,
+            })
+        });
+        sniffing.phase = SniffPhase::Decrypted;
+        sniffing.deadline = deadline;
+        let mut actions = std::mem::take(&mut self.actions);
+        session
+            .relay
+            .start_peek(routing.sniff_max_bytes as usize, &mut actions);
+        self.execute(index, &mut actions);
+        self.actions = actions;
+        if self.sessions.get(index).is_some_and(|s| !s.closing) {
+            self.arm_timer(index);
+        }
+    }
+
+    /// Decrypted bytes arrived while the routes look at them: decide if they can.
+    pub(super) fn on_tls_plaintext(&mut self, index: usize) {
+        let snapshot = Rc::clone(&self.snapshot);
+        let Some(session) = self.sessions.get(index) else {
+            return;
+        };
+        if session.closing
+            || session
+                .sniffing
+                .as_deref()
+                .is_none_or(|sniffing| sniffing.phase != SniffPhase::Decrypted)
+        {
+            return;
+        }
+        let Some(routing) = snapshot
+            .listener(session.listener)
+            .and_then(|listener| listener.routing.as_deref())
+        else {
+            return self.decrypted_decided(index, None);
+        };
+        let (bytes, ended) = session.relay.peeked();
+        let limit = routing.sniff_max_bytes as usize;
+        let detected =
+            match crate::sniff::sniff(&bytes[..bytes.len().min(limit)], &routing.decrypted) {
+                crate::sniff::Verdict::Match(protocol, facts) => Some((protocol, facts)),
+                crate::sniff::Verdict::NoMatch => None,
+                crate::sniff::Verdict::NeedMore if bytes.len() >= limit || ended => {
+                    self.stats.sniff_limits += 1;
+                    None
+                }
+                crate::sniff::Verdict::NeedMore => return,
+            };
+        self.decrypted_decided(index, detected);
+    }
+
+    /// The decrypted bytes' sniff timed out: the routes decide on the handshake alone.
+    pub(super) fn decrypted_timeout(&mut self, index: usize) {
+        self.stats.sniff_timeouts += 1;
+        let slot = self.sessions[index].listener_counters;
+        if let Some(counters) = self.counters.listeners.get_mut(slot) {
+            counters.sniff_timeouts += 1;
+        }
+        self.decrypted_decided(index, None);
+    }
+
+    /// Routes by what the decrypted bytes carry (`detected`), with the handshake's facts; the
+    /// bytes read go to the server first.
+    fn decrypted_decided(
+        &mut self,
+        index: usize,
+        detected: Option<(crate::sniff::Protocol, crate::sniff::Facts)>,
+    ) {
+        let Some(session) = self.sessions.get_mut(index) else {
+            return;
+        };
+        let Some(facts) = session.relay.tls_facts() else {
+            return;
+        };
+        let bytes = session.relay.end_peek();
+        if let Some(sniffing) = session.sniffing.as_deref_mut() {
+            sniffing.phase = SniffPhase::Replay;
+            sniffing.bytes = bytes;
+        }
+        let handshake = tls_facts(&facts);
+        let detected = match detected {
+            Some((protocol, inside)) => Detected::Protocol(
+                protocol,
+                crate::sniff::Facts {
+                    server_name: handshake.server_name,
+                    alpn: handshake.alpn,
+                    tls_version: handshake.tls_version,
+                    ..inside
+                },
+            ),
+            None => Detected::Protocol(crate::sniff::Protocol::Tls, handshake),
+        };
+        let snapshot = Rc::clone(&self.snapshot);
+        let listener = self.sessions[index].listener;
+        match snapshot
+            .listener(listener)
+            .and_then(|listener| listener.routing.as_deref())
+        {
+            Some(routing) => self.choose(index, routing, &detected),
+            None => {
+                let target = snapshot.listener(listener).map(|l| l.target);
+                if target.is_some_and(|target| self.settle(index, target)) {
                     self.refresh_client_key(index);
                     self.arm_timer(index);
                     self.connect_next(index);
@@ -337,5 +476,15 @@ impl Shard {
             counters.tls_failed(failure);
             counters.reject(RejectKind::TlsHandshake);
         }
+    }
+}
+
+/// What a completed handshake tells the routes: its server name and the negotiated ALPN.
+fn tls_facts(facts: &crate::tls::TlsFacts) -> crate::sniff::Facts {
+    crate::sniff::Facts {
+        server_name: facts.server_name.clone(),
+        alpn: facts.alpn.iter().cloned().collect(),
+        tls_version: Some(facts.version),
+        ..Default::default()
     }
 }
