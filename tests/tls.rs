@@ -756,7 +756,13 @@ handler = grpc.method_handlers_generic_handler(
     "test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(say)})
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
 server.add_generic_rpc_handlers((handler,))
-port = server.add_insecure_port("127.0.0.1:0")
+if len(sys.argv) > 2:
+    # TLS: certificate chain and key files.
+    credentials = grpc.ssl_server_credentials(
+        [(open(sys.argv[2], "rb").read(), open(sys.argv[1], "rb").read())])
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+else:
+    port = server.add_insecure_port("127.0.0.1:0")
 server.start()
 print(port, flush=True)
 server.wait_for_termination()
@@ -777,7 +783,8 @@ for i in range(3):
 "#;
 
 /// A real gRPC call (Debian's python3-grpcio, generic handlers): the client speaks TLS with
-/// ALPN h2 to the proxy, which relays the HTTP/2 bytes to an h2c grpcio server.
+/// ALPN h2 to the proxy, which relays the HTTP/2 bytes to an h2c grpcio server, then to a
+/// grpcio server over TLS (re-encrypted, ALPN h2 toward it, its certificate verified).
 #[test]
 fn grpc_over_tls_to_an_h2c_server() {
     let python = Path::new("/usr/bin/python3");
@@ -795,45 +802,59 @@ fn grpc_over_tls_to_an_h2c_server() {
         return;
     }
     let pki = standard_pki();
+    let (grpc_cert, grpc_key) = pki.issue("grpc", &["grpc.internal"], false);
     std::fs::write(pki.path("server.py"), GRPC_SERVER).expect("server.py");
     std::fs::write(pki.path("client.py"), GRPC_CLIENT).expect("client.py");
-    let mut child = Command::new(python)
-        .arg(pki.path("server.py"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("grpc server");
-    let stdout = child.stdout.take().expect("stdout");
-    let server = common::Started {
-        child,
-        name: "grpc server",
+    let start_server = |args: &[&Path]| {
+        let mut child = Command::new(python)
+            .arg(pki.path("server.py"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("grpc server");
+        let stdout = child.stdout.take().expect("stdout");
+        let server = common::Started {
+            child,
+            name: "grpc server",
+        };
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("port");
+        let port: u16 = line.trim().parse().expect("the server's port");
+        (server, SocketAddr::from(([127, 0, 0, 1], port)))
     };
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("port");
-    let port: u16 = line.trim().parse().expect("the server's port");
-    let proxy = tls_proxy(
-        &pki,
-        1,
-        SocketAddr::from(([127, 0, 0, 1], port)),
-        "alpn = [\"h2\"]",
-    );
-    let output = Command::new(python)
-        .arg(pki.path("client.py"))
-        .arg(proxy.addr().port().to_string())
-        .arg(pki.path("ca.pem"))
-        .output()
-        .expect("grpc client");
-    assert!(
-        output.status.success(),
-        "the call failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&output.stdout),
-        "echo:hello 0\necho:hello 1\necho:hello 2\n"
-    );
-    drop(server);
+    let call = |proxy: &Proxy| {
+        let output = Command::new(python)
+            .arg(pki.path("client.py"))
+            .arg(proxy.addr().port().to_string())
+            .arg(pki.path("ca.pem"))
+            .output()
+            .expect("grpc client");
+        assert!(
+            output.status.success(),
+            "the call failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "echo:hello 0\necho:hello 1\necho:hello 2\n"
+        );
+    };
+    let (h2c, addr) = start_server(&[]);
+    call(&tls_proxy(&pki, 1, addr, "alpn = [\"h2\"]"));
+    drop(h2c);
+    let (secure, addr) = start_server(&[&grpc_cert, &grpc_key]);
+    let proxy = Proxy::start(&format!(
+        "[runtime]\nshards = 1\n[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"front\"\n\
+         bind = \"127.0.0.1:0\"\npool = \"grpc\"\n{}\n[[pool]]\nname = \"grpc\"\n\
+         servers = [ {{ addr = \"{addr}\" }} ]\n[pool.tls]\nca = \"{}\"\n\
+         server_name = \"grpc.internal\"\nalpn = [\"h2\"]\n",
+        tls_block(&pki, "alpn = [\"h2\"]"),
+        pki.path("ca.pem").display(),
+    ));
+    call(&proxy);
+    drop(secure);
 }
 
 /// A server for one connection: records what arrives until `ping`, answers `pong`, and hands
