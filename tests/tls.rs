@@ -1339,6 +1339,14 @@ fn routes_terminate_their_own_names_and_pass_the_others_through() {
         2,
         "only the passthrough clients reached the raw pool"
     );
+    // Each routed client counted once (before or after its handshake), the garbage not at all.
+    assert!(wait_for(Duration::from_secs(3), || {
+        metric(
+            &proxy,
+            "ringproxy_listener_detected_total",
+            "listener=\"front\"",
+        ) == 4.0
+    }));
     let status = admin::status(proxy.admin());
     assert_eq!(
         status["listeners"][0]["routing"]["routes"][0]["tls"], "passthrough",
@@ -1376,6 +1384,23 @@ fn route_tls_settings_are_checked() {
             "/nonexistent.pem",
         ),
     ];
+    // An alpn condition after a handshake that could never negotiate it.
+    let own = pki.path("api.pem").display().to_string();
+    let own_key = pki.path("api.key").display().to_string();
+    let config = format!(
+        "[[listener]]\nname = \"front\"\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\
+         routes = [ {{ alpn = \"h2\", pool = \"app\", tls = {{ certificates = [ {{ cert = \"{own}\", key = \"{own_key}\" }} ] }} }} ]\n\n\
+         [[pool]]\nname = \"app\"\nservers = [ {{ addr = \"127.0.0.1:9\" }} ]\n"
+    );
+    let path = pki.path("alpn.toml");
+    std::fs::write(&path, &config).expect("config");
+    let output = Command::new(env!("CARGO_BIN_EXE_ringproxy"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("check");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("not in the route's tls alpn list"), "{text}");
     for (tls, reason) in cases {
         let config = format!(
             "[[listener]]\nname = \"front\"\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\

@@ -419,9 +419,16 @@ fn resolve_route(
                     ),
                 ));
             }
-            FileRouteTls::Terminate(file) => RouteTls::Terminate(std::sync::Arc::new(
-                super::tls::resolve_settings(source, spanned.span(), file)?,
-            )),
+            FileRouteTls::Terminate(file) => {
+                let settings = super::tls::resolve_settings(source, spanned.span(), file)?;
+                super::tls::check_alpn_offered(
+                    source,
+                    route.alpn.as_ref(),
+                    &settings,
+                    "the route's",
+                )?;
+                RouteTls::Terminate(std::sync::Arc::new(settings))
+            }
         },
     };
     let matches_tls = conditions.sni.is_some()

@@ -60,7 +60,41 @@ pub(super) fn resolve(
             }
         }
     }
-    resolve_settings(source, spanned.span(), tls).map(Some)
+    let settings = resolve_settings(source, spanned.span(), tls)?;
+    for route in listener.routes.iter().flatten() {
+        let route = route.get_ref();
+        if route.tls.is_none() {
+            check_alpn_offered(source, route.alpn.as_ref(), &settings, "this listener's")?;
+        }
+    }
+    Ok(Some(settings))
+}
+
+/// A route on the negotiated ALPN can only match a protocol the terminating config offers.
+pub(super) fn check_alpn_offered(
+    source: &Source,
+    alpn: Option<&Spanned<String>>,
+    settings: &TlsSettings,
+    whose: &str,
+) -> Result<(), ConfigError> {
+    let Some(wanted) = alpn else {
+        return Ok(());
+    };
+    if settings
+        .alpn
+        .iter()
+        .any(|offered| offered == wanted.get_ref().as_bytes())
+    {
+        return Ok(());
+    }
+    Err(source.at(
+        wanted,
+        format!(
+            "alpn {:?} is not in {whose} tls alpn list: after the handshake a route matches the \
+             negotiated protocol, which can only be one of those",
+            wanted.get_ref()
+        ),
+    ))
 }
 
 /// The settings of a `[listener.tls]` table or of a route's `tls = { ... }`.

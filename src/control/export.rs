@@ -797,14 +797,20 @@ fn tls_families(snapshot: &Snapshot, merged: &Merged, out: &mut Exposition) {
             .tls
             .iter()
             .flat_map(|tls| tls.settings.certificates.iter());
+        // One series per name: a name served by several certificates (the listener's and a
+        // route's) shows the one that expires first.
+        let mut soonest = std::collections::BTreeMap::new();
         for certificate in own.chain(route_certificates(listener)) {
+            let at = soonest
+                .entry(certificate.label())
+                .or_insert(certificate.not_after);
+            *at = (*at).min(certificate.not_after);
+        }
+        for (label, not_after) in soonest {
             out.sample(
                 TLS_CERTIFICATE_EXPIRY,
-                &[
-                    ("listener", &listener.name),
-                    ("certificate", certificate.label()),
-                ],
-                certificate.not_after as f64,
+                &[("listener", &listener.name), ("certificate", label)],
+                not_after as f64,
             );
         }
     }

@@ -116,10 +116,30 @@ fn routing_json(
     })
 }
 
-/// A listener's TLS certificates (names, files, expiry) and handshake counts; null without TLS.
+/// A listener's TLS certificates (names, files, expiry) and handshake counts; null without TLS
+/// (on the listener or its routes).
 fn tls_json(listener: &ListenerSnapshot, counters: &ListenerCounters) -> Value {
+    let failures: serde_json::Map<String, Value> = crate::metrics::TlsFailure::ALL
+        .iter()
+        .zip(counters.tls_failures)
+        .map(|(failure, count)| (failure.name().to_string(), Value::from(count)))
+        .collect();
     let Some(tls) = &listener.tls else {
-        return Value::Null;
+        let routes_terminate = listener.routing.as_deref().is_some_and(|routing| {
+            routing
+                .routes
+                .iter()
+                .any(|route| matches!(route.tls, crate::route::RouteTls::Terminate(_)))
+        });
+        // Its routes terminate (their certificates are listed with them).
+        return if routes_terminate {
+            json!({
+                "handshakes": { "full": counters.tls_full, "resumed": counters.tls_resumed },
+                "failures": failures,
+            })
+        } else {
+            Value::Null
+        };
     };
     let settings = &tls.settings;
     let certificates: Vec<Value> = settings
@@ -133,11 +153,6 @@ fn tls_json(listener: &ListenerSnapshot, counters: &ListenerCounters) -> Value {
                 "not_after": certificate.not_after,
             })
         })
-        .collect();
-    let failures: serde_json::Map<String, Value> = crate::metrics::TlsFailure::ALL
-        .iter()
-        .zip(counters.tls_failures)
-        .map(|(failure, count)| (failure.name().to_string(), Value::from(count)))
         .collect();
     json!({
         "certificates": certificates,

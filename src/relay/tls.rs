@@ -145,11 +145,15 @@ impl<B> Relay<B> {
             .is_some_and(|side| side.server.is_some() && !side.server_connected)
     }
 
-    /// The pool of a plain client speaks plain TCP now (a reload between two attempts):
-    /// what was held for a TLS server is given back as plain bytes, and the TLS state goes.
+    /// The pool speaks plain TCP now (a reload between two attempts): what was held for a
+    /// TLS server is given back as plain bytes (and a plain client's TLS state goes).
     pub fn take_plain_replay(&mut self) -> Vec<u8> {
         if self.is_tls() {
-            return Vec::new();
+            return self
+                .tls
+                .as_deref_mut()
+                .map(|side| std::mem::take(&mut side.server_replay))
+                .unwrap_or_default();
         }
         self.tls
             .take()

@@ -144,6 +144,22 @@ pub struct TlsSettings {
 }
 
 impl TlsSettings {
+    /// What these settings demand of clients, as a digest bound into their session tickets:
+    /// a ticket issued where no client certificate was asked for (or under another CA) never
+    /// resumes where one is required.
+    pub fn ticket_context(&self) -> [u8; 32] {
+        let mut context = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        context.update(self.client_auth.name().as_bytes());
+        for ca in self.client_ca.iter().flat_map(|(_, cas)| cas) {
+            context.update(&(ca.len() as u64).to_be_bytes());
+            context.update(ca.as_ref());
+        }
+        let digest = context.finish();
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest.as_ref());
+        out
+    }
+
     /// Every file the settings were read from.
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         self.certificates
@@ -440,7 +456,7 @@ impl ShardTls {
         if settings.session_tickets
             && let Some(tickets) = tickets
         {
-            config.ticketer = Arc::new(ShardTicketer::new(tickets));
+            config.ticketer = Arc::new(ShardTicketer::new(tickets, settings.ticket_context()));
             config.send_tls13_tickets = 1;
         } else {
             config.send_tls13_tickets = 0;

@@ -59,6 +59,10 @@ fn random_key() -> Option<(u32, [u8; 32])> {
 pub struct ShardTicketer {
     current: (u32, LessSafeKey),
     previous: Option<(u32, LessSafeKey)>,
+    /// What the issuing config demands of clients (`TlsSettings::ticket_context`): bound
+    /// into every ticket, so a ticket opens only where the same client authentication holds
+    /// (a resumption skips the client certificate check).
+    context: [u8; 32],
     random: SystemRandom,
 }
 
@@ -74,12 +78,21 @@ fn sealing_key(bytes: &[u8; 32]) -> LessSafeKey {
 }
 
 impl ShardTicketer {
-    pub fn new(keys: &TicketKeys) -> ShardTicketer {
+    pub fn new(keys: &TicketKeys, context: [u8; 32]) -> ShardTicketer {
         ShardTicketer {
             current: (keys.current.0, sealing_key(&keys.current.1)),
             previous: keys.previous.map(|(id, key)| (id, sealing_key(&key))),
+            context,
             random: SystemRandom::new(),
         }
+    }
+
+    /// The additional data of a ticket sealed under key `id`: the id and the context.
+    fn aad(&self, id: &[u8]) -> [u8; KEY_ID_LEN + 32] {
+        let mut aad = [0u8; KEY_ID_LEN + 32];
+        aad[..KEY_ID_LEN].copy_from_slice(id);
+        aad[KEY_ID_LEN..].copy_from_slice(&self.context);
+        aad
     }
 }
 
@@ -103,7 +116,7 @@ impl rustls::server::ProducesTickets for ShardTicketer {
         let mut sealed = plain.to_vec();
         key.seal_in_place_append_tag(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(&id.to_be_bytes()),
+            Aad::from(self.aad(&id.to_be_bytes())),
             &mut sealed,
         )
         .ok()?;
@@ -130,7 +143,7 @@ impl rustls::server::ProducesTickets for ShardTicketer {
         let plain = key
             .open_in_place(
                 Nonce::try_assume_unique_for_key(nonce).ok()?,
-                Aad::from(id_bytes),
+                Aad::from(self.aad(id_bytes)),
                 &mut opened,
             )
             .ok()?;
@@ -148,24 +161,30 @@ mod tests {
     #[test]
     fn a_ticket_opens_on_another_shard_and_after_one_rotation_only() {
         let keys = TicketKeys::generate().unwrap();
-        let sealed = ShardTicketer::new(&keys).encrypt(b"session state").unwrap();
+        let sealed = ShardTicketer::new(&keys, [0; 32])
+            .encrypt(b"session state")
+            .unwrap();
         assert_eq!(
-            ShardTicketer::new(&keys).decrypt(&sealed).as_deref(),
+            ShardTicketer::new(&keys, [0; 32])
+                .decrypt(&sealed)
+                .as_deref(),
             Some(&b"session state"[..])
         );
         let once = keys.rotated().unwrap();
         assert_eq!(
-            ShardTicketer::new(&once).decrypt(&sealed).as_deref(),
+            ShardTicketer::new(&once, [0; 32])
+                .decrypt(&sealed)
+                .as_deref(),
             Some(&b"session state"[..])
         );
         let twice = once.rotated().unwrap();
-        assert_eq!(ShardTicketer::new(&twice).decrypt(&sealed), None);
+        assert_eq!(ShardTicketer::new(&twice, [0; 32]).decrypt(&sealed), None);
     }
 
     #[test]
     fn tampered_or_short_tickets_do_not_open() {
         let keys = TicketKeys::generate().unwrap();
-        let ticketer = ShardTicketer::new(&keys);
+        let ticketer = ShardTicketer::new(&keys, [0; 32]);
         let mut sealed = ticketer.encrypt(b"state").unwrap();
         let last = sealed.len() - 1;
         sealed[last] ^= 1;
@@ -173,7 +192,19 @@ mod tests {
         assert_eq!(ticketer.decrypt(&[0; 10]), None);
         assert_eq!(ticketer.decrypt(&[]), None);
         let other = TicketKeys::generate().unwrap();
-        let foreign = ShardTicketer::new(&other).encrypt(b"state").unwrap();
+        let foreign = ShardTicketer::new(&other, [0; 32])
+            .encrypt(b"state")
+            .unwrap();
         assert_eq!(ticketer.decrypt(&foreign), None);
+    }
+
+    #[test]
+    fn a_ticket_opens_only_under_the_client_authentication_it_was_issued_with() {
+        let keys = TicketKeys::generate().unwrap();
+        let open = ShardTicketer::new(&keys, [0; 32])
+            .encrypt(b"no client cert")
+            .unwrap();
+        assert_eq!(ShardTicketer::new(&keys, [1; 32]).decrypt(&open), None);
+        assert!(ShardTicketer::new(&keys, [0; 32]).decrypt(&open).is_some());
     }
 }

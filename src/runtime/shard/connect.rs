@@ -320,7 +320,9 @@ impl Shard {
             return;
         }
         if session.relay.is_tls() {
-            // The decrypted bytes the routes looked at follow the header.
+            // The decrypted bytes the routes looked at follow the header (held by the relay
+            // when an earlier attempt went to a TLS server).
+            replay.append(&mut session.relay.take_plain_replay());
             if let Some(sniffed) = session.sniffing.as_deref_mut() {
                 replay.append(&mut sniffed.bytes);
             }

@@ -402,6 +402,15 @@ impl Shard {
             return;
         };
         let listener = session.listener;
+        if !session.relay.is_tls()
+            && self
+                .snapshot
+                .listener(listener)
+                .is_some_and(|l| l.tls.is_some())
+        {
+            // A TLS listener's client still owes its handshake: never relayed raw.
+            return self.start_tls_after_header(index);
+        }
         let target = self.snapshot.listener(listener).map(|l| l.target);
         if !target.is_some_and(|target| self.settle(index, target)) {
             // The listener (or its split) left with a reload: no destination to honour.
@@ -468,7 +477,6 @@ impl Shard {
             Detected::Silence => Detection::Silence,
             Detected::Unknown => Detection::Unknown,
         };
-        self.count(index, |counters| counters.detect(detection));
         let client = if needs_address {
             self.client_ip(index).unwrap_or(IpAddr::from([0, 0, 0, 0]))
         } else {
@@ -480,16 +488,25 @@ impl Shard {
             .listener(listener)
             .is_some_and(|l| l.tls.is_some());
         // A TLS listener decides its `tls = ...` routes on the ClientHello and the others on
-        // its handshake.
-        let before_handshake = listener_terminates && !self.sessions[index].relay.is_tls();
+        // its handshake; a client whose TLS is terminated already never gets a `tls = ...`
+        // route (whatever a reload made of its listener).
+        let terminated = self.sessions[index].relay.is_tls();
+        let before_handshake = listener_terminates && !terminated;
         let position = route::decide_among(&routing.routes, detected, client, |route| {
-            !listener_terminates || route.tls.before_handshake() == before_handshake
+            if terminated {
+                !route.tls.before_handshake()
+            } else if before_handshake {
+                route.tls.before_handshake()
+            } else {
+                true
+            }
         });
         if before_handshake && position.is_none() {
             // No route takes it before the handshake: the listener terminates it, and its
             // other routes choose after the handshake (counted then).
             return self.start_tls_after_header(index);
         }
+        self.count(index, |counters| counters.detect(detection));
         let chosen = position.map(|position| routing.routes[position].target);
         if chosen.is_some() || routing.unmatched == Unmatched::Default {
             let routes = routing.routes.len();

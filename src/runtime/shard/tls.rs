@@ -381,6 +381,10 @@ impl Shard {
                 crate::sniff::Verdict::NoMatch => None,
                 crate::sniff::Verdict::NeedMore if bytes.len() >= limit || ended => {
                     self.stats.sniff_limits += 1;
+                    let slot = session.listener_counters;
+                    if let Some(counters) = self.counters.listeners.get_mut(slot) {
+                        counters.sniff_timeouts += 1;
+                    }
                     None
                 }
                 crate::sniff::Verdict::NeedMore => return,
