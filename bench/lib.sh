@@ -9,6 +9,16 @@ require_tools() {
   done
 }
 
+# Sets `ngx_stream_module` to the stream module nginx must load (empty when it is built in);
+# exits 2 when nginx has no stream module (Debian: libnginx-mod-stream).
+find_nginx_stream() {
+  ngx_stream_module=
+  if nginx -V 2>&1 | tr ' ' '\n' | grep -q -- '--with-stream=dynamic'; then
+    ngx_stream_module=$(find /usr/lib/nginx/modules -name 'ngx_stream_module.so' 2>/dev/null | head -1)
+    [ -n "$ngx_stream_module" ] || { echo "nginx has no stream module (apt-get install libnginx-mod-stream)" >&2; exit 2; }
+  fi
+}
+
 # Sets `bin` (argument 1, or the release build, built first) and `ringload` beside it.
 pick_binaries() {
   if [ $# -ge 1 ] && [ -n "$1" ]; then

@@ -41,8 +41,7 @@ truncate -s 1G "$work/big"
 chmod 755 "$work"
 chmod 644 "$work/big"
 
-ngx_stream_module=$(nginx -V 2>&1 | tr ' ' '\n' | grep -q -- '--with-stream=dynamic' && \
-  find /usr/lib/nginx/modules -name 'ngx_stream_module.so' | head -1 || true)
+find_nginx_stream
 cat >"$work/backend.conf" <<EOF
 worker_processes 1;
 daemon off;
