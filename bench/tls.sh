@@ -101,6 +101,8 @@ events { worker_connections 20000; }
 stream {
   server {
     listen 127.0.0.1:$ngx ssl reuseport backlog=4096;
+    # nginx 1.22 offers TLS 1.3 only when asked (its built-in default stops at 1.2).
+    ssl_protocols TLSv1.2 TLSv1.3;
     ssl_certificate $work/$kind.pem;
     ssl_certificate_key $work/$kind.key;
     ssl_session_cache off;

@@ -10,9 +10,8 @@
 #
 # Workloads: close = wrk -t1 -c32 with `Connection: close`: a new server connection and a full
 # TLS handshake toward the server per request (HAProxy `no-ssl-reuse`, NGINX
-# `proxy_ssl_session_reuse off`; ringproxy never resumes toward servers); close-reuse = the same
-# with HAProxy's and NGINX's default session reuse on (ringproxy still full handshakes: the
-# price of having no client session cache); ka64 = wrk -t1 -c64 keep-alive (one server
+# `proxy_ssl_session_reuse off`, ringproxy `session_reuse = false`); close-reuse = the same
+# with every proxy's default session reuse on (resumed handshakes toward the server); ka64 = wrk -t1 -c64 keep-alive (one server
 # handshake per client connection); bulk = curl downloading 1 GiB over one connection.
 # Figures: proxy CPU us per request or per MiB (utime+stime from /proc/PID/stat), requests/s,
 # Gbit/s. Loopback only; every process is stopped by PID.
@@ -50,6 +49,8 @@ error_log $work/backend.err;
 events { worker_connections 8192; }
 http {
   access_log off;
+  # nginx 1.22 offers TLS 1.3 only when asked (its built-in default stops at 1.2).
+  ssl_protocols TLSv1.2 TLSv1.3;
   server { listen 127.0.0.1:$backend ssl reuseport backlog=4096; keepalive_requests 10000000;
            ssl_certificate $work/backend.pem; ssl_certificate_key $work/backend.key;
            root $work;
@@ -58,9 +59,9 @@ http {
 EOF
 nginx -c "$work/backend.conf" -p "$work" 2>/dev/null & pids+=($!)
 
-write_configs() { # reuse: "yes" lets HAProxy and NGINX resume toward the backend
-  local reuse=$1 hap_reuse=" no-ssl-reuse" ngx_reuse=off
-  if [[ $reuse == yes ]]; then hap_reuse="" ngx_reuse=on; fi
+write_configs() { # reuse: "yes" lets the proxies resume toward the backend
+  local reuse=$1 hap_reuse=" no-ssl-reuse" ngx_reuse=off rp_reuse=false
+  if [[ $reuse == yes ]]; then hap_reuse="" ngx_reuse=on rp_reuse=true; fi
   cat >"$work/rp.toml" <<EOF
 [runtime]
 shards = 1
@@ -75,6 +76,7 @@ servers = [ { addr = "127.0.0.1:$backend" } ]
 [pool.tls]
 ca = "$work/ca.pem"
 server_name = "backend.internal"
+session_reuse = $rp_reuse
 EOF
   cat >"$work/hap.cfg" <<EOF
 global

@@ -1374,6 +1374,108 @@ fn routes_terminate_their_own_names_and_pass_the_others_through() {
 }
 
 #[test]
+fn cipher_suites_in_our_order_or_as_listed() {
+    let Some(openssl) = tool("openssl", "openssl") else {
+        return;
+    };
+    let pki = standard_pki();
+    let server = TestServer::start(Behaviour::Echo);
+    // OpenSSL lists AES-256-GCM first; the proxy chooses by its own order: AES-128-GCM.
+    let proxy = tls_proxy(&pki, 1, server.addr, "");
+    let name = ["-servername", "api.example.com"];
+    let tls13 = s_client(&openssl, proxy.addr(), &[&name[..], &["-tls1_3"]].concat());
+    assert!(
+        tls13.contains("Ciphersuite: TLS_AES_128_GCM_SHA256"),
+        "{tls13}"
+    );
+    let tls12 = s_client(&openssl, proxy.addr(), &[&name[..], &["-tls1_2"]].concat());
+    assert!(
+        tls12.contains("Ciphersuite: ECDHE-ECDSA-AES128-GCM-SHA256"),
+        "{tls12}"
+    );
+    // A client without it still gets one it offers.
+    let chacha = s_client(
+        &openssl,
+        proxy.addr(),
+        &[
+            &name[..],
+            &["-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"],
+        ]
+        .concat(),
+    );
+    assert!(
+        chacha.contains("Ciphersuite: TLS_CHACHA20_POLY1305_SHA256"),
+        "{chacha}"
+    );
+    let status = admin::status(proxy.admin());
+    assert_eq!(
+        status["listeners"][0]["tls"]["cipher_suites"][0], "TLS13_AES_128_GCM_SHA256",
+        "{status}"
+    );
+    drop(proxy);
+    // Only the listed suites, in their order.
+    let proxy = tls_proxy(
+        &pki,
+        1,
+        server.addr,
+        "cipher_suites = [\"TLS_AES_256_GCM_SHA384\", \"TLS13_AES_128_GCM_SHA256\"]",
+    );
+    let tls13 = s_client(&openssl, proxy.addr(), &[&name[..], &["-tls1_3"]].concat());
+    assert!(
+        tls13.contains("Ciphersuite: TLS_AES_256_GCM_SHA384"),
+        "{tls13}"
+    );
+    let chacha = s_client(
+        &openssl,
+        proxy.addr(),
+        &[
+            &name[..],
+            &["-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"],
+        ]
+        .concat(),
+    );
+    assert!(!chacha.contains("CONNECTION ESTABLISHED"), "{chacha}");
+    let tls12 = s_client(&openssl, proxy.addr(), &[&name[..], &["-tls1_2"]].concat());
+    assert!(!tls12.contains("CONNECTION ESTABLISHED"), "{tls12}");
+    // Names are checked.
+    let cases = [
+        (
+            "cipher_suites = [\"TLS_RSA_WITH_AES_128_CBC_SHA\"]",
+            "unknown cipher suite",
+        ),
+        ("cipher_suites = []", "cipher_suites is empty"),
+        (
+            "min_version = \"1.3\"\ncipher_suites = [\"TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256\"]",
+            "is a TLS 1.2 suite",
+        ),
+        (
+            "cipher_suites = [\"TLS13_AES_128_GCM_SHA256\", \"tls_aes_128_gcm_sha256\"]",
+            "listed twice",
+        ),
+    ];
+    for (keys, reason) in cases {
+        let path = pki.path("suites.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[listener]]\nname = \"front\"\nbind = \"127.0.0.1:0\"\npool = \"app\"\n{}\n\
+                 [[pool]]\nname = \"app\"\nservers = [ {{ addr = \"127.0.0.1:9\" }} ]\n",
+                tls_block(&pki, keys)
+            ),
+        )
+        .expect("config");
+        let output = Command::new(env!("CARGO_BIN_EXE_ringproxy"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("check");
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{keys}: {text}");
+        assert!(text.contains(reason), "{keys}: {text}");
+    }
+}
+
+#[test]
 fn route_tls_settings_are_checked() {
     let pki = standard_pki();
     let cases = [

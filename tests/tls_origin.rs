@@ -596,6 +596,104 @@ fn nginx_backends_with_mutual_tls_failover_health_checks_and_proxy_protocol() {
 }
 
 #[test]
+fn sessions_toward_an_nginx_server_are_resumed_unless_session_reuse_is_off() {
+    let (Some(curl), Some(nginx)) = (tool("curl", "curl"), tool("nginx", "nginx")) else {
+        return;
+    };
+    let pki = origin_pki();
+    let dir = tempfile::tempdir().expect("nginx dir");
+    let (tls12, tls13) = (common::free_port(), common::free_port());
+    let d = dir.path().display();
+    let server = |port: u16, protocol: &str| {
+        format!(
+            "server {{ listen 127.0.0.1:{port} ssl; ssl_protocols {protocol};\n\
+               ssl_certificate {cert}; ssl_certificate_key {key};\n\
+               location / {{ return 200 \"reused=$ssl_session_reused $ssl_protocol $ssl_cipher\\n\"; }} }}\n",
+            cert = pki.path("app.pem").display(),
+            key = pki.path("app.key").display(),
+        )
+    };
+    std::fs::write(
+        dir.path().join("nginx.conf"),
+        format!(
+            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 64; }}\nhttp {{ access_log off;\n{}{}}}\n",
+            server(tls12, "TLSv1.2"),
+            server(tls13, "TLSv1.3"),
+        ),
+    )
+    .expect("nginx.conf");
+    let _nginx = common::start_server(
+        "nginx",
+        Command::new(nginx)
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .arg("-p")
+            .arg(dir.path()),
+        &[tls12, tls13],
+        Duration::from_secs(10),
+    );
+    let pool = |name: &str, port: u16, extra: &str| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\npool = \"{name}\"\n\
+             [[pool]]\nname = \"{name}\"\nservers = [ {{ addr = \"127.0.0.1:{port}\" }} ]\n{}\n",
+            pool_tls(&pki, extra)
+        )
+    };
+    let proxy = Proxy::start(&format!(
+        "[runtime]\nshards = 1\n[admin]\nbind = \"127.0.0.1:0\"\n\n{}{}{}",
+        pool("reuse12", tls12, ""),
+        pool("reuse13", tls13, ""),
+        pool(
+            "fresh",
+            tls13,
+            "session_reuse = false\ncipher_suites = [\"TLS13_AES_256_GCM_SHA384\"]"
+        ),
+    ));
+    let fetch = |listener: &str| {
+        let output = Command::new(&curl)
+            .args(["-sS", "--fail", "--max-time", "10"])
+            .arg(format!(
+                "http://127.0.0.1:{}/",
+                proxy.listeners[listener].port()
+            ))
+            .output()
+            .expect("curl");
+        assert!(
+            output.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    // A new server connection per client: the first handshake is full, the next ones resume
+    // (TLS 1.3: each ticket is used once and the server sends a new one each time). nginx
+    // takes the client's order of suites: AES-128-GCM first by default.
+    for (listener, session) in [
+        ("reuse12", "TLSv1.2 ECDHE-ECDSA-AES128-GCM-SHA256"),
+        ("reuse13", "TLSv1.3 TLS_AES_128_GCM_SHA256"),
+    ] {
+        assert_eq!(fetch(listener), format!("reused=. {session}\n"));
+        for _ in 0..6 {
+            assert_eq!(fetch(listener), format!("reused=r {session}\n"));
+        }
+    }
+    for _ in 0..3 {
+        assert_eq!(fetch("fresh"), "reused=. TLSv1.3 TLS_AES_256_GCM_SHA384\n");
+    }
+    let status = admin::status(proxy.admin());
+    let pools = status["pools"].as_array().cloned().unwrap_or_default();
+    let reuse_of = |name: &str| {
+        pools
+            .iter()
+            .find(|pool| pool["name"] == name)
+            .and_then(|pool| pool["tls"]["session_reuse"].as_bool())
+    };
+    assert_eq!(reuse_of("reuse13"), Some(true), "{status}");
+    assert_eq!(reuse_of("fresh"), Some(false), "{status}");
+}
+
+#[test]
 fn bad_pool_tls_settings_are_refused_with_the_reason() {
     let pki = origin_pki();
     let cases = [

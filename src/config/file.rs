@@ -139,6 +139,7 @@ pub struct FileTls {
     pub handshake_timeout: Option<Spanned<String>>,
     pub session_tickets: Option<Spanned<bool>>,
     pub watch: Option<Spanned<bool>>,
+    pub cipher_suites: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -266,6 +267,8 @@ pub struct FileOriginTls {
     pub client_key: Option<Spanned<String>>,
     pub alpn: Option<Spanned<Vec<Spanned<String>>>>,
     pub check_tls: Option<Spanned<bool>>,
+    pub session_reuse: Option<Spanned<bool>>,
+    pub cipher_suites: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `[pool.health]`: active checks.

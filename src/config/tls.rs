@@ -8,7 +8,9 @@ use toml::Spanned;
 
 use super::file::{FileListener, FileOriginTls, FileTls};
 use super::{ConfigError, Source, format_duration, nonzero_duration};
-use crate::tls::{CaSource, ClientAuth, DefaultCertificate, OriginSettings, TlsSettings};
+use crate::tls::{
+    CaSource, ClientAuth, DefaultCertificate, OriginSettings, TlsSettings, cipher_suite_list,
+};
 
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -199,7 +201,25 @@ pub(super) fn resolve_settings(
         handshake_timeout,
         session_tickets: tls.session_tickets.as_ref().is_none_or(|b| *b.get_ref()),
         watch: tls.watch.as_ref().is_some_and(|b| *b.get_ref()),
+        cipher_suites: cipher_suites(source, tls.cipher_suites.as_ref(), min_version >= 0x0304)?,
     })
+}
+
+/// `cipher_suites`: unset is the default order (an empty list).
+fn cipher_suites(
+    source: &Source,
+    names: Option<&Spanned<Vec<Spanned<String>>>>,
+    tls13_only: bool,
+) -> Result<Vec<rustls::CipherSuite>, ConfigError> {
+    let Some(names) = names else {
+        return Ok(Vec::new());
+    };
+    let listed: Vec<&str> = names
+        .get_ref()
+        .iter()
+        .map(|n| n.get_ref().as_str())
+        .collect();
+    crate::tls::cipher_suites_named(&listed, tls13_only).map_err(|why| source.at(names, why))
 }
 
 fn alpn_list(
@@ -277,6 +297,8 @@ pub(super) fn resolve_origin(
         client_certificate,
         alpn: alpn_list(source, tls.alpn.as_ref())?,
         check_tls: tls.check_tls.as_ref().is_none_or(|b| *b.get_ref()),
+        session_reuse: tls.session_reuse.as_ref().is_none_or(|b| *b.get_ref()),
+        cipher_suites: cipher_suites(source, tls.cipher_suites.as_ref(), false)?,
     };
     // What every shard will build: refused here, with the file's name, rather than later.
     settings
@@ -327,6 +349,12 @@ fn tls_keys(tls: &TlsSettings) -> Vec<String> {
         "1.2"
     };
     keys.push(format!("min_version = \"{min}\""));
+    if !tls.cipher_suites.is_empty() {
+        keys.push(format!(
+            "cipher_suites = {:?}",
+            cipher_suite_list(&tls.cipher_suites)
+        ));
+    }
     if let Some((path, _)) = &tls.client_ca {
         keys.push(format!("client_ca = {}", quoted(path)));
     }
@@ -373,5 +401,14 @@ pub(super) fn write_pool_tls(tls: &OriginSettings, out: &mut String) -> std::fmt
         writeln!(out, "client_key = {}", quoted(&certificate.key_path))?;
     }
     writeln!(out, "alpn = {}", alpn_toml(&tls.alpn))?;
-    writeln!(out, "check_tls = {}", tls.check_tls)
+    writeln!(out, "check_tls = {}", tls.check_tls)?;
+    writeln!(out, "session_reuse = {}", tls.session_reuse)?;
+    if !tls.cipher_suites.is_empty() {
+        writeln!(
+            out,
+            "cipher_suites = {:?}",
+            cipher_suite_list(&tls.cipher_suites)
+        )?;
+    }
+    Ok(())
 }

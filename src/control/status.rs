@@ -167,6 +167,7 @@ fn tls_json(listener: &ListenerSnapshot, counters: &ListenerCounters) -> Value {
         "min_version": if settings.min_version >= 0x0304 { "1.3" } else { "1.2" },
         "client_auth": settings.client_auth.name(),
         "session_tickets": settings.session_tickets,
+        "cipher_suites": crate::tls::effective_cipher_suites(&settings.cipher_suites),
         "handshakes": { "full": counters.tls_full, "resumed": counters.tls_resumed },
         "failures": failures,
     })
@@ -335,6 +336,8 @@ fn origin_json(tls: &crate::tls::OriginSettings) -> Value {
             "not_after": certificate.not_after,
         })),
         "check_tls": tls.check_tls,
+        "session_reuse": tls.session_reuse,
+        "cipher_suites": crate::tls::effective_cipher_suites(&tls.cipher_suites),
     })
 }
 

@@ -1,8 +1,9 @@
 //! TLS toward a pool's servers (`[pool.tls]`): the control thread loads and checks the CA
 //! certificates and the client certificate into `OriginSettings`; each shard builds its own
 //! `rustls::ClientConfig` from them (`client_config`), and so does the control thread for the
-//! health checks. Resumption toward servers is off: rustls's client session cache takes a lock,
-//! and a shard takes none on its data path.
+//! health checks. Sessions resumed toward servers live in the calling thread's table
+//! (`session_cache`): rustls's own client cache takes a lock, and a shard takes none on its data
+//! path.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,8 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use super::{Certificate, provider};
+use super::session_cache::ThreadSessionStore;
+use super::{Certificate, provider_with_suites};
 
 /// Where a pool's trusted CA certificates come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,13 +54,17 @@ pub struct OriginSettings {
     pub alpn: Vec<Vec<u8>>,
     /// The pool's health checks speak TLS too.
     pub check_tls: bool,
+    /// Resume TLS sessions toward the servers (each shard keeps its own tickets).
+    pub session_reuse: bool,
+    /// Suites offered, most preferred first (empty: `provider_with_suites`'s default).
+    pub cipher_suites: Vec<rustls::CipherSuite>,
 }
 
 impl OriginSettings {
     /// A rustls client config of its own (keys parsed again: nothing shared with the caller's
     /// other configs).
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, String> {
-        let provider = Arc::new(provider());
+        let provider = Arc::new(provider_with_suites(&self.cipher_suites));
         let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
             .map_err(|error| error.to_string())?;
@@ -82,7 +88,11 @@ impl OriginSettings {
             None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = self.alpn.clone();
-        config.resumption = rustls::client::Resumption::disabled();
+        config.resumption = if self.session_reuse {
+            rustls::client::Resumption::store(Arc::new(ThreadSessionStore::new()))
+        } else {
+            rustls::client::Resumption::disabled()
+        };
         Ok(Arc::new(config))
     }
 

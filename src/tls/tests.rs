@@ -28,6 +28,7 @@ fn settings(certificates: Vec<Certificate>, default: DefaultCertificate) -> TlsS
         handshake_timeout: Duration::from_secs(10),
         session_tickets: true,
         watch: false,
+        cipher_suites: Vec::new(),
     }
 }
 

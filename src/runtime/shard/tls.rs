@@ -85,10 +85,12 @@ impl Shard {
             let Some(wanted) = &pool.tls else {
                 continue;
             };
+            // Unchanged settings keep their config, and with it the tickets this shard holds
+            // toward the pool's servers.
             if let Some((had, config)) = self.origin_tls.remove(&pool.id)
-                && Arc::ptr_eq(&had, wanted)
+                && (Arc::ptr_eq(&had, wanted) || had == *wanted)
             {
-                origins.insert(pool.id, (had, config));
+                origins.insert(pool.id, (Arc::clone(wanted), config));
                 continue;
             }
             match wanted.client_config() {
