@@ -37,9 +37,9 @@ pub enum ServerTlsFailure {
 #[derive(Debug)]
 pub(super) struct TlsSide {
     /// Toward the client (termination; None: a plain client).
-    client: Option<TlsStream>,
+    client: Option<Box<TlsStream>>,
     /// Toward the server (origination; None: a plain server, or between two servers).
-    server: Option<TlsStream>,
+    server: Option<Box<TlsStream>>,
     /// The server's socket is connected (its handshake may still run).
     server_connected: bool,
     /// The server takes plaintext: connected, and its handshake (if any) done.
@@ -104,7 +104,7 @@ impl<B> Relay<B> {
             self.upstream.received += received.len() as u64;
         }
         let side = self.tls.get_or_insert_with(|| Box::new(TlsSide::new()));
-        side.client = Some(*tls);
+        side.client = Some(tls);
         side.handshake_deadline = now.saturating_add(handshake_ticks);
         self.last_active = self.last_active.max(now);
         self.tls_pump(out);
@@ -131,7 +131,7 @@ impl<B> Relay<B> {
     /// it, decided now so that the connect's end cannot find a changed pool.
     pub fn prepare_server_tls(&mut self, stream: TlsStream) {
         let side = self.tls.get_or_insert_with(|| Box::new(TlsSide::new()));
-        side.server = Some(stream);
+        side.server = Some(Box::new(stream));
         side.server_connected = false;
         side.server_ready = false;
         side.server_failure = None;
@@ -265,7 +265,7 @@ impl<B> Relay<B> {
     pub fn server_tls_facts(&self) -> Option<TlsFacts> {
         self.tls
             .as_deref()
-            .and_then(|side| side.server.as_ref())
+            .and_then(|side| side.server.as_deref())
             .filter(|tls| !tls.is_handshaking())
             .map(TlsStream::facts)
     }
@@ -319,7 +319,7 @@ impl<B> Relay<B> {
 
     /// The client's stream.
     fn stream(&self) -> Option<&TlsStream> {
-        self.tls.as_deref().and_then(|side| side.client.as_ref())
+        self.tls.as_deref().and_then(|side| side.client.as_deref())
     }
 
     /// TLS toward the client.
