@@ -322,16 +322,7 @@ fn curl_to_nginx_and_bulk_both_ways_through_termination() {
             ),
         )
         .expect("nginx.conf");
-        let _nginx = common::start_server(
-            "nginx",
-            Command::new(nginx)
-                .arg("-c")
-                .arg(dir.path().join("nginx.conf"))
-                .arg("-p")
-                .arg(dir.path()),
-            &[port],
-            Duration::from_secs(10),
-        );
+        let _nginx = common::start_nginx(&nginx, dir.path(), &[port]);
         let proxy = tls_proxy(
             &pki,
             1,
@@ -1382,27 +1373,26 @@ fn cipher_suites_in_our_order_or_as_listed() {
     let server = TestServer::start(Behaviour::Echo);
     // OpenSSL lists AES-256-GCM first; the proxy chooses by its own order: AES-128-GCM.
     let proxy = tls_proxy(&pki, 1, server.addr, "");
-    let name = ["-servername", "api.example.com"];
-    let tls13 = s_client(&openssl, proxy.addr(), &[&name[..], &["-tls1_3"]].concat());
+    let hello = |proxy: &Proxy, args: &[&str]| {
+        s_client(
+            &openssl,
+            proxy.addr(),
+            &[&["-servername", "api.example.com"][..], args].concat(),
+        )
+    };
+    let chacha_only = ["-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"];
+    let tls13 = hello(&proxy, &["-tls1_3"]);
     assert!(
         tls13.contains("Ciphersuite: TLS_AES_128_GCM_SHA256"),
         "{tls13}"
     );
-    let tls12 = s_client(&openssl, proxy.addr(), &[&name[..], &["-tls1_2"]].concat());
+    let tls12 = hello(&proxy, &["-tls1_2"]);
     assert!(
         tls12.contains("Ciphersuite: ECDHE-ECDSA-AES128-GCM-SHA256"),
         "{tls12}"
     );
     // A client without it still gets one it offers.
-    let chacha = s_client(
-        &openssl,
-        proxy.addr(),
-        &[
-            &name[..],
-            &["-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"],
-        ]
-        .concat(),
-    );
+    let chacha = hello(&proxy, &chacha_only);
     assert!(
         chacha.contains("Ciphersuite: TLS_CHACHA20_POLY1305_SHA256"),
         "{chacha}"
@@ -1420,23 +1410,15 @@ fn cipher_suites_in_our_order_or_as_listed() {
         server.addr,
         "cipher_suites = [\"TLS_AES_256_GCM_SHA384\", \"TLS13_AES_128_GCM_SHA256\"]",
     );
-    let tls13 = s_client(&openssl, proxy.addr(), &[&name[..], &["-tls1_3"]].concat());
+    let tls13 = hello(&proxy, &["-tls1_3"]);
     assert!(
         tls13.contains("Ciphersuite: TLS_AES_256_GCM_SHA384"),
         "{tls13}"
     );
-    let chacha = s_client(
-        &openssl,
-        proxy.addr(),
-        &[
-            &name[..],
-            &["-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"],
-        ]
-        .concat(),
-    );
-    assert!(!chacha.contains("CONNECTION ESTABLISHED"), "{chacha}");
-    let tls12 = s_client(&openssl, proxy.addr(), &[&name[..], &["-tls1_2"]].concat());
-    assert!(!tls12.contains("CONNECTION ESTABLISHED"), "{tls12}");
+    for refused in [&chacha_only[..], &["-tls1_2"]] {
+        let answer = hello(&proxy, refused);
+        assert!(!answer.contains("CONNECTION ESTABLISHED"), "{answer}");
+    }
     // Names are checked.
     let cases = [
         (
@@ -1451,6 +1433,11 @@ fn cipher_suites_in_our_order_or_as_listed() {
         (
             "cipher_suites = [\"TLS13_AES_128_GCM_SHA256\", \"tls_aes_128_gcm_sha256\"]",
             "listed twice",
+        ),
+        // ECDSA certificates, RSA suites only: no handshake could succeed.
+        (
+            "cipher_suites = [\"TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256\"]",
+            "no TLS 1.3 suite and no ECDSA suite",
         ),
     ];
     for (keys, reason) in cases {

@@ -501,16 +501,7 @@ fn nginx_backends_with_mutual_tls_failover_health_checks_and_proxy_protocol() {
         ),
     )
     .expect("nginx.conf");
-    let _nginx = common::start_server(
-        "nginx",
-        Command::new(nginx)
-            .arg("-c")
-            .arg(dir.path().join("nginx.conf"))
-            .arg("-p")
-            .arg(dir.path()),
-        &[good, wrong, proxied],
-        Duration::from_secs(10),
-    );
+    let _nginx = common::start_nginx(&nginx, dir.path(), &[good, wrong, proxied]);
     let client_keys = format!(
         "client_cert = \"{}\"\nclient_key = \"{}\"",
         p("proxy-client.pem"),
@@ -602,7 +593,11 @@ fn sessions_toward_an_nginx_server_are_resumed_unless_session_reuse_is_off() {
     };
     let pki = origin_pki();
     let dir = tempfile::tempdir().expect("nginx dir");
-    let (tls12, tls13) = (common::free_port(), common::free_port());
+    let (tls12, tls13, other13) = (
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+    );
     let d = dir.path().display();
     let server = |port: u16, protocol: &str| {
         format!(
@@ -619,34 +614,32 @@ fn sessions_toward_an_nginx_server_are_resumed_unless_session_reuse_is_off() {
             "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
              events {{ worker_connections 64; }}\nhttp {{ access_log off;\n{}{}}}\n",
             server(tls12, "TLSv1.2"),
-            server(tls13, "TLSv1.3"),
+            server(tls13, "TLSv1.3") + &server(other13, "TLSv1.3"),
         ),
     )
     .expect("nginx.conf");
-    let _nginx = common::start_server(
-        "nginx",
-        Command::new(nginx)
-            .arg("-c")
-            .arg(dir.path().join("nginx.conf"))
-            .arg("-p")
-            .arg(dir.path()),
-        &[tls12, tls13],
-        Duration::from_secs(10),
-    );
-    let pool = |name: &str, port: u16, extra: &str| {
+    let _nginx = common::start_nginx(&nginx, dir.path(), &[tls12, tls13, other13]);
+    let pool = |name: &str, ports: &[u16], extra: &str| {
+        let servers: Vec<String> = ports
+            .iter()
+            .map(|port| format!("{{ addr = \"127.0.0.1:{port}\" }}"))
+            .collect();
         format!(
             "[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\npool = \"{name}\"\n\
-             [[pool]]\nname = \"{name}\"\nservers = [ {{ addr = \"127.0.0.1:{port}\" }} ]\n{}\n",
+             [[pool]]\nname = \"{name}\"\nbalance = \"round_robin\"\nservers = [ {} ]\n{}\n",
+            servers.join(", "),
             pool_tls(&pki, extra)
         )
     };
     let proxy = Proxy::start(&format!(
-        "[runtime]\nshards = 1\n[admin]\nbind = \"127.0.0.1:0\"\n\n{}{}{}",
-        pool("reuse12", tls12, ""),
-        pool("reuse13", tls13, ""),
+        "[runtime]\nshards = 1\n[admin]\nbind = \"127.0.0.1:0\"\n\n{}{}{}{}",
+        pool("reuse12", &[tls12], ""),
+        pool("reuse13", &[tls13], ""),
+        // Two servers with one server_name and their own ticket keys (one SSL context each).
+        pool("pair", &[tls13, other13], ""),
         pool(
             "fresh",
-            tls13,
+            &[tls13],
             "session_reuse = false\ncipher_suites = [\"TLS13_AES_256_GCM_SHA384\"]"
         ),
     ));
@@ -678,6 +671,13 @@ fn sessions_toward_an_nginx_server_are_resumed_unless_session_reuse_is_off() {
             assert_eq!(fetch(listener), format!("reused=r {session}\n"));
         }
     }
+    // Round robin over two servers: each resumes with its own tickets, never the other's.
+    let pair: Vec<String> = (0..8).map(|_| fetch("pair")).collect();
+    let resumed = pair
+        .iter()
+        .filter(|answer| answer.starts_with("reused=r"))
+        .count();
+    assert!(resumed >= 6, "{pair:?}");
     for _ in 0..3 {
         assert_eq!(fetch("fresh"), "reused=. TLSv1.3 TLS_AES_256_GCM_SHA384\n");
     }

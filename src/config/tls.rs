@@ -191,6 +191,11 @@ pub(super) fn resolve_settings(
         "handshake_timeout",
         DEFAULT_HANDSHAKE_TIMEOUT,
     )?;
+    let cipher_suites = cipher_suites(source, tls.cipher_suites.as_ref(), min_version >= 0x0304)?;
+    if let Some(listed) = &tls.cipher_suites {
+        crate::tls::check_suites_fit_keys(&cipher_suites, &certificates)
+            .map_err(|why| source.at(listed, why))?;
+    }
     Ok(TlsSettings {
         certificates,
         default_certificate,
@@ -201,7 +206,7 @@ pub(super) fn resolve_settings(
         handshake_timeout,
         session_tickets: tls.session_tickets.as_ref().is_none_or(|b| *b.get_ref()),
         watch: tls.watch.as_ref().is_some_and(|b| *b.get_ref()),
-        cipher_suites: cipher_suites(source, tls.cipher_suites.as_ref(), min_version >= 0x0304)?,
+        cipher_suites,
     })
 }
 

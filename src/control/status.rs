@@ -167,7 +167,10 @@ fn tls_json(listener: &ListenerSnapshot, counters: &ListenerCounters) -> Value {
         "min_version": if settings.min_version >= 0x0304 { "1.3" } else { "1.2" },
         "client_auth": settings.client_auth.name(),
         "session_tickets": settings.session_tickets,
-        "cipher_suites": crate::tls::effective_cipher_suites(&settings.cipher_suites),
+        "cipher_suites": crate::tls::effective_cipher_suites(&settings.cipher_suites)
+            .into_iter()
+            .filter(|name| settings.min_version < 0x0304 || name.starts_with("TLS13_"))
+            .collect::<Vec<_>>(),
         "handshakes": { "full": counters.tls_full, "resumed": counters.tls_resumed },
         "failures": failures,
     })

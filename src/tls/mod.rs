@@ -29,7 +29,9 @@ use rustls::server::{
 };
 use rustls::sign::CertifiedKey;
 
-pub use origin::{AnyServerCertificate, CaSource, OriginSettings, system_roots};
+pub use origin::{
+    AnyServerCertificate, CaSource, OriginSettings, system_roots, with_own_session_store,
+};
 pub use stream::{Plain, TlsFacts, TlsStream};
 pub use ticket::{ShardTicketer, TICKET_LIFETIME_SECONDS, TicketKeys};
 
@@ -118,6 +120,38 @@ pub fn cipher_suites_named(
         return Err("cipher_suites is empty: list at least one, or leave it out".to_string());
     }
     Ok(chosen)
+}
+
+/// A listed `cipher_suites` without TLS 1.3 suites must hold a TLS 1.2 suite for each
+/// certificate's key (ECDSA suites for ECDSA and Ed25519 keys, RSA suites for RSA keys):
+/// otherwise every handshake with that certificate would fail.
+pub fn check_suites_fit_keys(
+    suites: &[rustls::CipherSuite],
+    certificates: &[Certificate],
+) -> Result<(), String> {
+    let names: Vec<&str> = suites.iter().filter_map(|suite| suite.as_str()).collect();
+    if suites.is_empty() || names.iter().any(|name| name.starts_with("TLS13_")) {
+        return Ok(());
+    }
+    let key_provider = provider().key_provider;
+    for certificate in certificates {
+        let algorithm = key_provider
+            .load_private_key(certificate.key())
+            .map_err(|error| format!("{}: {error}", certificate.key_path.display()))?
+            .algorithm();
+        let (family, marker) = match algorithm {
+            rustls::SignatureAlgorithm::RSA => ("RSA", "_RSA_"),
+            _ => ("ECDSA", "_ECDSA_"),
+        };
+        if !names.iter().any(|name| name.contains(marker)) {
+            return Err(format!(
+                "cipher_suites has no TLS 1.3 suite and no {family} suite for the key of {}: \
+                 every handshake with it would fail",
+                certificate.cert_path.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The suites a `cipher_suites` setting ends up with, in order, by name (`/status`).

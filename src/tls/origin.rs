@@ -118,6 +118,14 @@ impl OriginSettings {
     }
 }
 
+/// A copy of `config` (same verifier, client certificate and suites) with a session store of
+/// its own: one per server, so that each server's tickets go back to it only.
+pub fn with_own_session_store(config: &Arc<ClientConfig>) -> Arc<ClientConfig> {
+    let mut own = (**config).clone();
+    own.resumption = rustls::client::Resumption::store(Arc::new(ThreadSessionStore::new()));
+    Arc::new(own)
+}
+
 /// The system's trusted CA certificates (`SSL_CERT_FILE`/`SSL_CERT_DIR` when set, else the
 /// distribution's bundle).
 pub fn system_roots() -> Result<Vec<CertificateDer<'static>>, String> {

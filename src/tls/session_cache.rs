@@ -8,14 +8,14 @@
 //! a config rebuilt by a reload (other CAs, another client certificate) never resumes what the
 //! old one established, and a dropped store removes its entries from the dropping thread's table.
 //!
-//! Bounded: at most `MAX_SERVERS` names and `MAX_TICKETS` TLS 1.3 tickets per thread (the
-//! oldest name inserted goes first), and `MAX_TICKETS_PER_SERVER` tickets per name (the oldest
-//! goes first). Each ticket is taken once, as TLS 1.3 asks (and rustls cannot copy one), so a
+//! Bounded: at most `MAX_SERVERS` names and about `MAX_TICKETS` TLS 1.3 tickets per thread
+//! (the oldest name inserted goes first), and `MAX_TICKETS_PER_SERVER` tickets per name (the
+//! oldest goes first). Each ticket is taken once, as TLS 1.3 asks (and rustls cannot copy one), so a
 //! shard keeps a stock: a server answers every handshake with new tickets (OpenSSL: two after
 //! a full one, one after a resumption), and concurrent connections to one server each need
-//! their own. Tickets are keyed by the name rustls verifies: the server's address unless
-//! `server_name` is set, in which case servers sharing the name share tickets, and one that
-//! cannot decrypt another's ticket answers with a full handshake.
+//! their own. Within a store, tickets are keyed by the name rustls verifies; the shard gives
+//! each server its own store (`with_own_session_store`), so a server never gets another's
+//! tickets even when they share a `server_name`.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -27,10 +27,13 @@ use rustls::pki_types::ServerName;
 
 /// Names kept per thread.
 pub const MAX_SERVERS: usize = 1024;
-/// Tickets kept per thread: up to about 1.5 KiB each (a ticket holds the server's chain).
-pub const MAX_TICKETS: usize = 4096;
-/// Enough for as many concurrent new connections to one server from one shard.
-pub const MAX_TICKETS_PER_SERVER: usize = 32;
+/// Tickets kept per thread (give or take one server's worth, see `insert_ticket`). Each holds
+/// its own copy of the server's certificate chain and the server's ticket: about 1-4 KiB with
+/// usual chains, so a few MiB per shard at the most.
+pub const MAX_TICKETS: usize = 1024;
+/// Enough for as many handshakes to one server in flight at once from one shard (each one
+/// brings a ticket back).
+pub const MAX_TICKETS_PER_SERVER: usize = 16;
 
 /// Ids of stores; taken once per config built (start and reload), never per connection.
 static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
@@ -91,9 +94,12 @@ impl Sessions {
         if !full {
             self.tickets += 1;
         }
-        // Other names go first: this one holds at most MAX_TICKETS_PER_SERVER.
+        // Other names go first, so the total may pass MAX_TICKETS by less than one server's
+        // stock when this name is the oldest.
         while self.tickets > MAX_TICKETS && self.order.front() != Some(&key) {
-            self.evict_oldest();
+            if !self.evict_oldest() {
+                break;
+            }
         }
     }
 
@@ -302,12 +308,15 @@ mod resumption {
             .self_signed(&key)
             .expect("certificate");
         let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key");
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(crate::tls::provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![certificate.der().clone()], key)
-            .expect("server config");
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(crate::tls::provider()))
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_no_client_auth()
+                .with_single_cert(vec![certificate.der().clone()], key)
+                .expect("server config");
+        // What the tests count on (rustls's default too): two tickets after every handshake.
+        config.send_tls13_tickets = 2;
         Arc::new(config)
     }
 
@@ -422,8 +431,8 @@ mod resumption {
         let client = Arc::new(config);
         // Five tickets per name (two from the full handshake, one more from each of three
         // resumptions), under the bound of names: the bound of tickets decides.
-        let names = MAX_SERVERS - 24;
-        assert!(names * 5 > MAX_TICKETS);
+        let names = MAX_TICKETS / 4;
+        assert!(names * 5 > MAX_TICKETS && names < MAX_SERVERS);
         for index in 0..names {
             let name = format!("s{index}.internal");
             assert_eq!(handshake_with(&client, &server, &name), HandshakeKind::Full);

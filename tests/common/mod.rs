@@ -1098,6 +1098,21 @@ impl Drop for Started {
     }
 }
 
+/// Starts `nginx` on `dir/nginx.conf` with `dir` as its prefix; waits up to 10 s until it
+/// listens on every one of `ports`.
+pub fn start_nginx(nginx: &std::path::Path, dir: &std::path::Path, ports: &[u16]) -> Started {
+    start_server(
+        "nginx",
+        Command::new(nginx)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-p")
+            .arg(dir),
+        ports,
+        Duration::from_secs(10),
+    )
+}
+
 /// Spawns a server (output discarded) and waits up to `timeout` until it listens on every one of
 /// `ports`.
 pub fn start_server(

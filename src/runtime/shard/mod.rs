@@ -159,7 +159,7 @@ pub struct Shard {
     tls: HashMap<ListenerId, (Arc<crate::snapshot::ListenerTls>, Arc<rustls::ServerConfig>)>,
     /// The shard's own rustls configs toward the servers of its TLS pools, with what each was
     /// built from.
-    origin_tls: HashMap<PoolId, (Arc<crate::tls::OriginSettings>, Arc<rustls::ClientConfig>)>,
+    origin_tls: HashMap<PoolId, tls::OriginTls>,
     /// The shard's own rustls configs of routes that terminate TLS (by listener and route
     /// position), with what each was built from.
     route_tls: HashMap<(ListenerId, usize), RouteTlsConfig>,

@@ -14,6 +14,14 @@ use crate::runtime::session::SniffPhase;
 use crate::snapshot::{ListenerId, Snapshot};
 use crate::tls::{ShardTls, TlsStream};
 
+/// A TLS pool's rustls config on this shard, and one copy per server with the server's own
+/// session store (with `session_reuse`; made at the first connect to the server).
+pub(super) struct OriginTls {
+    settings: Arc<crate::tls::OriginSettings>,
+    config: Arc<rustls::ClientConfig>,
+    per_server: std::collections::HashMap<std::net::SocketAddr, Arc<rustls::ClientConfig>>,
+}
+
 impl Shard {
     /// Builds the shard's rustls config for each TLS listener of `snapshot` whose settings or
     /// ticket keys changed; drops those of listeners that left or stopped TLS.
@@ -86,16 +94,27 @@ impl Shard {
                 continue;
             };
             // Unchanged settings keep their config, and with it the tickets this shard holds
-            // toward the pool's servers.
-            if let Some((had, config)) = self.origin_tls.remove(&pool.id)
-                && (Arc::ptr_eq(&had, wanted) || had == *wanted)
+            // toward the pool's servers (those still in it).
+            if let Some(mut origin) = self.origin_tls.remove(&pool.id)
+                && (Arc::ptr_eq(&origin.settings, wanted) || origin.settings == *wanted)
             {
-                origins.insert(pool.id, (Arc::clone(wanted), config));
+                origin.settings = Arc::clone(wanted);
+                origin
+                    .per_server
+                    .retain(|addr, _| pool.servers.iter().any(|server| server.addr == *addr));
+                origins.insert(pool.id, origin);
                 continue;
             }
             match wanted.client_config() {
                 Ok(config) => {
-                    origins.insert(pool.id, (Arc::clone(wanted), config));
+                    origins.insert(
+                        pool.id,
+                        OriginTls {
+                            settings: Arc::clone(wanted),
+                            config,
+                            per_server: std::collections::HashMap::new(),
+                        },
+                    );
                 }
                 Err(error) => warn!(
                     shard = self.index,
@@ -110,21 +129,33 @@ impl Shard {
 
     /// A TLS session toward the server at `addr` of `pool` (None: the pool speaks plain TCP).
     pub(super) fn origin_stream(
-        &self,
+        &mut self,
         pool: crate::snapshot::PoolId,
         addr: std::net::SocketAddr,
     ) -> Option<Result<TlsStream, rustls::Error>> {
         let wanted = self.snapshot.pool(pool)?.tls.as_ref()?;
-        let Some((settings, config)) = self.origin_tls.get(&pool) else {
+        let Some(origin) = self.origin_tls.get_mut(&pool) else {
             return Some(Err(rustls::Error::General(
                 "no TLS config toward this pool".to_string(),
             )));
         };
-        debug_assert!(Arc::ptr_eq(settings, wanted));
-        Some(TlsStream::connect(
-            Arc::clone(config),
-            settings.server_name_for(addr),
-        ))
+        debug_assert!(Arc::ptr_eq(&origin.settings, wanted));
+        let settings = Arc::clone(&origin.settings);
+        let config = if settings.session_reuse {
+            // Tickets are the server's: each server gets its own store (servers sharing a
+            // `server_name` do not share ticket keys), as NGINX and HAProxy keep a session per
+            // server.
+            let base = &origin.config;
+            Arc::clone(
+                origin
+                    .per_server
+                    .entry(addr)
+                    .or_insert_with(|| crate::tls::with_own_session_store(base)),
+            )
+        } else {
+            Arc::clone(&origin.config)
+        };
+        Some(TlsStream::connect(config, settings.server_name_for(addr)))
     }
 
     /// The rustls config a new client of `listener` gets (None: not a TLS listener).
