@@ -19,6 +19,26 @@ find_nginx_stream() {
   fi
 }
 
+# One three-way run: each round, for each of WORKLOADS, `configs_for WORKLOAD` (defined by the
+# script) then `measure TARGET WORKLOAD` (likewise; prints "value rate") for ringproxy, HAProxy
+# and NGINX, their order rotated each round. Rows "round workload target value rate" go to
+# `$work/results.txt` (set as `results`) and to stderr.
+run_three_way() {
+  results="$work/results.txt"
+  : >"$results"
+  local targets=(rp hap ngx) round workload offset target value rate
+  for round in $(seq "$ROUNDS"); do
+    for workload in $WORKLOADS; do
+      configs_for "$workload"
+      for offset in 0 1 2; do
+        target=${targets[$(((offset + round) % 3))]}
+        read -r value rate < <(measure "$target" "$workload")
+        echo "$round $workload $target $value $rate" | tee -a "$results" >&2
+      done
+    done
+  done
+}
+
 # Sets `bin` (argument 1, or the release build, built first) and `ringload` beside it.
 pick_binaries() {
   if [ $# -ge 1 ] && [ -n "$1" ]; then

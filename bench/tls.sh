@@ -174,22 +174,13 @@ measure() {
   wait "$pid" 2>/dev/null || true
 }
 
-results="$work/results.txt"
-: >"$results"
-targets=(rp hap ngx)
-for round in $(seq "$ROUNDS"); do
-  for workload in $WORKLOADS; do
-    case $workload in
-      hs-rsa) write_configs rsa ;;
-      *) write_configs ecdsa ;;
-    esac
-    for offset in 0 1 2; do
-      target=${targets[$(((offset + round) % 3))]}
-      read -r value rate < <(measure "$target" "$workload")
-      echo "$round $workload $target $value $rate" | tee -a "$results" >&2
-    done
-  done
-done
+configs_for() { # workload
+  case $1 in
+    hs-rsa) write_configs rsa ;;
+    *) write_configs ecdsa ;;
+  esac
+}
+run_three_way
 
 echo
 echo "date $(date -u +%FT%TZ), kernel $(uname -r), $ROUNDS rounds of ${DUR}s; ringproxy $("$bin" --version), $(haproxy -v | head -1), $(nginx -v 2>&1)"

@@ -550,27 +550,13 @@ impl<B> Relay<B> {
             if let Some(tls) = client.as_mut()
                 && !downstream.abandoned
             {
-                while tls.wants_write() {
-                    let written =
-                        downstream.fill_spill(capacity, now, |writer| tls.write_ciphertext(writer));
-                    if written == 0 {
-                        break;
-                    }
-                    moved = true;
-                }
+                moved |= flush_ciphertext(downstream, capacity, now, tls);
             }
             if let Some(tls) = server.as_mut()
                 && server_connected
                 && !upstream.abandoned
             {
-                while tls.wants_write() {
-                    let written =
-                        upstream.fill_spill(capacity, now, |writer| tls.write_ciphertext(writer));
-                    if written == 0 {
-                        break;
-                    }
-                    moved = true;
-                }
+                moved |= flush_ciphertext(upstream, capacity, now, tls);
             }
             if !server_ready {
                 // Peeking for the routes: the client's plaintext, up to the limit.
@@ -601,24 +587,10 @@ impl<B> Relay<B> {
                 && !downstream.abandoned
                 && !server_ended
             {
-                match client.as_mut() {
-                    Some(toward) if !toward.wants_write() => {
-                        match tls.read_plaintext(|chunk| {
-                            toward.write_plaintext(chunk);
-                            chunk.len()
-                        }) {
-                            Plain::Data(_) => moved = true,
-                            Plain::Closed => server_ended = true,
-                            Plain::Empty => {}
-                        }
-                    }
-                    Some(_) => {}
-                    None => {
-                        let (written, ended) = fill_plain(downstream, capacity, now, tls);
-                        moved |= written > 0;
-                        server_ended |= ended;
-                    }
-                }
+                let (forwarded, ended) =
+                    forward_plaintext(tls, client.as_deref_mut(), downstream, capacity, now);
+                moved |= forwarded;
+                server_ended |= ended;
             }
             // The client's plaintext toward the server.
             if let Some(tls) = client.as_mut()
@@ -626,24 +598,10 @@ impl<B> Relay<B> {
                 && !upstream.abandoned
                 && !client_ended
             {
-                match server.as_mut() {
-                    Some(toward) if !toward.wants_write() => {
-                        match tls.read_plaintext(|chunk| {
-                            toward.write_plaintext(chunk);
-                            chunk.len()
-                        }) {
-                            Plain::Data(_) => moved = true,
-                            Plain::Closed => client_ended = true,
-                            Plain::Empty => {}
-                        }
-                    }
-                    Some(_) => {}
-                    None => {
-                        let (written, ended) = fill_plain(upstream, capacity, now, tls);
-                        moved |= written > 0;
-                        client_ended |= ended;
-                    }
-                }
+                let (forwarded, ended) =
+                    forward_plaintext(tls, server.as_deref_mut(), upstream, capacity, now);
+                moved |= forwarded;
+                client_ended |= ended;
             }
             if !moved {
                 break;
@@ -766,6 +724,50 @@ impl<B> Relay<B> {
 
 /// Decrypted bytes of `tls` into `flow`'s spill until it is full or nothing is left; returns
 /// (bytes moved, the peer ended).
+/// Moves what `tls` has to send into `flow`'s spill; true if a byte moved.
+fn flush_ciphertext<B>(
+    flow: &mut super::Flow<B>,
+    capacity: usize,
+    now: u64,
+    tls: &mut TlsStream,
+) -> bool {
+    let mut moved = false;
+    while tls.wants_write() {
+        if flow.fill_spill(capacity, now, |writer| tls.write_ciphertext(writer)) == 0 {
+            break;
+        }
+        moved = true;
+    }
+    moved
+}
+
+/// Moves `source`'s plaintext on: into `toward`, the other side's TLS session, once that one
+/// has handed out what it holds; or, toward a plain peer, into `flow`'s spill. Returns whether
+/// a byte moved and whether `source` ended.
+fn forward_plaintext<B>(
+    source: &mut TlsStream,
+    toward: Option<&mut TlsStream>,
+    flow: &mut super::Flow<B>,
+    capacity: usize,
+    now: u64,
+) -> (bool, bool) {
+    match toward {
+        Some(toward) if !toward.wants_write() => match source.read_plaintext(|chunk| {
+            toward.write_plaintext(chunk);
+            chunk.len()
+        }) {
+            Plain::Data(_) => (true, false),
+            Plain::Closed => (false, true),
+            Plain::Empty => (false, false),
+        },
+        Some(_) => (false, false),
+        None => {
+            let (written, ended) = fill_plain(flow, capacity, now, source);
+            (written > 0, ended)
+        }
+    }
+}
+
 fn fill_plain<B>(
     flow: &mut super::Flow<B>,
     capacity: usize,
