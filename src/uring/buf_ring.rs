@@ -14,8 +14,10 @@
 //! buffers in use rather than creeping over the whole ring as the kernel cycles through it, and
 //! the bytes a receive lands in are likely still in cache.
 //!
-//! A `BufRing` lives inside its `Ring` (`Ring::with_buffers`), so it cannot be registered on one
-//! ring and used with another, and the ring unregisters it before either is freed.
+//! A `BufRing` lives inside its `Ring` (`Ring::with_buffers`), and the ring unregisters it before
+//! either is freed. Tokens and completions carry their ring's id, so even buffer rings swapped
+//! between two rings (`std::mem::swap` on `Ring::buffers_mut`) mint, read and recycle nothing
+//! of the other ring's, and a ring leaks, never frees, a buffer ring registered on another.
 
 use std::io;
 use std::ptr::NonNull;
@@ -401,6 +403,11 @@ impl BufRing {
         // SAFETY: offset <= len <= buffer_size keeps the pointer inside the buffer.
         let start = unsafe { self.buffer_ptr(token.id).add(offset as usize) };
         Some((start.cast_const(), token.len - offset))
+    }
+
+    /// Whether this buffer ring is registered on the ring with this id.
+    pub(super) fn registered_on(&self, ring: u32) -> bool {
+        self.registered && self.ring == ring
     }
 
     /// Stops the kernel from selecting these buffers (called by the ring before teardown).

@@ -639,8 +639,11 @@ fn is_retry(error: &io::Error) -> bool {
 impl Drop for Ring {
     fn drop(&mut self) {
         // Stop the kernel selecting our buffers before anything is freed; if that fails, the
-        // buffer memory stays mapped for the rest of the process.
-        if !self.buffers.unregister(&self.ring) {
+        // buffer memory stays mapped for the rest of the process. `buffers_mut` lets safe code
+        // swap two rings' buffer rings: one registered on another ring is never unregistered
+        // from this one (that would drop this ring's own registration and free memory the
+        // other ring's kernel side still fills), only leaked.
+        if !self.buffers.registered_on(self.id) || !self.buffers.unregister(&self.ring) {
             self.buffers.leak();
         }
         // The kernel tears requests down after the ring fd closes, asynchronously: an eventfd
@@ -790,5 +793,27 @@ mod tests {
         );
         ring.buffers_mut().recycle(token);
         assert_eq!(ring.buffers().available(), 256);
+    }
+
+    /// Safe code can swap two rings' buffer rings; dropping one ring must then neither
+    /// unregister nor unmap the buffers the other ring's kernel side still fills (a receive
+    /// there would fail with EFAULT, or write into freed memory).
+    #[test]
+    fn swapped_buffer_rings_stay_mapped_for_the_ring_they_serve() {
+        let mut first = Ring::with_buffers(8, 8, 64).expect("ring");
+        let mut second = Ring::with_buffers(8, 8, 64).expect("ring");
+        first.buffers_mut().publish();
+        second.buffers_mut().publish();
+        std::mem::swap(first.buffers_mut(), second.buffers_mut());
+        drop(first);
+        let (mut peer, local) = UnixStream::pair().expect("socketpair");
+        peer.write_all(b"still mapped").expect("write");
+        second.recv(local.as_raw_fd(), 3, false).expect("recv");
+        let mut completion = wait_one(&mut second);
+        assert_eq!(completion.result(), 12, "the receive filled a live buffer");
+        assert!(
+            second.buffers_mut().take(&mut completion).is_none(),
+            "the buffer ring it holds is another ring's"
+        );
     }
 }
