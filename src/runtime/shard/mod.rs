@@ -61,6 +61,10 @@ use accept::ShardListener;
 
 /// Timer resolution: idle and write timeouts and drain deadlines are checked this often.
 pub const TICK: Duration = Duration::from_millis(100);
+
+/// Debug builds only: names the file `Shard::injected_fault` reads.
+#[cfg(debug_assertions)]
+const FAULT_FILE_VARIABLE: &str = "RINGPROXY_DEBUG_FAULT_FILE";
 /// How long accepting pauses after an accept error that is not a client's own doing.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// After a session was closed, how long its operations may take to finish before they are
@@ -129,6 +133,9 @@ pub(super) struct Counters {
 }
 
 pub struct Shard {
+    /// Debug builds only: a file through which a test makes this shard fail (`injected_fault`).
+    #[cfg(debug_assertions)]
+    fault_file: Option<std::path::PathBuf>,
     ring: Ring,
     index: usize,
     shards: usize,
@@ -283,6 +290,8 @@ impl Shard {
             draining_until: None,
             cut_at: None,
             stats: ShardStats::default(),
+            #[cfg(debug_assertions)]
+            fault_file: std::env::var_os(FAULT_FILE_VARIABLE).map(std::path::PathBuf::from),
         };
         let snapshot = Arc::clone(&shard.snapshot);
         shard.adopt_tls(&snapshot);
@@ -290,6 +299,30 @@ impl Shard {
             shard.add_listener(id, fd);
         }
         Ok(shard)
+    }
+
+    /// Debug builds only (release builds have no such hook): fails this shard the way the file
+    /// named by `RINGPROXY_DEBUG_FAULT_FILE` says, "<shard> panic" or "<shard> error", so tests
+    /// can prove that a dying shard stops the whole proxy with its cause logged.
+    #[cfg(debug_assertions)]
+    fn injected_fault(&self) -> io::Result<()> {
+        let Some(path) = &self.fault_file else {
+            return Ok(());
+        };
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Ok(());
+        };
+        let mut words = text.split_whitespace();
+        if words.next().and_then(|word| word.parse::<usize>().ok()) != Some(self.index) {
+            return Ok(());
+        }
+        match words.next() {
+            Some("panic") => panic!("injected fault ({FAULT_FILE_VARIABLE})"),
+            Some("error") => Err(io::Error::other(format!(
+                "injected fault ({FAULT_FILE_VARIABLE})"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Reads the clock once per loop turn; every completion of the turn uses this time.
@@ -336,6 +369,8 @@ impl Shard {
                 self.poll_lingering();
                 self.relieve_buffer_pressure();
                 self.pressure_relieved_tick = self.now_tick;
+                #[cfg(debug_assertions)]
+                self.injected_fault()?;
                 if self.wake_pending {
                     self.arm_wake();
                 }
@@ -586,6 +621,7 @@ impl Shard {
             generation: self.snapshot.generation,
             sessions: self.sessions.len(),
             buffers_free: self.ring.buffers().available(),
+            timer_nodes: self.timers.capacity(),
             stats: self.stats.clone(),
             listeners: self
                 .counters
