@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Minutes of new connections at full speed through a 2-shard ringproxy (ringload rr
-# --new-connection-per-request against ringload serve echo): the proxy's RSS sampled every 10 s
-# must stay flat, and at exit each shard reports its timer wheel (timers armed, nodes
-# allocated), which must follow live sessions, not the connections made.
+# --new-connection-per-request against ringload serve echo): the proxy's RSS, open descriptors
+# and each shard's timer wheel (entries allocated, from /metrics) sampled every 10 s must stay
+# flat: the wheel follows live sessions, not the connections made. At exit each shard reports
+# its wheel once more (timers armed, nodes allocated).
 #
 #   bench/churn.sh                    # 180 s
 #   SECONDS_TOTAL=600 bench/churn.sh
@@ -23,6 +24,8 @@ echo_addr=$(awk '/^listening/ {print $2; exit}' "$work/echo.out")
 cat >"$work/proxy.toml" <<CONF
 [runtime]
 shards = 2
+[admin]
+bind = "127.0.0.1:0"
 [[listener]]
 name = "front"
 bind = "127.0.0.1:0"
@@ -37,6 +40,13 @@ proxy=$!
 pids+=($proxy)
 for _ in $(seq 50); do grep -q 'listener ready' "$work/proxy.log" && break; sleep 0.1; done
 addr=$(grep 'listener ready' "$work/proxy.log" | head -1 | sed 's/.*"addr":"\([^"]*\)".*/\1/')
+for _ in $(seq 50); do grep -q 'admin API ready' "$work/proxy.log" && break; sleep 0.1; done
+admin=$(grep 'admin API ready' "$work/proxy.log" | head -1 | sed 's/.*"addr":"\([^"]*\)".*/\1/')
+# Each shard's timer wheel entries, "shard=nodes" pairs.
+wheel() {
+  curl -s --max-time 2 "http://$admin/metrics" |
+    awk '/^ringproxy_shard_timer_nodes/ { match($0, /shard="[0-9]+"/); printf "%s=%s ", substr($0, RSTART + 7, RLENGTH - 8), $2 }'
+}
 rss() { awk '/VmRSS/ {print $2}' "/proc/$proxy/status"; }
 echo "date $(date -u +%FT%TZ) commit $(git -C "$root" rev-parse --short HEAD) seconds $total"
 "$ringload" rr --target "$addr" --new-connection-per-request --connections 32 --threads 1 \
@@ -45,7 +55,7 @@ load=$!
 pids+=($load)
 elapsed=0
 while kill -0 "$load" 2>/dev/null; do
-  echo "t=${elapsed}s proxy_rss_kib=$(rss) fds=$(ls /proc/$proxy/fd | wc -l)"
+  echo "t=${elapsed}s proxy_rss_kib=$(rss) fds=$(ls /proc/$proxy/fd | wc -l) timer_nodes $(wheel)"
   sleep 10
   elapsed=$((elapsed + 10))
 done

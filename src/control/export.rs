@@ -486,6 +486,19 @@ pub fn render(control: &Control) -> String {
         );
     }
     out.family(
+        SHARD_TIMER_NODES,
+        "gauge",
+        "Entries the shard's timer wheel has allocated (they follow live sessions).",
+    );
+    for shard in &merged.shards {
+        let label = shard.shard.to_string();
+        out.sample(
+            SHARD_TIMER_NODES,
+            &[("shard", &label)],
+            shard.timer_nodes as f64,
+        );
+    }
+    out.family(
         LOG_LINES_DROPPED,
         "counter",
         "Log lines dropped because the log writer's queue was full.",

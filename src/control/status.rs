@@ -380,6 +380,7 @@ pub fn status_json(control: &Control) -> Value {
                 "completions": shard.stats.completions,
                 "buffer_starvation": shard.stats.buffer_starvation,
                 "buffers_free": shard.buffers_free,
+                "timer_nodes": shard.timer_nodes,
                 "spills": shard.stats.spills,
                 "accepted": shard.stats.accepted,
                 "heartbeat_age_ms": now.saturating_duration_since(shard.at).as_millis() as u64,

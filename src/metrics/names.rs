@@ -43,6 +43,7 @@ pub const SHARD_BUFFER_STARVATION: &str = "ringproxy_shard_buffer_starvation_tot
 pub const SHARD_LOOP_TURNS: &str = "ringproxy_shard_loop_turns_total";
 pub const SHARD_SESSIONS: &str = "ringproxy_shard_sessions";
 pub const SHARD_BUFFERS_FREE: &str = "ringproxy_shard_buffers_free";
+pub const SHARD_TIMER_NODES: &str = "ringproxy_shard_timer_nodes";
 pub const LOG_LINES_DROPPED: &str = "ringproxy_log_lines_dropped_total";
 pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
 pub const PROCESS_RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
