@@ -7,9 +7,10 @@
 #   bench/ab.sh OLD_BIN NEW_BIN [MORE_BINS...]
 #   ROUNDS=7 DUR=5 WORKLOADS="ka64 ka256 close64 iperf1 iperf4" bench/ab.sh /tmp/old target/release/ringproxy
 #
-# Workloads: kaN = wrk -t1 -cN keep-alive, closeN = new connection per request, iperfP =
-# iperf3 -P P. Figures: proxy CPU us per request (utime+stime from /proc/PID/stat) for wrk, and
-# Gbit/s for iperf3. Backends: nginx (1 worker, `return 200`) and iperf3 -s, both on loopback.
+# Workloads: kaN = wrk -t1 -cN keep-alive, closeN = new connection per request, latN = wrk
+# -t1 -cN keep-alive for its p99 latency, iperfP = iperf3 -P P. Figures: proxy CPU us per
+# request (utime+stime from /proc/PID/stat) for ka and close, p99 in ms for lat, and Gbit/s for
+# iperf3. Backends: nginx (1 worker, `return 200`) and iperf3 -s, both on loopback.
 # Every load is bounded by DUR; every process started here is stopped by PID.
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: $0 BASE_BIN OTHER_BIN [MORE_BINS...]" >&2; exit 2; }
@@ -82,6 +83,15 @@ measure() {
       value=$(awk -v t="$((t1 - t0))" -v c="$clk" -v r="${reqs:-0}" \
         'BEGIN { if (r > 0) printf "%.2f", t * 1e6 / c / r; else print "nan" }')
       ;;
+    lat*)
+      timeout 10 wrk -t1 -c"${workload#lat}" -d1s "http://127.0.0.1:$proxy_http/" >/dev/null 2>&1 || true
+      out=$(timeout $((DUR + 10)) wrk -t1 -c"${workload#lat}" -d"${DUR}s" --latency "http://127.0.0.1:$proxy_http/" 2>&1 || true)
+      value=$(awk '$1 == "99%" {
+          v = $2; unit = v; sub(/[0-9.]+/, "", unit); sub(/[a-z]+$/, "", v)
+          if (unit == "us") v /= 1000; else if (unit == "s") v *= 1000
+          printf "%.3f", v; found = 1 }
+        END { if (!found) print "nan" }' <<<"$out")
+      ;;
     iperf*)
       value=$(timeout $((DUR + 10)) iperf3 -c 127.0.0.1 -p "$proxy_bulk" -P "${workload#iperf}" -t "$DUR" -J 2>/dev/null \
         | jq -r '.end.sum_received.bits_per_second / 1e9 | . * 100 | round / 100' || echo nan)
@@ -109,7 +119,7 @@ done
 echo
 echo "date $(date -u +%FT%TZ), kernel $(uname -r), $ROUNDS rounds of ${DUR}s; builds:"
 for index in "${!bins[@]}"; do echo "  [$index] ${bins[$index]} ($("${bins[$index]}" --version 2>/dev/null))"; done
-echo "figures: proxy CPU us/request (ka*, close*) or Gbit/s (iperf*); ratio = median of per-round ratios to [0]"
+echo "figures: proxy CPU us/request (ka*, close*), p99 ms (lat*) or Gbit/s (iperf*); ratio = median of per-round ratios to [0]"
 python3 - "$results" "${#bins[@]}" <<'EOF'
 import statistics, sys
 rows = [line.split() for line in open(sys.argv[1]) if line.strip()]
