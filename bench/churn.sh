@@ -66,4 +66,4 @@ grep '"shard stopped"' "$work/proxy.log" | python3 -c '
 import json, sys
 for line in sys.stdin:
     f = json.loads(line)["fields"]
-    print(f"shard {f[\"shard\"]}: accepted {f[\"accepted\"]} timers_armed {f[\"timers_armed\"]} timer_nodes {f[\"timer_nodes\"]}")'
+    print("shard %s: accepted %s timers_armed %s timer_nodes %s" % (f["shard"], f["accepted"], f["timers_armed"], f["timer_nodes"]))'
