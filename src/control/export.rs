@@ -7,7 +7,7 @@ use crate::metrics::names::*;
 use crate::metrics::render::Exposition;
 use crate::metrics::{
     CONNECT_BUCKETS, CloseKind, ConnectErrorKind, Detection, Histogram, ListenerCounters, Merged,
-    ProxyError, RejectKind, SESSION_BUCKETS, TlsFailure,
+    ProxyError, RejectKind, SESSION_BUCKETS, ShardPublished, TlsFailure,
 };
 use crate::snapshot::{ListenerSnapshot, PoolSnapshot, ServerSnapshot, ServerState, Snapshot};
 
@@ -445,58 +445,45 @@ pub fn render(control: &Control) -> String {
     );
     out.sample(CONFIG_GENERATION, &[], snapshot.generation as f64);
 
-    out.family(
-        SHARD_BUFFER_STARVATION,
-        "counter",
-        "Receives that found the shard's buffer ring empty.",
-    );
-    for shard in &merged.shards {
-        let label = shard.shard.to_string();
-        out.sample(
+    type ShardValue = fn(&ShardPublished) -> f64;
+    let shard_families: [(&str, &str, &str, ShardValue); 5] = [
+        (
             SHARD_BUFFER_STARVATION,
-            &[("shard", &label)],
-            shard.stats.buffer_starvation as f64,
-        );
-    }
-    out.family(SHARD_LOOP_TURNS, "counter", "Loop turns of the shard.");
-    for shard in &merged.shards {
-        let label = shard.shard.to_string();
-        out.sample(
+            "counter",
+            "Receives that found the shard's buffer ring empty.",
+            |shard| shard.stats.buffer_starvation as f64,
+        ),
+        (
             SHARD_LOOP_TURNS,
-            &[("shard", &label)],
-            shard.stats.loop_turns as f64,
-        );
-    }
-    out.family(SHARD_SESSIONS, "gauge", "Sessions the shard holds now.");
-    for shard in &merged.shards {
-        let label = shard.shard.to_string();
-        out.sample(SHARD_SESSIONS, &[("shard", &label)], shard.sessions as f64);
-    }
-    out.family(
-        SHARD_BUFFERS_FREE,
-        "gauge",
-        "Receive buffers of the shard's ring not in use.",
-    );
-    for shard in &merged.shards {
-        let label = shard.shard.to_string();
-        out.sample(
+            "counter",
+            "Loop turns of the shard.",
+            |shard| shard.stats.loop_turns as f64,
+        ),
+        (
+            SHARD_SESSIONS,
+            "gauge",
+            "Sessions the shard holds now.",
+            |shard| shard.sessions as f64,
+        ),
+        (
             SHARD_BUFFERS_FREE,
-            &[("shard", &label)],
-            f64::from(shard.buffers_free),
-        );
-    }
-    out.family(
-        SHARD_TIMER_NODES,
-        "gauge",
-        "Entries the shard's timer wheel has allocated (they follow live sessions).",
-    );
-    for shard in &merged.shards {
-        let label = shard.shard.to_string();
-        out.sample(
+            "gauge",
+            "Receive buffers of the shard's ring not in use.",
+            |shard| f64::from(shard.buffers_free),
+        ),
+        (
             SHARD_TIMER_NODES,
-            &[("shard", &label)],
-            shard.timer_nodes as f64,
-        );
+            "gauge",
+            "Entries the shard's timer wheel has allocated (they follow live sessions).",
+            |shard| shard.timer_nodes as f64,
+        ),
+    ];
+    for (name, kind, help, value) in shard_families {
+        out.family(name, kind, help);
+        for shard in &merged.shards {
+            let label = shard.shard.to_string();
+            out.sample(name, &[("shard", &label)], value(shard.as_ref()));
+        }
     }
     out.family(
         LOG_LINES_DROPPED,
