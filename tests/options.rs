@@ -1,5 +1,5 @@
-//! Connection options on real sockets: keepalive on both sides, outgoing source addresses, and
-//! repeated warnings logged once per interval.
+//! Connection options on real sockets: keepalive and user timeouts on both sides, outgoing
+//! source addresses, and repeated warnings logged once per interval.
 
 mod common;
 
@@ -9,10 +9,11 @@ use std::net::{IpAddr, TcpListener};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{
-    Behaviour, Proxy, RefusedPort, TestServer, config, config_with, connect, server, wait_for,
+    Behaviour, Proxy, RefusedPort, TestServer, config, config_with, connect, connect_from, server,
+    source_ip, wait_for,
 };
 
 /// `ss -tno` lines of established TCP sockets matching `filter` (an ss filter expression).
@@ -155,5 +156,98 @@ fn a_server_refusing_every_connect_is_logged_once_per_interval() {
         warnings(&proxy),
         1,
         "50 refused connects must log one warning (with a count of the rest), not one each"
+    );
+}
+
+/// Waits for the proxy's only shard to hold a session, then until it holds none; how long the
+/// session lasted from then (None: it did not start within 5 s or end within `limit`).
+fn sessions_end_within(admin: std::net::SocketAddr, limit: Duration) -> Option<Duration> {
+    let sessions = || common::admin::status(admin)["shards"][0]["sessions"].as_u64();
+    if !wait_for(Duration::from_secs(5), || sessions() == Some(1)) {
+        return None;
+    }
+    let begun = Instant::now();
+    while begun.elapsed() < limit {
+        if sessions() == Some(0) {
+            return Some(begun.elapsed());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// `tcp_user_timeout` on a listener and on a pool: a peer that takes no byte while the proxy
+/// has bytes for it (its window stays shut) is given up by the kernel after that long, and the
+/// session ends, long before `write_timeout` (60 s here) would end it. First a client that
+/// never reads a server that streams; then a server that never reads a client that streams.
+#[test]
+fn tcp_user_timeout_gives_up_on_a_peer_that_takes_nothing() {
+    let streamer = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let streamer_addr = streamer.local_addr().expect("addr");
+    thread::spawn(move || {
+        for stream in streamer.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            thread::spawn(move || {
+                let chunk = vec![0u8; 64 * 1024];
+                while stream.write_all(&chunk).is_ok() {}
+            });
+        }
+    });
+    let silent = TestServer::start(Behaviour::Silent);
+    let text = format!(
+        "[runtime]\nshards = 1\n\n[admin]\nbind = \"127.0.0.1:0\"\n\n\
+         [[listener]]\nname = \"front\"\nbind = \"127.0.0.1:0\"\npool = \"streamer\"\n\
+         write_timeout = \"60s\"\ntcp_user_timeout = \"2s\"\n\n\
+         [[listener]]\nname = \"to-silent\"\nbind = \"127.0.0.1:0\"\npool = \"silent\"\n\
+         write_timeout = \"60s\"\n\n\
+         [[pool]]\nname = \"streamer\"\nservers = [\n{}\n]\n\n\
+         [[pool]]\nname = \"silent\"\ntcp_user_timeout = \"2s\"\nservers = [\n{}\n]\n",
+        server(streamer_addr),
+        server(silent.addr)
+    );
+    let proxy = Proxy::start(&text);
+    let admin = proxy.admin();
+
+    // The client never reads: the proxy's socket toward it stalls at a shut window.
+    let client = connect_from(proxy.addr(), source_ip(1), Some(4096)).expect("connect");
+    let ended = sessions_end_within(admin, Duration::from_secs(15));
+    eprintln!("client that never reads: session ended after {ended:?}");
+    let ended = ended.expect("the session toward a client that never reads did not end");
+    assert!(
+        ended >= Duration::from_millis(1500),
+        "ended after {ended:?}, before tcp_user_timeout could"
+    );
+    drop(client);
+
+    // The server never reads: the proxy's socket toward it stalls the same way.
+    let mut client =
+        connect_from(proxy.listeners["to-silent"], source_ip(2), None).expect("connect");
+    let writer = thread::spawn(move || {
+        let chunk = vec![0u8; 64 * 1024];
+        let begun = Instant::now();
+        while begun.elapsed() < Duration::from_secs(15) {
+            match client.write(&chunk) {
+                Ok(_) => {}
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(error) => return Some(error.kind()),
+            }
+        }
+        None
+    });
+    let ended = sessions_end_within(admin, Duration::from_secs(15));
+    eprintln!("server that never reads: session ended after {ended:?}");
+    let ended = ended.expect("the session toward a server that never reads did not end");
+    assert!(
+        ended >= Duration::from_millis(1500),
+        "ended after {ended:?}, before tcp_user_timeout could"
+    );
+    let error = writer.join().expect("writer");
+    assert!(
+        error.is_some(),
+        "the client's writes went on failing nowhere after its session ended"
     );
 }
