@@ -212,10 +212,12 @@ fn slow_server_pushes_back(receives: &str) {
     // A 128 MiB buffer ring: without backpressure the proxy would soak up well over 100 MB of
     // the client's bytes before running out of buffers.
     let text = format!(
-        "[tuning]\nbuffer_count = 8192\nbuffer_size = 16384\nreceives = \"{receives}\"\n\n{}",
+        "[tuning]\nbuffer_count = 8192\nbuffer_size = 16384\nqueued_buffers = 8\n\
+         receives = \"{receives}\"\n\n[admin]\nbind = \"127.0.0.1:0\"\n\n{}",
         config(1, "", &[server(silent.addr)])
     );
     let proxy = Proxy::start(&text);
+    let admin = proxy.admin();
     // The mode in force is the one asked for (or the only one this kernel has).
     let expected = if receives == "single_shot" || !kernel_at_least(6, 17) {
         "single-shot"
@@ -266,6 +268,19 @@ fn slow_server_pushes_back(receives: &str) {
     assert!(
         growth < 4 << 20,
         "proxy RSS grew by {growth} bytes for one session (bound: 256 KiB of held data)"
+    );
+    // Exactly: the session holds at most 2 x queued_buffers of the shard's ring buffers.
+    let free = common::admin::status(admin)["shards"][0]["buffers_free"]
+        .as_u64()
+        .expect("buffers_free in /status");
+    eprintln!(
+        "ring buffers held with the client pushed back: {}",
+        8192 - free
+    );
+    assert!(
+        8192 - free <= 16,
+        "one session holds {} ring buffers; its bound is 2 x queued_buffers = 16",
+        8192 - free
     );
 }
 
