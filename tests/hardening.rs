@@ -465,9 +465,10 @@ fn wait_for_stall(stream: &TcpStream, still: Duration, max: Duration) -> Option<
 /// window shut until a sixteenth of the buffer is free, which at a slow pace can take longer
 /// than 2 s; the proxy then truly sees no byte taken (CI once cut A that way).
 ///
-/// Throughout, the shard's free ring buffers (`/status`) never drop by more than the two
-/// sessions' bound, 2 x 2 x `queued_buffers`: neither the slow nor the stuck destination lets
-/// its session hoard buffers.
+/// Throughout (each second the shard publishes), the shard's free ring buffers (`/status`)
+/// never drop by more than 2 x `queued_buffers`: only the server-to-client direction of each
+/// session carries bytes, and a direction holds at most `queued_buffers`, so neither the slow
+/// nor the stuck destination lets its session hoard buffers.
 #[test]
 fn write_timeout_cuts_a_stuck_reader_and_keeps_a_slow_one() {
     const STREAM: u64 = 32 * MIB;
@@ -599,7 +600,7 @@ fn write_timeout_cuts_a_stuck_reader_and_keeps_a_slow_one() {
     );
     sampling.store(false, Ordering::SeqCst);
     let fewest_free = sampler.join().expect("sampler");
-    let bound = 2 * 2 * QUEUED_BUFFERS;
+    let bound = 2 * QUEUED_BUFFERS;
     eprintln!("fewest free ring buffers: {fewest_free} of {BUFFER_COUNT}");
     assert!(
         fewest_free != u64::MAX && BUFFER_COUNT - fewest_free <= bound,
@@ -1277,8 +1278,9 @@ fn server_that_resets_every_connection_does_not_stop_the_shard() {
         outcomes[3], 0,
         "connects to the proxy failed: {connect_errors:?}"
     );
-    // The flood must really run near its pace: 3,750 a second over the 3 s at least.
-    let floor = RATE * FLOOD.as_secs() * 3 / 4;
+    // The flood must really run near its pace (the load generator, not the proxy, is what a
+    // loaded box slows): 3,000 a second over the 3 s at least.
+    let floor = RATE * FLOOD.as_secs() * 3 / 5;
     assert!(
         total >= floor,
         "only {total} connections in {elapsed:?}; at least {floor} expected"
@@ -1306,8 +1308,12 @@ fn server_that_resets_every_connection_does_not_stop_the_shard() {
 /// cause is logged, the process exits non-zero instead of running on with one core's listener
 /// sockets still accepting, and every session's client sees its connection end, whichever
 /// shard held it. The fault comes through the debug builds' `RINGPROXY_DEBUG_FAULT_FILE` hook
-/// (release builds have none).
+/// (release builds have none, so there the test is ignored, visibly).
 #[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "the fault hook exists in debug builds only"
+)]
 fn a_failing_shard_stops_the_proxy_with_its_cause() {
     const SESSIONS: usize = 16;
     let _serial = serial();
@@ -1353,10 +1359,17 @@ fn a_failing_shard_stops_the_proxy_with_its_cause() {
             failed_at.elapsed()
         );
         let status = status.unwrap_or_else(|| panic!("shard {shard} {fault}: still running"));
-        assert!(
-            !status.success(),
+        assert_eq!(
+            status.code(),
+            Some(1),
             "shard {shard} {fault}: the proxy exited with {status}"
         );
+        // The log reader may lag the exit by a moment.
+        wait_for(Duration::from_secs(2), || {
+            !proxy
+                .logs_with("shard failed; stopping the proxy")
+                .is_empty()
+        });
         let failures = proxy.logs_with("shard failed; stopping the proxy");
         assert!(
             failures.iter().any(|line| {

@@ -474,7 +474,7 @@ pub fn render(control: &Control) -> String {
         (
             SHARD_TIMER_NODES,
             "gauge",
-            "Entries the shard's timer wheel has allocated (they follow live sessions).",
+            "Entries the shard's timer wheel has allocated (its high-water mark: bounded by the most sessions live at once, not by the connections made).",
             |shard| shard.timer_nodes as f64,
         ),
     ];

@@ -699,7 +699,8 @@ pub struct ShardPublished {
     pub generation: u64,
     pub sessions: usize,
     pub buffers_free: u32,
-    /// Timer wheel entries allocated (follows live sessions, not the connections made).
+    /// Timer wheel entries allocated: a high-water mark bounded by the most sessions live at
+    /// once, not by the connections made.
     pub timer_nodes: usize,
     pub stats: ShardStats,
     pub listeners: Vec<(ListenerId, ListenerCounters)>,

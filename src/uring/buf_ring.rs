@@ -186,7 +186,8 @@ impl BufRing {
         let entries = Mapping::new(entry_bytes)?;
         let buffers = Mapping::new(usize::from(count) * buffer_size as usize)?;
         // SAFETY: the entry mapping is page aligned, sized for `count` entries, and lives as
-        // long as this BufRing, which its Ring unregisters before dropping it.
+        // long as this BufRing, which is unregistered by its own ring before it is dropped, or
+        // leaked (still registered, or held by another ring).
         unsafe {
             uring.submitter().register_buf_ring_with_flags(
                 entries.base.as_ptr() as u64,
